@@ -1,0 +1,1 @@
+"""Global KV-cache index: SGLang-compatible block hashing, the wire formats, and the prefix index. Pure."""
