@@ -1,1 +1,6 @@
 """Global KV-cache index: SGLang-compatible block hashing, the wire formats, and the prefix index. Pure."""
+
+from kvindex.index import GlobalIndex, IndexStats, MatchResult
+from kvindex.mirror import BlockMirror, MirrorStats
+
+__all__ = ["BlockMirror", "GlobalIndex", "IndexStats", "MatchResult", "MirrorStats"]

@@ -1,0 +1,57 @@
+"""Golden values and chaining of the SGLang-compatible block hash (pure)."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+
+import pytest
+
+from kvindex.hashing import block_hash_of, block_hashes, chained_digests, page_digest
+
+
+def test_golden_single_page() -> None:
+    assert block_hashes([1, 2, 3, 4], 4) == [-3488128144981237669]
+
+
+def test_golden_matches_spec_formula() -> None:
+    digest = hashlib.sha256(struct.pack("<4I", 1, 2, 3, 4)).digest()
+    assert block_hash_of(digest) == int.from_bytes(digest[:8], "big", signed=True) == -3488128144981237669
+
+
+def test_second_page_is_chained_on_the_first() -> None:
+    a = block_hashes([1, 2, 3, 4, 5, 6, 7, 8], 4)
+    b = block_hashes([9, 2, 3, 4, 5, 6, 7, 8], 4)
+    assert len(a) == len(b) == 2
+    assert a[0] != b[0]
+    assert a[1] != b[1]  # same page tokens, different parent
+    # The second page alone (no parent) hashes differently from the chained one.
+    assert block_hashes([5, 6, 7, 8], 4)[0] != a[1]
+    # And equals the explicit chained formula.
+    d0 = hashlib.sha256(struct.pack("<4I", 1, 2, 3, 4)).digest()
+    d1 = hashlib.sha256(d0 + struct.pack("<4I", 5, 6, 7, 8)).digest()
+    assert a[1] == block_hash_of(d1)
+
+
+def test_prefix_property() -> None:
+    toks = list(range(40))
+    assert block_hashes(toks[:16], 4) == block_hashes(toks, 4)[:4]
+
+
+def test_partial_trailing_page_is_ignored() -> None:
+    assert block_hashes([1, 2, 3, 4, 5, 6], 4) == block_hashes([1, 2, 3, 4], 4)
+    assert block_hashes([1, 2, 3], 4) == []
+    assert block_hashes([], 4) == []
+
+
+def test_parent_argument_continues_a_chain() -> None:
+    toks = [7, 8, 9, 10, 11, 12]
+    digests = chained_digests(toks, 2)
+    assert block_hashes(toks[2:], 2, parent=digests[0]) == block_hashes(toks, 2)[1:]
+    assert page_digest(None, toks[:2]) == digests[0]
+
+
+@pytest.mark.parametrize("page_size", [0, -1])
+def test_non_positive_page_size_raises(page_size: int) -> None:
+    with pytest.raises(ValueError):
+        block_hashes([1, 2, 3, 4], page_size)
