@@ -1,0 +1,451 @@
+"""The per-instance agent: follows one engine's KV and load streams and republishes them to the cluster.
+
+Theory of operation
+-------------------
+Upstream the agent speaks SGLang's protocol (sglang 0.5.23, ``srt/disaggregation/kv_events.py``; codecs in
+:mod:`kvindex.wire`): a SUB on the engine's KV stream ``(topic, seq, KVEventBatch)``, a SUB on its load
+stream ``(b"load", seq, LoadStat)``, a DEALER on its replay ROUTER, and HTTP for ``/health`` and discovery.
+Downstream it speaks the cluster protocol: one PUB socket carrying ``EventBatch``, ``LoadReport`` and
+``Heartbeat`` frames numbered by ONE counter across topics, and a ROUTER answering ``SnapshotRequest``
+with the whole mirror.
+
+One owner task holds every piece of mutable state: the :class:`~kvindex.mirror.BlockMirror`, the PUB
+socket, the cluster sequence counter and the engine-sequence tracker. Socket readers, the heartbeat
+ticker and the health poller only put messages into its inbox. So a snapshot, answered by the owner
+between two publishes, is exactly the state after the frame numbered ``Snapshot.seq`` — what a router
+needs to apply the snapshot and then only later frames.
+
+Engine-sequence tracking (gap repair through the replay socket, engine restarts, late joins) lives in
+:mod:`agents.kv_follower`, driven by the owner task.
+
+Malformed input on any socket is counted by reason, logged (rate-limited) and skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import aiohttp
+import zmq
+import zmq.asyncio
+
+from agents.config import AgentConfig, parse_args
+from agents.counters import AgentCounters, RateLimitedLog
+from agents.engine_link import (
+    EngineDiscoveryError,
+    EngineInfo,
+    EngineUnavailableError,
+    ReplayClient,
+    check_health,
+    discover,
+    wait_until_healthy,
+)
+from agents.kv_follower import KvFollower
+from kvindex import wire
+from kvindex.mirror import BlockMirror
+from launch.ready import announce_ready
+
+__all__ = ["Agent", "AgentConfig", "main", "parse_args", "serve"]
+
+log = logging.getLogger("agents.agent")
+
+SNDHWM = 100_000
+RCVHWM = 100_000
+INBOX_SIZE = 10_000
+
+
+# --------------------------------------------------------------------------------- owner inbox messages
+
+
+@dataclass(frozen=True, slots=True)
+class _Frames:
+    stream: str  # "kv", "load" or "snapshot"
+    frames: list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class _Tick:
+    """Time to publish a heartbeat."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Health:
+    healthy: bool
+
+
+_Inbox = _Frames | _Tick | _Health
+
+
+def _bind_address(host: str, port: int) -> str:
+    return f"tcp://{host}:{port if port else '*'}"
+
+
+class Agent:
+    """Runtime state of one agent. ``start()`` → ``wait()`` → ``close()``; :func:`serve` drives it.
+
+    After ``start()``: ``engine`` is the discovered :class:`EngineInfo`, ``pub_endpoint`` and
+    ``snapshot_endpoint`` are the bound addresses, ``counters`` the live :class:`AgentCounters`.
+    """
+
+    def __init__(self, cfg: AgentConfig, mirror: BlockMirror | None = None) -> None:
+        self.cfg = cfg
+        self.instance = cfg.instance()
+        self.epoch = secrets.randbelow(2**62 - 1) + 1
+        self.mirror = mirror if mirror is not None else BlockMirror()
+        self.counters = AgentCounters()
+        self.engine: EngineInfo | None = None
+        self.engine_healthy = True
+        self.pub_endpoint = ""
+        self.snapshot_endpoint = ""
+        self._badlog = RateLimitedLog(log)
+        self._session: aiohttp.ClientSession | None = None
+        self._ctx: zmq.asyncio.Context | None = None
+        self._sockets: list[zmq.asyncio.Socket] = []
+        self._pub: zmq.asyncio.Socket | None = None
+        self._router: zmq.asyncio.Socket | None = None
+        self._replay: ReplayClient | None = None
+        self._inbox: asyncio.Queue[_Inbox] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._seq = 0  # next cluster seq to publish
+        self._follower: KvFollower | None = None
+
+    # ------------------------------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Wait for the engine, discover it, bind/connect every socket and start the tasks.
+
+        Raises:
+            EngineUnavailableError: the engine was not healthy within ``engine_wait``.
+            EngineDiscoveryError: its KV endpoint is unknown.
+            zmq.ZMQError: a socket could not be bound (e.g. port in use).
+        """
+        cfg = self.cfg
+        try:
+            log.info(
+                "agent %s: waiting up to %g s for engine %s", self.instance, cfg.engine_wait, cfg.engine_url
+            )
+            self._session = aiohttp.ClientSession()
+            await wait_until_healthy(self._session, cfg.engine_url, cfg.engine_wait)
+            eng = await discover(
+                self._session, cfg.engine_url, cfg.kv_endpoint, cfg.replay_endpoint, cfg.load_endpoint
+            )
+            self.engine = eng
+            ctx = self._ctx = zmq.asyncio.Context()
+            self._pub = self._socket(zmq.PUB)
+            self._pub.setsockopt(zmq.SNDHWM, SNDHWM)
+            self._pub.bind(_bind_address(cfg.host, cfg.pub_port))
+            self.pub_endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
+            self._router = self._socket(zmq.ROUTER)
+            self._router.bind(_bind_address(cfg.host, cfg.snapshot_port))
+            self.snapshot_endpoint = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
+            kv_sub = self._sub(eng.kv_endpoint, eng.kv_topic)
+            load_sub = self._sub(eng.load_endpoint, eng.load_topic) if eng.load_endpoint else None
+            if eng.replay_endpoint:
+                self._replay = ReplayClient(ctx, eng.replay_endpoint, cfg.replay_timeout)
+            self._follower = KvFollower(self.mirror, self.counters, self._replay, self._emit, self.instance)
+            log.info(
+                "agent %s (epoch %d) following %s: kv %s, replay %s, load %s, block_size %d, model %r",
+                self.instance, self.epoch, eng.url, eng.kv_endpoint, eng.replay_endpoint,
+                eng.load_endpoint, eng.block_size, eng.model,
+            )  # fmt: skip
+            self._inbox = asyncio.Queue(INBOX_SIZE)
+            spawn = asyncio.get_running_loop().create_task
+            self._tasks = [
+                spawn(self._owner(), name="agent-owner"),
+                spawn(self._reader(kv_sub, "kv"), name="agent-kv"),
+                spawn(self._reader(self._router, "snapshot"), name="agent-snapshot"),
+                spawn(self._ticker(), name="agent-heartbeat"),
+                spawn(self._health_loop(), name="agent-health"),
+            ]
+            if load_sub is not None:
+                self._tasks.append(spawn(self._reader(load_sub, "load"), name="agent-load"))
+            else:
+                log.warning("engine %s has no load stream: no LoadReport will be published", eng.url)
+        except BaseException:
+            await self.close()
+            raise
+
+    def endpoints(self) -> dict[str, str]:
+        """The READY endpoints: ``pub``, ``snapshot`` (bound ZeroMQ URLs) and ``engine`` (HTTP URL)."""
+        return {"pub": self.pub_endpoint, "snapshot": self.snapshot_endpoint, "engine": self.cfg.engine_url}
+
+    async def wait(self) -> None:
+        """Run until a task fails (re-raising its error: a bug, since network input is never fatal)."""
+        await asyncio.gather(*self._tasks)
+
+    async def close(self) -> None:
+        """Cancel the tasks, close every socket with linger 0 and the HTTP session. Idempotent."""
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self._replay is not None:
+            self._replay.close()
+        for s in self._sockets:
+            s.close(linger=0)
+        self._sockets = []
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _socket(self, kind: int) -> zmq.asyncio.Socket:
+        assert self._ctx is not None
+        s = self._ctx.socket(kind)
+        s.setsockopt(zmq.LINGER, 0)
+        self._sockets.append(s)
+        return s
+
+    def _sub(self, endpoint: str, topic: bytes) -> zmq.asyncio.Socket:
+        s = self._socket(zmq.SUB)
+        s.setsockopt(zmq.RCVHWM, RCVHWM)
+        s.setsockopt(zmq.SUBSCRIBE, topic)
+        s.connect(endpoint)
+        return s
+
+    # ------------------------------------------------------------------------- feeder tasks (no state)
+
+    async def _put(self, msg: _Inbox) -> None:
+        assert self._inbox is not None
+        await self._inbox.put(msg)
+
+    async def _reader(self, sock: zmq.asyncio.Socket, stream: str) -> None:
+        while True:
+            frames = await sock.recv_multipart()
+            await self._put(_Frames(stream, frames))
+
+    async def _ticker(self) -> None:
+        while True:
+            await self._put(_Tick())
+            await asyncio.sleep(self.cfg.heartbeat_interval)
+
+    async def _health_loop(self) -> None:
+        assert self._session is not None
+        while True:
+            await asyncio.sleep(self.cfg.health_interval)
+            ok = await check_health(self._session, self.cfg.engine_url, self.cfg.health_timeout)
+            await self._put(_Health(ok))
+
+    # ------------------------------------------------------------------------------ the owner task
+
+    async def _owner(self) -> None:
+        assert self._inbox is not None
+        while True:
+            msg = await self._inbox.get()
+            if isinstance(msg, _Frames):
+                if msg.stream == "kv":
+                    await self._on_kv(msg.frames)
+                elif msg.stream == "load":
+                    await self._on_load(msg.frames)
+                else:
+                    await self._on_snapshot_request(msg.frames)
+            elif isinstance(msg, _Tick):
+                await self._publish_heartbeat()
+            else:
+                await self._on_health(msg.healthy)
+
+    def _malformed(self, stream: str, exc: wire.WireError) -> None:
+        self.counters.malformed[(stream, exc.reason)] += 1
+        self._badlog.warning(f"{stream}:{exc.reason}", "agent %s: skipped malformed %s frame: %s",
+                             self.instance, stream, exc)  # fmt: skip
+
+    async def _publish(self, topic: bytes, msg: wire.ClusterMessage) -> None:
+        assert self._pub is not None
+        seq = self._seq
+        self._seq += 1
+        await self._pub.send_multipart(wire.make_frame(topic, seq, wire.encode_message(msg)))
+        self.counters.published[topic.decode()] += 1
+
+    def _block_size(self) -> int:
+        """The mirror's block size (fixed by the first BlockStored), else the engine's announced one."""
+        assert self.engine is not None
+        return self.mirror.block_size or self.engine.block_size
+
+    async def _publish_heartbeat(self) -> None:
+        assert self.engine is not None
+        hb = wire.Heartbeat(
+            instance=self.instance,
+            agent_epoch=self.epoch,
+            ts=time.time(),
+            engine_url=self.cfg.engine_url,
+            engine_healthy=self.engine_healthy,
+            block_size=self._block_size(),
+            cached_blocks=len(self.mirror),
+            model=self.engine.model,
+            snapshot_endpoint=self.snapshot_endpoint,
+            interval=self.cfg.heartbeat_interval,
+        )
+        await self._publish(wire.TOPIC_HEARTBEAT, hb)
+
+    async def _on_health(self, healthy: bool) -> None:
+        if not healthy:
+            self.counters.health_failures += 1
+        if healthy == self.engine_healthy:
+            return
+        self.engine_healthy = healthy
+        if healthy:
+            log.info("agent %s: engine %s healthy again", self.instance, self.cfg.engine_url)
+        else:
+            if self._follower is not None:
+                self._follower.engine_went_down = True
+            log.warning("agent %s: engine %s unhealthy", self.instance, self.cfg.engine_url)
+            await self._publish_heartbeat()
+
+    async def _on_load(self, frames: list[bytes]) -> None:
+        assert self.engine is not None
+        self.counters.frames_in["load"] += 1
+        try:
+            topic, _seq, payload = wire.split_frame(frames)
+            if self.engine.load_topic and topic != self.engine.load_topic:
+                raise wire.WireError("wrong_topic", repr(topic[:40]))
+            stat = wire.decode_load_stat(payload)
+        except wire.WireError as exc:
+            self._malformed("load", exc)
+            return
+        report = wire.LoadReport(
+            instance=self.instance,
+            agent_epoch=self.epoch,
+            ts=time.time(),
+            running=stat.num_running_reqs,
+            waiting=stat.num_waiting_reqs,
+            queued_prefill_tokens=stat.num_waiting_uncached_tokens,
+            kv_used_tokens=stat.num_tokens,
+            kv_capacity_tokens=stat.max_total_num_tokens,
+            max_running_requests=stat.max_running_requests,
+        )
+        await self._publish(wire.TOPIC_LOAD, report)
+
+    async def _on_snapshot_request(self, frames: list[bytes]) -> None:
+        assert self._router is not None and self.engine is not None
+        self.counters.frames_in["snapshot"] += 1
+        try:
+            if len(frames) != 3 or frames[1] != b"":
+                raise wire.WireError(
+                    "bad_frame_count", f"expected [identity, b'', request], got {len(frames)}"
+                )
+            msg = wire.decode_message(frames[2])
+            if not isinstance(msg, wire.SnapshotRequest):
+                raise wire.WireError("unexpected_message", type(msg).__name__)
+        except wire.WireError as exc:
+            self._malformed("snapshot", exc)
+            return
+        snap = wire.Snapshot(
+            instance=self.instance,
+            agent_epoch=self.epoch,
+            seq=self._seq - 1,
+            block_size=self._block_size(),
+            events=tuple(self.mirror.snapshot_events()),
+        )
+        await self._router.send_multipart([frames[0], b"", wire.encode_message(snap)])
+
+    async def _on_kv(self, frames: list[bytes]) -> None:
+        assert self.engine is not None and self._follower is not None
+        self.counters.frames_in["kv"] += 1
+        try:
+            topic, seq, payload = wire.split_frame(frames)
+            if self.engine.kv_topic and topic != self.engine.kv_topic:
+                raise wire.WireError("wrong_topic", repr(topic[:40]))
+            if seq < 0:
+                raise wire.WireError("bad_seq", f"negative seq {seq}")
+            batch = wire.decode_kv_batch(payload)
+        except wire.WireError as exc:
+            self._malformed("kv", exc)
+            return
+        await self._follower.on_batch(seq, batch)
+
+    async def _emit(self, engine_seq: int, ts: float, events: tuple[wire.KVEvent, ...]) -> None:
+        """The follower's output: one ``EventBatch`` on the PUB socket."""
+        await self._publish(
+            wire.TOPIC_EVENTS, wire.EventBatch(self.instance, self.epoch, engine_seq, ts, events)
+        )
+
+
+# --------------------------------------------------------------------------------------- entry points
+
+
+async def serve(
+    cfg: AgentConfig,
+    on_ready: Callable[[Agent], None] | None = None,
+    handle_signals: bool = True,
+) -> None:
+    """Run an agent until cancelled or sent SIGINT/SIGTERM; then close everything and return normally.
+
+    Prints the READY line (role ``agent``, endpoints ``pub``/``snapshot``/``engine``) once serving, then
+    calls ``on_ready(agent)`` if given (tests use it to reach the endpoints and counters).
+
+    Raises:
+        EngineUnavailableError, EngineDiscoveryError, zmq.ZMQError: see :meth:`Agent.start`.
+    """
+    agent = Agent(cfg)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    sigs: list[signal.Signals] = []
+    if handle_signals and threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+                sigs.append(sig)
+
+    async def run() -> None:
+        await agent.start()
+        announce_ready("agent", agent.endpoints(), instance=agent.instance)
+        if on_ready is not None:
+            on_ready(agent)
+        await agent.wait()
+
+    # Startup runs in the same task as the main loop, so a signal also interrupts the wait for the engine.
+    runner = loop.create_task(run(), name="agent-serve")
+    stopper = loop.create_task(stop.wait(), name="agent-stop")
+    try:
+        try:
+            await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+            runner.cancel()
+            await asyncio.gather(runner, stopper, return_exceptions=True)
+            for sig in sigs:
+                loop.remove_signal_handler(sig)
+            await agent.close()
+    except asyncio.CancelledError:
+        return  # asked to stop: everything is closed
+    failure = None if runner.cancelled() else runner.exception()
+    if failure is not None:
+        raise failure
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """CLI entry point: parse flags, run :func:`serve` under uvloop (if installed), exit 1 on start errors."""
+    cfg = parse_args(argv)
+    logging.basicConfig(
+        level=cfg.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        try:
+            import uvloop
+        except ImportError:
+            asyncio.run(serve(cfg))
+        else:
+            uvloop.run(serve(cfg))
+    except (EngineUnavailableError, EngineDiscoveryError) as exc:
+        log.error("agent cannot start: %s", exc)
+        sys.exit(1)
+    except zmq.ZMQError as exc:
+        log.error("agent cannot bind its sockets on %s: %s", cfg.host, exc)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
