@@ -1,0 +1,404 @@
+"""The emulated SGLang engine as a process: HTTP API + KV event, replay and load sockets around the core.
+
+``python -m agents.engine.server --help`` lists the flags. One asyncio task owns the core: it schedules
+a step at loop time, sleeps the modelled duration times ``--time-scale``, applies the step, hands the
+tokens to the waiting HTTP handlers and publishes the step's KV events as one ``KVEventBatch`` on the
+PUB socket (seq from 0, +1 per published batch, steps without events skipped), keeping ``(seq,
+payload)`` in a replay buffer of ``--buffer-steps`` batches. It sleeps on an event while idle.
+
+Sockets (SGLang 0.5.23 formats, see :mod:`kvindex.wire`):
+
+* KV PUB ``[topic, seq 8B BE, KVEventBatch]``;
+* replay ROUTER: receives ``[identity, b"", start_seq 8B]``, answers ``[identity, b"", topic, seq,
+  payload]`` per buffered batch with seq >= start then ``[identity, b"", b"", -1 8B, b""]``; malformed
+  requests are counted and ignored;
+* load PUB ``[b"load", seq 8B BE, LoadStat]`` every ``--load-interval`` seconds, own seq from 0.
+
+Once everything is bound it prints ``READY {"role": "engine", "endpoints": {"http", "kv", "replay",
+"load"}}`` (:mod:`launch.ready`). SIGINT/SIGTERM or cancellation shut it down cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import logging
+import signal
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from aiohttp import web
+
+from agents.engine.core import EngineConfig, EngineCore, Request, RequestRejected, TokenOutput
+from agents.engine.http_api import HttpApi
+from agents.engine.metrics import EngineMetrics
+from agents.engine.profiles import DEFAULT_PROFILE, PROFILES, get_profile
+from kvindex.wire import REPLAY_END, KVEventBatch, encode_kv_batch, encode_load_stat, make_frame, seq_to_bytes
+from launch.ready import announce_ready
+from router.tokenizer import load_tokenizer
+
+log = logging.getLogger("agents.engine")
+_MAX_LAG = 0.05  # seconds the step pacing may fall behind before it resyncs to the clock
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("engine task %s crashed", task.get_coro(), exc_info=task.exception())
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Everything one emulated engine needs. Ports 0 = OS-assigned; seconds for intervals."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    model_name: str = "emulated-llama-3.1-8b"
+    profile: str = DEFAULT_PROFILE
+    page_size: int = 16
+    max_total_tokens: int | None = None
+    max_running_requests: int = 128
+    chunked_prefill_size: int = 8192
+    enable_mixed_chunk: bool = False
+    context_length: int = 131072
+    kv_events_port: int = 0
+    kv_replay_port: int = 0
+    load_port: int = 0
+    kv_topic: str = "kv"
+    load_interval: float = 0.1
+    buffer_steps: int = 10000
+    time_scale: float = 1.0
+    stream_interval: int = 1
+    log_level: str = "INFO"
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            page_size=self.page_size,
+            max_total_tokens=self.max_total_tokens,
+            max_running_requests=self.max_running_requests,
+            chunked_prefill_size=self.chunked_prefill_size,
+            mixed_chunk=self.enable_mixed_chunk,
+            context_length=self.context_length,
+        )
+
+
+@dataclass(slots=True)
+class _Live:
+    """A request an HTTP handler waits on; ``None`` in the queue means the server is shutting down."""
+
+    queue: asyncio.Queue[TokenOutput | None]
+    arrival: float
+    first_token: float | None = None
+    last_token: float | None = None
+
+
+class EngineServer:
+    """Runtime state of one emulated engine. ``await start()``, use, ``await stop()``."""
+
+    def __init__(self, cfg: ServerConfig) -> None:
+        self.cfg = cfg
+        self.profile = get_profile(cfg.profile)
+        self.core = EngineCore(cfg.engine_config(), self.profile)
+        self.tokenizer = load_tokenizer(None)
+        self.metrics = EngineMetrics(cfg.model_name)
+        self.endpoints: dict[str, str] = {}
+        self.ports: dict[str, int] = {}
+        self.malformed_replay_requests = 0
+        self._topic = cfg.kv_topic.encode()
+        self._live: dict[str, _Live] = {}
+        self._replay: deque[tuple[int, bytes]] = deque(maxlen=max(1, cfg.buffer_steps))
+        self._kv_seq = itertools.count()
+        self._load_seq = itertools.count()
+        self._ctx = zmq.Context()  # PUB sockets: sends never block (drop at the high-water mark)
+        self._actx = zmq.asyncio.Context()  # the replay ROUTER is awaited on
+        self._socks: list[zmq.Socket[Any]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._runner: web.AppRunner | None = None
+        self._wake: asyncio.Event | None = None
+        self._deadline = 0.0
+
+    # ---------------------------------------------------------------------------------------- lifecycle
+
+    def _bind(self, ctx: zmq.Context[Any], kind: int, name: str, port: int) -> Any:
+        sock = ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        if kind == zmq.PUB:
+            sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.bind(f"tcp://{self.cfg.host}:{port or '*'}")
+        self._socks.append(sock)
+        endpoint = sock.getsockopt(zmq.LAST_ENDPOINT)
+        assert isinstance(endpoint, bytes)
+        self.ports[name] = int(endpoint.decode().rsplit(":", 1)[1])
+        self.endpoints[name] = f"tcp://{self.cfg.host}:{self.ports[name]}"
+        return sock
+
+    async def start(self) -> None:
+        """Bind every socket and the HTTP port, start the core, replay and load tasks."""
+        cfg = self.cfg
+        self._wake = asyncio.Event()
+        self._kv_pub: zmq.Socket[Any] = self._bind(self._ctx, zmq.PUB, "kv", cfg.kv_events_port)
+        self._replay_sock: zmq.asyncio.Socket = self._bind(
+            self._actx, zmq.ROUTER, "replay", cfg.kv_replay_port
+        )
+        self._load_pub: zmq.Socket[Any] = self._bind(self._ctx, zmq.PUB, "load", cfg.load_port)
+        self._runner = web.AppRunner(
+            HttpApi(self).app(), handler_cancellation=True, access_log=None, shutdown_timeout=1.0
+        )
+        await self._runner.setup()
+        await web.TCPSite(self._runner, cfg.host, cfg.port).start()
+        self.ports["http"] = int(self._runner.addresses[0][1])
+        self.endpoints = {"http": f"http://{cfg.host}:{self.ports['http']}", **self.endpoints}
+        for coro in (self._core_loop(), self._replay_loop(), self._load_loop()):
+            task = asyncio.create_task(coro)
+            task.add_done_callback(_log_crash)
+            self._tasks.append(task)
+
+    async def stop(self) -> None:
+        """Stop the tasks, end every open request (streams get an abort), close HTTP and sockets."""
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        for live in self._live.values():
+            live.queue.put_nowait(None)
+        self._live.clear()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        for s in self._socks:
+            s.close(linger=0)
+        self._socks.clear()
+        self._ctx.term()
+        self._actx.term()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the scheduler task runs."""
+        return bool(self._tasks) and not self._tasks[0].done()
+
+    # ------------------------------------------------------------------------------------ requests API
+
+    def submit(self, req: Request) -> asyncio.Queue[TokenOutput | None]:
+        """Queue ``req`` in the core; its outputs will arrive on the returned queue.
+
+        Raises:
+            RequestRejected: see :meth:`EngineCore.add_request`.
+        """
+        if not self.alive:
+            raise RequestRejected("the engine is shutting down")
+        self.core.add_request(req, req.arrival)
+        live = _Live(asyncio.Queue(), req.arrival)
+        self._live[req.rid] = live
+        assert self._wake is not None
+        self._wake.set()
+        return live.queue
+
+    def cancel(self, rid: str) -> None:
+        """Abort ``rid`` (client gone): frees its KV in the core."""
+        if self._live.pop(rid, None) is not None:
+            self.core.abort(rid)
+
+    def flush_cache(self) -> bool:
+        """Flush the radix cache if idle, publishing ``AllBlocksCleared`` at once."""
+        if not self.core.flush_cache():
+            return False
+        self._publish_events()
+        return True
+
+    def server_info(self) -> dict[str, Any]:
+        """``/server_info``: the server args SGLang reports, plus the ``kv_events`` discovery block."""
+        cfg, p = self.cfg, self.ports
+        return {
+            "model_path": cfg.model_name,
+            "tokenizer_path": self.tokenizer.name,
+            "served_model_name": cfg.model_name,
+            "host": cfg.host,
+            "port": p.get("http"),
+            "page_size": cfg.page_size,
+            "max_running_requests": cfg.max_running_requests,
+            "max_total_num_tokens": self.core.max_total_num_tokens,
+            "chunked_prefill_size": cfg.chunked_prefill_size,
+            "enable_mixed_chunk": cfg.enable_mixed_chunk,
+            "context_length": cfg.context_length,
+            "stream_interval": cfg.stream_interval,
+            "dp_size": 1,
+            "profile": self.profile.name,
+            "time_scale": cfg.time_scale,
+            "version": "0.5.23-emulated",
+            "kv_events": {
+                "publisher": "zmq",
+                "endpoint_host": cfg.host,
+                "endpoint_port_base": p.get("kv"),
+                "topic": cfg.kv_topic,
+                "block_size": cfg.page_size,
+                "dp_size": 1,
+                "replay_endpoint_port_base": p.get("replay"),
+                "load_endpoint_port_base": p.get("load"),
+                "load_topic": "load",
+            },
+        }
+
+    # ------------------------------------------------------------------------------------------- tasks
+
+    async def _core_loop(self) -> None:
+        loop, core, wake = asyncio.get_running_loop(), self.core, self._wake
+        assert wake is not None
+        while True:
+            step = core.schedule(loop.time())
+            if step is None:
+                self._publish_events()
+                self._deadline = 0.0  # idle: the next step starts from the clock
+                wake.clear()
+                if core.busy:  # defensive: never stall if the core holds work it could not schedule
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(wake.wait(), 0.05)
+                else:
+                    await wake.wait()
+                continue
+            # Back-to-back steps chain on the previous deadline, so the Python work between steps does
+            # not slow the modelled pace; more than _MAX_LAG behind (overloaded loop) resyncs to now.
+            start = loop.time()
+            if start - self._deadline < _MAX_LAG:
+                start = min(start, self._deadline)
+            self._deadline = start + step.duration * self.cfg.time_scale
+            await asyncio.sleep(max(0.0, self._deadline - loop.time()))
+            now = loop.time()
+            outputs = core.complete(step, now)
+            self._publish_events()
+            for out in outputs:
+                self._deliver(out, now)
+
+    def _deliver(self, out: TokenOutput, now: float) -> None:
+        live = self._live.get(out.rid)
+        if live is None:
+            return
+        if out.first_token:
+            live.first_token = now
+            self.metrics.on_first_token(now - live.arrival, out.prompt_tokens, out.cached_tokens)
+        for _ in out.token_ids:
+            self.metrics.on_token(None if live.last_token is None else now - live.last_token)
+            live.last_token = now
+        if out.finished:
+            del self._live[out.rid]
+            ttft = None if live.first_token is None else live.first_token - live.arrival
+            self.metrics.on_finish(now - live.arrival, ttft, out.completion_tokens)
+        live.queue.put_nowait(out)
+
+    def _publish_events(self) -> None:
+        events = self.core.drain_events()
+        if not events:
+            return
+        payload = encode_kv_batch(KVEventBatch(time.time(), tuple(events), 0))
+        seq = next(self._kv_seq)
+        self._replay.append((seq, payload))
+        self._kv_pub.send_multipart(make_frame(self._topic, seq, payload), copy=False)
+
+    async def _replay_loop(self) -> None:
+        sock = self._replay_sock
+        while True:
+            frames = await sock.recv_multipart()
+            if len(frames) != 3 or frames[1] != b"" or len(frames[2]) != 8:
+                self.malformed_replay_requests += 1
+                log.warning("malformed replay request of %d frames ignored", len(frames))
+                continue
+            ident, start = frames[0], int.from_bytes(frames[2], "big", signed=True)
+            buffered = list(self._replay)  # seqs are consecutive: skip straight to ``start``
+            first = buffered[0][0] if buffered else 0
+            for seq, payload in buffered[max(0, start - first) :]:
+                await sock.send_multipart([ident, b"", self._topic, seq_to_bytes(seq), payload])
+            await sock.send_multipart([ident, b"", b"", REPLAY_END, b""])
+
+    async def _load_loop(self) -> None:
+        while True:
+            payload = encode_load_stat(self.core.load_stat())
+            self._load_pub.send_multipart([b"load", seq_to_bytes(next(self._load_seq)), payload])
+            await asyncio.sleep(self.cfg.load_interval)
+
+
+async def serve(cfg: ServerConfig, announce: bool = True) -> None:
+    """Run one engine until SIGINT/SIGTERM or cancellation, then shut down cleanly."""
+    server = EngineServer(cfg)
+    await server.start()
+    loop, stop = asyncio.get_running_loop(), asyncio.Event()
+    handled: list[signal.Signals] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+            handled.append(sig)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread / platform
+            pass
+    try:
+        if announce:
+            announce_ready("engine", server.endpoints, instance=None)
+        log.info("engine serving: %s", server.endpoints)
+        await stop.wait()
+    finally:
+        for sig in handled:
+            loop.remove_signal_handler(sig)
+        await server.stop()
+
+
+def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
+    """Command-line flags (SGLang's names where SGLang has the flag) to a :class:`ServerConfig`."""
+    d = ServerConfig()
+    ap = argparse.ArgumentParser(
+        prog="python -m agents.engine.server",
+        description="Emulated SGLang engine: SGLang's HTTP API, KV event / replay / load ZeroMQ sockets, "
+        "a paged radix cache and a step-time model of a GPU. No GPU needed.",
+    )
+    a = ap.add_argument
+    a("--host", default=d.host, help="address for HTTP and ZeroMQ sockets (default %(default)s)")
+    a("--port", type=int, default=d.port, help="HTTP port; 0 = OS-assigned (default %(default)s)")
+    a("--model-name", default=d.model_name, help="served model name (default %(default)s)")
+    a("--profile", default=d.profile, choices=sorted(PROFILES), help="GPU + model step-time profile")
+    a("--page-size", type=int, default=d.page_size, help="tokens per KV page / block (default %(default)s)")
+    a("--max-total-tokens", type=int, default=None, help="KV capacity in tokens (default: from the profile)")
+    a("--max-running-requests", type=int, default=d.max_running_requests, help="running batch cap")
+    a(
+        "--chunked-prefill-size",
+        type=int,
+        default=d.chunked_prefill_size,
+        help="prefill tokens per step; <=0 off",
+    )
+    a("--enable-mixed-chunk", action="store_true", help="decode requests ride along in prefill steps")
+    a("--context-length", type=int, default=d.context_length, help="model context length in tokens")
+    a("--kv-events-port", type=int, default=d.kv_events_port, help="KV event PUB port; 0 = OS-assigned")
+    a("--kv-replay-port", type=int, default=d.kv_replay_port, help="KV replay ROUTER port; 0 = OS-assigned")
+    a("--load-port", type=int, default=d.load_port, help="LoadStat PUB port; 0 = OS-assigned")
+    a("--kv-topic", default=d.kv_topic, help="topic frame of KV event batches (default %(default)s)")
+    a("--load-interval", type=float, default=d.load_interval, help="seconds between LoadStat frames")
+    a("--buffer-steps", type=int, default=d.buffer_steps, help="KV batches kept for replay")
+    a("--time-scale", type=float, default=d.time_scale, help="multiplies every modelled step duration")
+    a("--stream-interval", type=int, default=d.stream_interval, help="tokens per streamed chunk")
+    a("--log-level", default="INFO", help="logging level (default %(default)s)")
+    ns = ap.parse_args(argv)
+    for name in ("page_size", "max_running_requests", "buffer_steps", "stream_interval", "context_length"):
+        if getattr(ns, name) <= 0:
+            ap.error(f"--{name.replace('_', '-')} must be positive")
+    if ns.max_total_tokens is not None and ns.max_total_tokens <= 0:
+        ap.error("--max-total-tokens must be positive")
+    if ns.time_scale < 0 or ns.load_interval <= 0:
+        ap.error("--time-scale must be >= 0 and --load-interval > 0")
+    return ServerConfig(**vars(ns))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parse flags, run :func:`serve` under uvloop (asyncio's loop where uvloop is missing)."""
+    cfg = parse_args(argv)
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
+        asyncio.run(serve(cfg))
+    else:
+        uvloop.run(serve(cfg))
+
+
+if __name__ == "__main__":
+    main()
