@@ -1,0 +1,8 @@
+"""``python -m router``: the router process (see :mod:`router.server`)."""
+
+import sys
+
+from router.server import main
+
+if __name__ == "__main__":
+    sys.exit(main())

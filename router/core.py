@@ -1,0 +1,420 @@
+"""The router's core: owner of the global index and the instance table. Synchronous, no I/O.
+
+Theory of operation
+-------------------
+Every method is called from the event loop only (frames from the subscriber, routing from request
+handlers, a periodic :meth:`RouterCore.tick`), so nothing here needs a lock. The only I/O the core needs,
+fetching a snapshot, is delegated: it calls ``request_snapshot(job)`` and the shell answers later with
+:meth:`on_snapshot` or :meth:`on_snapshot_failed`, quoting ``job.generation`` so a stale answer (from
+before a newer resync started) is ignored.
+
+An instance is **routable** when it is up (healthy heartbeat within the timeout, block size accepted),
+its index entry is **synced** and no connection to its engine failed recently. Its index entry is synced
+through this cycle::
+
+    unsynced --(comes up)--> resyncing --(snapshot + buffered frames apply cleanly)--> synced
+    synced --(seq gap | agent epoch change | seq going back | new endpoint)--> resyncing
+    any --(heartbeat timeout | engine unhealthy | block size refused)--> down: blocks dropped, unsynced
+
+While resyncing, every frame of the instance is buffered as (seq, epoch, EventBatch or None). A snapshot
+with sequence ``S`` replaces the instance's blocks atomically; then the buffered batches with seq > S are
+applied, *if* the frames S+1 .. last-seen-seq are all in the buffer (no frame of any topic was lost after
+the snapshot). Otherwise, or if the agent restarted meanwhile, a new snapshot is requested. Snapshots
+are requested only after the resync starts, so ``S`` is at least the seq of the frame that started it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from kvindex.index import GlobalIndex
+from kvindex.wire import EventBatch, Heartbeat, LoadReport, Snapshot
+from router.config import RouterConfig
+from router.policies import Decision, Policy, make_policy
+from router.state import InstanceState, InstanceTable
+from router.subscriber import RateLimitedLog, Received
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_RETRY_DELAY: Final = 0.5
+"""Seconds before a failed snapshot fetch is retried."""
+MAX_RESYNC_BUFFER: Final = 200_000
+"""Frames buffered per resyncing instance before the resync restarts from a fresh snapshot."""
+
+
+class NoLiveInstance(LookupError):
+    """No routable instance (for the requested model, excluding the ones already tried)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotJob:
+    """A snapshot the core wants fetched from ``endpoint`` (an agent's ROUTER socket)."""
+
+    instance: str
+    endpoint: str
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class Routed:
+    """A routing decision with what the shell needs to forward and account for the request.
+
+    ``ticket`` identifies the pending dispatch: pass it to :meth:`RouterCore.finish`. ``engine_url`` is
+    the chosen engine's base URL (no trailing slash). ``block_hashes`` is the request's full-page count.
+    """
+
+    decision: Decision
+    ticket: int
+    engine_url: str
+    block_hashes: int
+
+    @property
+    def instance(self) -> str:
+        return self.decision.instance
+
+
+@dataclass
+class CoreStats:
+    """Monotonic counters for the metrics endpoint."""
+
+    decisions: Counter[tuple[str, str]] = field(default_factory=Counter)
+    """(policy, instance) -> routing decisions."""
+    failure_cases: Counter[str] = field(default_factory=Counter)
+    """Policy failure kind (see :mod:`router.policies`) -> requests where it was detected."""
+    resyncs: Counter[tuple[str, str]] = field(default_factory=Counter)
+    """(instance, reason) -> snapshot resyncs started."""
+    snapshot_failures: Counter[str] = field(default_factory=Counter)
+    """Reason -> failed or rejected snapshot fetches."""
+    batches_dropped: int = 0
+    """EventBatches not applied because their instance was down or unsynced (a snapshot covers them)."""
+    stale_snapshots: int = 0
+    """Snapshot answers for a resync that was superseded."""
+    down_transitions: Counter[str] = field(default_factory=Counter)
+    """Reason -> times an instance went down."""
+
+
+@dataclass
+class _Resync:
+    generation: int
+    reason: str
+    buffer: list[tuple[int, int, EventBatch | None]] = field(default_factory=list)
+    in_flight: bool = False
+    retry_at: float | None = None
+
+
+class RouterCore:
+    """Index + instance table + policy. See the module docstring for the state machine.
+
+    Args:
+        cfg: the router's configuration (block size, timeouts, TTL, policy name).
+        request_snapshot: called with a :class:`SnapshotJob` whenever a snapshot is needed; must not
+            block; the answer comes back through :meth:`on_snapshot` / :meth:`on_snapshot_failed`.
+        policy: overrides ``cfg.policy``.
+        mono, wall: clocks (monotonic seconds; Unix seconds), injectable for tests.
+    """
+
+    def __init__(
+        self,
+        cfg: RouterConfig,
+        request_snapshot: Callable[[SnapshotJob], None],
+        *,
+        policy: Policy | None = None,
+        mono: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.cfg = cfg
+        self.policy = policy if policy is not None else make_policy(cfg.policy)
+        self.table = InstanceTable(cfg.load_coverage_margin, cfg.suspect_cooldown)
+        self.stats = CoreStats()
+        self.index: GlobalIndex | None = None
+        self.block_size: int | None = None
+        self._request_snapshot = request_snapshot
+        self._mono = mono
+        self._wall = wall
+        self._resyncs: dict[str, _Resync] = {}
+        self._fetching: set[str] = set()  # instances with a fetch in flight: one at a time each
+        self._generation = 0
+        self._rl = RateLimitedLog(log)
+        if cfg.block_size is not None:
+            self._make_index(cfg.block_size)
+
+    def _make_index(self, block_size: int) -> None:
+        self.block_size = block_size
+        self.index = GlobalIndex(block_size, self.cfg.speculative_ttl, self.cfg.max_speculative_per_instance)
+
+    # -------------------------------------------------------------------------------- stream frames
+
+    def on_message(self, rec: Received) -> None:
+        """Apply one decoded frame from an agent (see the module docstring). Mutates; never raises."""
+        msg = rec.msg
+        st = self.table.ensure(msg.instance)
+        moved = st.endpoint is not None and st.endpoint != rec.endpoint
+        st.endpoint = rec.endpoint
+        st.agent_epoch = msg.agent_epoch
+        st.last_seq = rec.seq
+        disc = "endpoint" if moved else rec.discontinuity
+        if disc is not None and st.up:
+            if st.sync == "synced":
+                self._start_resync(st, disc)
+            elif st.sync == "resyncing" and disc != "gap":
+                # The agent restarted (or moved): frames buffered so far belong to the old stream.
+                self._start_resync(st, disc)
+        # After the discontinuity: a heartbeat that brings the instance up starts its own resync.
+        if isinstance(msg, Heartbeat):
+            self._on_heartbeat(st, msg)
+        elif isinstance(msg, LoadReport):
+            self.table.on_load(msg)
+        if st.sync == "resyncing":
+            r = self._resyncs[st.name]
+            r.buffer.append((rec.seq, msg.agent_epoch, msg if isinstance(msg, EventBatch) else None))
+            if len(r.buffer) > MAX_RESYNC_BUFFER:
+                self._start_resync(st, "buffer_overflow")
+        elif isinstance(msg, EventBatch):
+            if st.sync == "synced" and self.index is not None:
+                self.index.apply_batch(st.name, msg.events)
+            else:
+                self.stats.batches_dropped += 1
+
+    def _on_heartbeat(self, st: InstanceState, hb: Heartbeat) -> None:
+        self.table.on_heartbeat(hb, self._mono())
+        if not self._accept_block_size(st, hb.block_size):
+            self._set_down(st, "block_size_refused")
+            return
+        if not hb.engine_healthy:
+            self._set_down(st, "engine_unhealthy")
+            return
+        if not st.up:
+            reason = "back_up" if st.ever_up else "first"
+            st.up = st.ever_up = True
+            st.down_reason = None
+            log.info("instance %s is up (engine %s, model %r)", st.name, hb.engine_url, hb.model)
+            self._start_resync(st, reason)
+
+    def _accept_block_size(self, st: InstanceState, block_size: int) -> bool:
+        if block_size > 0 and self.block_size is None:
+            self._make_index(block_size)
+            log.info("cluster block size %d tokens (learned from %s)", block_size, st.name)
+        ok = block_size == self.block_size
+        if not ok and not st.refused:
+            log.error(
+                "refusing instance %s: block size %d differs from the cluster's %s",
+                st.name,
+                block_size,
+                self.block_size,
+            )
+        elif ok and st.refused:
+            log.info("instance %s now reports the cluster block size %d", st.name, block_size)
+        st.refused = not ok
+        return ok
+
+    def _set_down(self, st: InstanceState, reason: str) -> None:
+        if not st.up:
+            st.down_reason = reason
+            return
+        st.up = False
+        st.down_reason = reason
+        st.sync = "unsynced"
+        self._resyncs.pop(st.name, None)
+        dropped = self.index.remove_instance(st.name) if self.index is not None else 0
+        self.table.drop_pending(st.name)
+        self.stats.down_transitions[reason] += 1
+        log.warning("instance %s is DOWN (%s); %d blocks dropped from the index", st.name, reason, dropped)
+
+    # ------------------------------------------------------------------------------------ snapshots
+
+    def _start_resync(self, st: InstanceState, reason: str) -> None:
+        self._generation += 1
+        r = _Resync(self._generation, reason)
+        self._resyncs[st.name] = r
+        st.sync = "resyncing"
+        self.stats.resyncs[(st.name, reason)] += 1
+        log.info("resyncing instance %s from a snapshot (%s)", st.name, reason)
+        self._issue(st, r)
+
+    def _issue(self, st: InstanceState, r: _Resync) -> None:
+        endpoint = st.heartbeat.snapshot_endpoint if st.heartbeat is not None else ""
+        if not endpoint or st.name in self._fetching:
+            # No endpoint yet, or a superseded fetch still in flight: ask once it answers (or later).
+            r.retry_at = self._mono() + (0.0 if endpoint else SNAPSHOT_RETRY_DELAY)
+            return
+        r.in_flight = True
+        r.retry_at = None
+        self._fetching.add(st.name)
+        self._request_snapshot(SnapshotJob(st.name, endpoint, r.generation))
+
+    def _answered(self, name: str) -> tuple[InstanceState | None, _Resync | None]:
+        """A fetch for ``name`` answered: issue a waiting one if the answer is for a superseded job."""
+        self._fetching.discard(name)
+        st, r = self.table.get(name), self._resyncs.get(name)
+        if st is not None and r is not None and not r.in_flight and r.retry_at is not None:
+            self._issue(st, r)
+        return st, r
+
+    def on_snapshot(self, job: SnapshotJob, snap: Snapshot) -> bool:
+        """Apply a fetched snapshot for ``job``. Mutates; never raises.
+
+        Returns True if the instance is now synced; False if the answer was stale, or unusable (then a
+        new fetch is scheduled).
+        """
+        st, r = self._answered(job.instance)
+        if st is None or r is None or r.generation != job.generation or st.sync != "resyncing":
+            self.stats.stale_snapshots += 1
+            return False
+        r.in_flight = False
+        if snap.instance != st.name or self.index is None or snap.block_size != self.block_size:
+            self._snapshot_failed(st, r, "bad_snapshot", f"instance {snap.instance!r} bs {snap.block_size}")
+            return False
+        if snap.agent_epoch != st.agent_epoch:
+            self.stats.snapshot_failures["epoch_changed"] += 1
+            self._start_resync(st, "epoch_changed")
+            return False
+        last = st.last_seq if st.last_seq is not None else snap.seq
+        later = sorted(
+            (seq, ev) for seq, epoch, ev in r.buffer if epoch == snap.agent_epoch and seq > snap.seq
+        )
+        if [seq for seq, _ in later] != list(range(snap.seq + 1, last + 1)):
+            self.stats.snapshot_failures["gap_after_snapshot"] += 1
+            self._start_resync(st, "gap_after_snapshot")
+            return False
+        self.index.replace_instance(st.name, snap.events)
+        for _, ev in later:
+            if ev is not None:
+                self.index.apply_batch(st.name, ev.events)
+        del self._resyncs[st.name]
+        st.sync = "synced"
+        log.info(
+            "instance %s synced: snapshot seq %d, %d blocks, %d later frames",
+            st.name,
+            snap.seq,
+            self.index.blocks_of(st.name),
+            len(later),
+        )
+        return True
+
+    def on_snapshot_failed(self, job: SnapshotJob, reason: str) -> None:
+        """A snapshot fetch for ``job`` failed (``reason`` for metrics); retried later. Mutates."""
+        st, r = self._answered(job.instance)
+        if st is None or r is None or r.generation != job.generation:
+            return
+        r.in_flight = False
+        self._snapshot_failed(st, r, reason, job.endpoint)
+
+    def _snapshot_failed(self, st: InstanceState, r: _Resync, reason: str, detail: str) -> None:
+        self.stats.snapshot_failures[reason] += 1
+        self._rl.warning(
+            f"snap:{st.name}", "snapshot of %s failed (%s: %s); retrying", st.name, reason, detail
+        )
+        r.retry_at = self._mono() + SNAPSHOT_RETRY_DELAY
+
+    # ----------------------------------------------------------------------------------------- ticks
+
+    def tick(self) -> None:
+        """Periodic upkeep: heartbeat timeouts, snapshot retries, speculative expiry. Mutates."""
+        now = self._mono()
+        for st in list(self.table):
+            if self.table.heartbeat_expired(st.name, now, self.cfg.heartbeat_timeout):
+                self._set_down(st, "heartbeat_timeout")
+        for name, r in list(self._resyncs.items()):
+            inst = self.table.get(name)
+            if inst is not None and not r.in_flight and r.retry_at is not None and now >= r.retry_at:
+                self._issue(inst, r)
+        if self.index is not None:
+            self.index.expire_speculative(now)
+
+    # --------------------------------------------------------------------------------------- routing
+
+    def route(
+        self,
+        token_ids: Sequence[int],
+        *,
+        hashes: Sequence[int] | None = None,
+        model: str | None = None,
+        exclude: Collection[str] = (),
+    ) -> Routed:
+        """Choose an instance for a prompt of ``token_ids`` and account for the dispatch. Mutates.
+
+        ``hashes``: the prompt's block hashes at :attr:`block_size` if already computed (e.g. off the
+        event loop for a long prompt); computed here otherwise.
+
+        Only routable instances serving ``model`` (if given; an instance reporting no model serves any)
+        and not in ``exclude`` are candidates. The request's blocks are inserted speculatively on the
+        chosen instance and a pending dispatch is recorded: call :meth:`finish` when the request ends.
+
+        Raises:
+            NoLiveInstance: no candidate.
+        """
+        names = {
+            st.name
+            for st in self.table.routable()
+            if st.name not in exclude and (model is None or st.model in ("", model))
+        }
+        if not names or self.index is None:
+            raise NoLiveInstance("no live engine instance" + (f" serving model {model!r}" if model else ""))
+        views = self.table.views(names)
+        if hashes is None:
+            match = self.index.match(token_ids)
+        else:
+            match = self.index.match_hashes(hashes, len(token_ids))
+        decision = self.policy.choose(views, len(token_ids), match.cached_tokens)
+        self.index.insert_speculative(decision.instance, match.hashes, self._mono())
+        ticket = self.table.add_pending(decision.instance, decision.new_tokens, self._wall())
+        self.stats.decisions[(decision.policy, decision.instance)] += 1
+        for kind in decision.failure_cases:
+            self.stats.failure_cases[kind] += 1
+        st = self.table.get(decision.instance)
+        assert st is not None
+        return Routed(decision, ticket, st.engine_url, len(match.hashes))
+
+    def finish(self, instance: str, ticket: int) -> None:
+        """The request of ``ticket`` on ``instance`` ended (any outcome). Idempotent; mutates."""
+        self.table.finish(instance, ticket)
+
+    def mark_suspect(self, instance: str) -> None:
+        """Connecting to ``instance``'s engine failed: stop routing to it until a healthy heartbeat
+        arrives after ``cfg.suspect_cooldown``. Mutates."""
+        self.table.mark_suspect(instance, self._mono())
+        log.warning("instance %s is suspect: its engine refused a connection", instance)
+
+    # --------------------------------------------------------------------------------------- queries
+
+    def models(self) -> list[str]:
+        """Models served by instances that are up (non-empty names from heartbeats), sorted."""
+        return sorted({st.model for st in self.table.up() if st.model})
+
+    def serves_model(self, model: str) -> bool:
+        """Whether an up instance serves ``model`` (or reports no model name, i.e. serves any)."""
+        return any(st.model in ("", model) for st in self.table.up())
+
+    def instances_up(self) -> int:
+        """Number of instances that are up."""
+        return len(self.table.up())
+
+    def routable_count(self) -> int:
+        """Number of routable instances."""
+        return len(self.table.routable())
+
+    def state_json(self) -> dict[str, Any]:
+        """A JSON-ready dump of the instances and the index (for ``GET /router/state``)."""
+        idx = self.index
+        insts = []
+        for st in sorted(self.table, key=lambda s: s.name):
+            d = st.to_json()
+            d["blocks"] = idx.blocks_of(st.name) if idx is not None else 0
+            d["speculative_blocks"] = idx.speculative_blocks(st.name) if idx is not None else 0
+            insts.append(d)
+        return {
+            "policy": self.policy.name,
+            "block_size": self.block_size,
+            "instances": insts,
+            "index": {
+                "total_blocks": idx.total_blocks() if idx is not None else 0,
+                "speculative_blocks": idx.speculative_blocks() if idx is not None else 0,
+            },
+            "failure_cases": dict(self.stats.failure_cases),
+            "resyncs": [{"instance": i, "reason": r, "count": n} for (i, r), n in self.stats.resyncs.items()],
+        }

@@ -1,0 +1,165 @@
+"""The router's Prometheus metrics, on its own ``CollectorRegistry`` (never the process-global one).
+
+Request-path metrics (counters and histograms) are updated by the HTTP handlers. Everything the core and
+the subscriber already count is read at scrape time by :class:`_StateCollector`, so the core stays free of
+prometheus-client and the counters have a single source of truth.
+
+Latencies are measured at the router, in seconds: ``router_ttft_seconds`` from request arrival to the
+first streamed chunk sent to the client (streamed requests only); ``router_tpot_seconds`` the mean time
+between SSE ``data:`` events after the first, per streamed request with at least two events (chunk arrival
+times stand in for token times); ``router_e2e_latency_seconds`` from arrival to the last byte sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from router.policies import FAILURE_KINDS
+
+if TYPE_CHECKING:
+    from router.core import RouterCore
+    from router.subscriber import Subscriber
+
+_LATENCY_BUCKETS = (*Histogram.DEFAULT_BUCKETS[:-1], 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1, 2.5)
+
+
+class RouterMetrics:
+    """The registry plus the request-path instruments. ``render()`` gives the exposition text."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, core: RouterCore, subscriber: Subscriber | None) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "router_requests_total",
+            "Generation requests answered, by endpoint and outcome (HTTP status, 'stream_error' for an "
+            "engine failing mid-stream, 'client_closed' for a client gone before the end)",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "router_ttft_seconds",
+            "Arrival to first streamed chunk, streamed requests",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "router_tpot_seconds",
+            "Mean time between streamed SSE events after the first, per streamed request",
+            buckets=_TPOT_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "router_e2e_latency_seconds",
+            "Arrival to last byte sent, requests an engine answered",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.retries = Counter(
+            "router_retries_total", "Requests re-routed after an engine connection failure", registry=r
+        )
+        r.register(_StateCollector(core, subscriber))
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)
+
+
+class _StateCollector(Collector):
+    """Reads the core's and the subscriber's counters and gauges at scrape time."""
+
+    def __init__(self, core: RouterCore, subscriber: Subscriber | None) -> None:
+        self._core = core
+        self._sub = subscriber
+
+    def collect(self) -> Iterator[Metric]:
+        core = self._core
+        stats = core.stats
+        dec = CounterMetricFamily(
+            "router_decisions",
+            "Routing decisions by policy and chosen instance",
+            labels=["policy", "instance"],
+        )
+        for (policy, inst), n in sorted(stats.decisions.items()):
+            dec.add_metric([policy, inst], n)
+        yield dec
+        fail = CounterMetricFamily(
+            "router_failure_cases",
+            "Requests where a known failure case of the policy was detected, by kind",
+            labels=["kind"],
+        )
+        for kind in sorted(set(FAILURE_KINDS) | set(stats.failure_cases)):
+            fail.add_metric([kind], stats.failure_cases.get(kind, 0))
+        yield fail
+        res = CounterMetricFamily(
+            "router_resyncs",
+            "Snapshot resyncs started, by instance and reason",
+            labels=["instance", "reason"],
+        )
+        for (inst, reason), n in sorted(stats.resyncs.items()):
+            res.add_metric([inst, reason], n)
+        yield res
+        snapf = CounterMetricFamily(
+            "router_snapshot_failures", "Failed or rejected snapshot fetches, by reason", labels=["reason"]
+        )
+        for reason, n in sorted(stats.snapshot_failures.items()):
+            snapf.add_metric([reason], n)
+        yield snapf
+        down = CounterMetricFamily(
+            "router_instance_down", "Transitions of an instance to DOWN, by reason", labels=["reason"]
+        )
+        for reason, n in sorted(stats.down_transitions.items()):
+            down.add_metric([reason], n)
+        yield down
+        yield GaugeMetricFamily("router_instances_up", "Instances that are up", value=core.instances_up())
+        yield GaugeMetricFamily(
+            "router_instances_routable", "Instances up, synced and not suspect", value=core.routable_count()
+        )
+        idx = core.index
+        yield GaugeMetricFamily(
+            "router_index_blocks",
+            "Distinct block hashes in the global index (held really or speculatively)",
+            value=idx.total_blocks() if idx is not None else 0,
+        )
+        yield GaugeMetricFamily(
+            "router_speculative_blocks",
+            "Unconfirmed speculative index entries, all instances",
+            value=idx.speculative_blocks() if idx is not None else 0,
+        )
+        per = GaugeMetricFamily(
+            "router_instance_blocks", "Real blocks held per instance", labels=["instance"]
+        )
+        if idx is not None:
+            for name in sorted(idx.instances()):
+                per.add_metric([name], idx.blocks_of(name))
+        yield per
+        if self._sub is not None:
+            ss = self._sub.stats
+            frames = CounterMetricFamily(
+                "router_frames", "Stream frames decoded, by message type", labels=["kind"]
+            )
+            for kind, n in sorted(ss.frames.items()):
+                frames.add_metric([kind], n)
+            yield frames
+            bad = CounterMetricFamily(
+                "router_malformed_frames", "Stream frames skipped as malformed, by reason", labels=["reason"]
+            )
+            for reason, n in sorted(ss.malformed.items()):
+                bad.add_metric([reason], n)
+            yield bad
+            disc = CounterMetricFamily(
+                "router_stream_discontinuities",
+                "Frames not following their agent's previous one, by kind",
+                labels=["kind"],
+            )
+            for kind, n in sorted(ss.discontinuities.items()):
+                disc.add_metric([kind], n)
+            yield disc
