@@ -105,7 +105,8 @@ def _unpack(payload: bytes) -> Any:
 
 
 def _pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
+    packed: bytes = msgpack.packb(obj, use_bin_type=True)
+    return packed
 
 
 # ------------------------------------------------------------------------------------ SGLang KV events
