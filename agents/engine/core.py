@@ -180,6 +180,12 @@ class EngineCore:
         """
         if self._inflight is not None:
             raise RuntimeError("a step is already in flight")
+        if not self._waiting and not self._prefilling:
+            # Decode-only fast path (the bulk of all steps): no prefill work, so both branches below
+            # would build the same decode batch; same ratio decay, same duration to the last bit.
+            step = self._decode_step(now)
+            if step is not None:
+                return step
         budget = self.config.chunked_prefill_size
         if budget <= 0:
             budget = self.max_total_num_tokens
@@ -204,6 +210,23 @@ class EngineCore:
         self._inflight = Step(kind, tuple(entries), now, duration)
         return self._inflight
 
+    def _decode_step(self, now: float) -> Step | None:
+        """The decode step :meth:`schedule` builds when nothing waits or prefills, or None if retraction
+        left waiting requests (then the general path admits them afresh)."""
+        entries = self._alloc_decodes()
+        if not entries:
+            return None  # nothing to decode (or all retracted): the general path decides
+        self._ratio = max(self.config.min_new_token_ratio, self._ratio - self._ratio_decay)
+        n = len(entries)
+        ctx_total = 0
+        for e in entries:
+            ctx_total += e.context_tokens
+        # step_time's sums for n sequences of (1 new, ctx) each; exact integers, so the float equals the
+        # one the generic loop accumulates.
+        duration = self.profile.step_time_from_sums(n, float(ctx_total + n), ctx_total + n)
+        self._inflight = Step("decode", tuple(entries), now, duration)
+        return self._inflight
+
     def _reserve(self, s: _Seq) -> int:
         return int(min(s.max_new - len(s.output), _CLIP_MAX_NEW_TOKENS) * self._ratio)
 
@@ -223,8 +246,10 @@ class EngineCore:
             entries.append(StepEntry(s.req.rid, s.uid, chunk, s.prefilled, True))
             s.kv_len += chunk
             budget -= chunk
-        reserved = sum(self._reserve(s) for s in self._admitted.values())
         cap = self.config.max_running_requests
+        if not self._waiting or budget <= 0 or len(self._admitted) >= cap:
+            return entries  # the admission loop below would not run: skip the O(running) reserve sum
+        reserved = sum(self._reserve(s) for s in self._admitted.values())
         while self._waiting and budget > 0 and len(self._admitted) < cap:
             alone = not self._admitted and not entries
             if not alone and cache.available - reserved <= 0:
@@ -327,9 +352,15 @@ class EngineCore:
         return outs
 
     def _next_token(self, s: _Seq, now: float) -> TokenOutput:
-        if s.rng is None:
-            s.rng = random.Random(s.req.rid)
-        tok = s.rng.randint(32, 126)
+        rng = s.rng
+        if rng is None:
+            rng = s.rng = random.Random(s.req.rid)
+        # == rng.randint(32, 126) (CPython draws randrange(95) as getrandbits(7) until < 95), inlined
+        # because it runs once per generated token.
+        tok = rng.getrandbits(7)
+        while tok >= 95:
+            tok = rng.getrandbits(7)
+        tok += 32
         s.output.append(tok)
         n = len(s.output)
         if n >= s.max_new:

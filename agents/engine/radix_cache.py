@@ -33,11 +33,23 @@ block hashes of the pages in the tree.
 from __future__ import annotations
 
 import heapq
+import sys
+from array import array
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from kvindex.hashing import block_hash_of, chained_digests
+from kvindex.hashing import chained_digests
 from kvindex.wire import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+
+
+def _block_hashes_of(digests: Sequence[bytes]) -> list[int]:
+    """``[kvindex.hashing.block_hash_of(d) for d in digests]`` (first 8 bytes, big-endian, signed) in one
+    C-level conversion: this runs for every page the engine caches."""
+    out = array("q")
+    out.frombytes(b"".join([d[:8] for d in digests]))
+    if sys.byteorder == "little":
+        out.byteswap()
+    return out.tolist()
 
 
 class CacheBusyError(RuntimeError):
@@ -148,11 +160,11 @@ class RadixCache:
 
         Returns False (allocating nothing) if even after eviction there is not enough room.
         """
-        if num_tokens > self.available:
+        free = self.capacity - self._cached - self._private  # == self.free (inlined: once per step)
+        if num_tokens > free + self._evictable:
             return False
-        short = num_tokens - self.free
-        if short > 0:
-            self.evict(short)
+        if num_tokens > free:
+            self.evict(num_tokens - free)
         self._private += num_tokens
         assert self.free >= 0
         return True
@@ -290,7 +302,7 @@ class RadixCache:
         parent_digest = node.digests[-1] if node.digests else None
         leaf = RadixNode(new_key, node)
         leaf.digests = list(chained_digests(new_key, p, parent_digest))
-        leaf.hashes = [block_hash_of(d) for d in leaf.digests]
+        leaf.hashes = _block_hashes_of(leaf.digests)
         node.children[new_key[:p]] = leaf
         self._nodes += 1
         self._cached += len(new_key)

@@ -1,0 +1,254 @@
+"""Discrete-event simulation of a routed cluster: N :class:`EngineCore` s + the router, on a virtual clock.
+
+Theory of operation
+-------------------
+Time is a float of virtual seconds; nothing reads the wall clock except to report how long the run took.
+A heap orders the events ``(time, kind, seq, payload)``; ``kind`` breaks ties at equal times in this
+order, and ``seq`` (insertion order) makes the order total, so a run is a pure function of its inputs:
+
+0. ``DONE``: instance ``i``'s step ends; its outputs are delivered, its KV events queued for the router
+   (``event_delay`` later), the next step scheduled (:meth:`SimInstance.run_until`).
+1. ``TICK``: instance ``i`` produces a load report (its ``LoadStat`` now); the router gets it
+   ``event_delay`` later. Engines report every ``load_period`` seconds, each at its own phase
+   (``Random(seed)``). Only the ticks whose report is the newest one delivered when some request
+   arrives are computed: for an arrival at ``t`` that is the last tick ``T`` with ``T + delay <= t``.
+   Ticks in between would be superseded before the router reads them, so skipping them changes nothing.
+2. ``ARRIVAL``: trace request ``k`` arrives (trace time / rate scale); the router routes it at once
+   (:class:`SimRouter`) and it is queued in the chosen engine.
+3. ``KICK``: an idle engine that received requests schedules a step (after every arrival of that
+   instant, so simultaneous arrivals can share a first step).
+
+Requests reach the engine with no forwarding delay, and tokens reach the client when their step ends.
+Per request: TTFT = end of the step producing its first token - arrival; e2e = end of its last step -
+arrival; TPOT = (e2e - TTFT) / (output tokens - 1), as ``launch replay`` measures them.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from tqdm import tqdm
+
+from agents.engine.core import EngineConfig, EngineCore, Request, RequestRejected, TokenOutput
+from agents.engine.profiles import DEFAULT_PROFILE, get_profile
+from launch.sim.engine_pool import LiveRequest, SimInstance
+from launch.sim.prompts import PromptFactory
+from launch.sim.router_model import SimRouter
+from launch.summary import RequestRecord
+from launch.trace import DEFAULT_VOCAB_SIZE, TraceRequest
+from router.policies import Policy
+
+__all__ = ["SimConfig", "SimResult", "simulate"]
+
+_DONE, _TICK, _ARRIVAL, _KICK = 0, 1, 2, 3
+
+
+@dataclass(frozen=True, slots=True)
+class SimConfig:
+    """One simulated cluster. Tokens in tokens, times in seconds.
+
+    Engine fields mirror ``agents.engine.server.ServerConfig`` (SGLang's flag names); router fields
+    mirror ``router.config.RouterConfig`` defaults. ``event_delay``: engine -> agent -> router latency
+    of KV event batches and load reports; ``load_period``: seconds between an engine's load reports.
+    """
+
+    instances: int = 16
+    profile: str = DEFAULT_PROFILE
+    page_size: int = 16
+    max_running_requests: int = 128
+    max_total_tokens: int | None = None
+    chunked_prefill_size: int = 8192
+    enable_mixed_chunk: bool = False
+    context_length: int = 131072
+    event_delay: float = 0.005
+    load_period: float = 0.1
+    load_coverage_margin: float = 0.02
+    speculative_ttl: float = 5.0
+    max_speculative_per_instance: int = 65536
+    vocab_size: int = DEFAULT_VOCAB_SIZE
+    seed: int = 0
+
+    def engine_config(self) -> EngineConfig:
+        """The :class:`EngineConfig` every simulated engine runs with."""
+        return EngineConfig(
+            page_size=self.page_size,
+            max_total_tokens=self.max_total_tokens,
+            max_running_requests=self.max_running_requests,
+            chunked_prefill_size=self.chunked_prefill_size,
+            mixed_chunk=self.enable_mixed_chunk,
+            context_length=self.context_length,
+        )
+
+
+@dataclass
+class SimResult:
+    """Outcome of one simulated run. ``records`` in trace order; batch sizes in running requests."""
+
+    policy: str
+    records: list[RequestRecord]
+    steps: int
+    max_batch_size: int
+    mean_batch_size: float
+    """Mean over every step of every instance of the running requests at the step (per step)."""
+    mean_batch_size_time_weighted: float
+    """Running requests averaged over the instances' busy time (weighted by step duration)."""
+    sim_wall_s: float
+    virtual_s: float
+    decisions: dict[str, int] = field(default_factory=dict)
+    failure_cases: dict[str, int] = field(default_factory=dict)
+    retractions: int = 0
+
+
+def _needed_ticks(arrivals: Sequence[float], phase: float, period: float, delay: float) -> list[float]:
+    """For each arrival ``t``, the last report time ``T = phase + k * period`` (k >= 0) with ``T + delay
+    <= t``; sorted, without duplicates."""
+    out: list[float] = []
+    for t in arrivals:
+        k = math.floor((t - delay - phase) / period)
+        while k >= 0 and phase + k * period + delay > t:  # float rounding: step back
+            k -= 1
+        while phase + (k + 1) * period + delay <= t:
+            k += 1
+        if k < 0:
+            continue
+        tick = phase + k * period
+        if not out or tick != out[-1]:
+            out.append(tick)
+    return out
+
+
+def simulate(
+    plan: Sequence[tuple[float, TraceRequest]],
+    policy: Policy,
+    cfg: SimConfig,
+    *,
+    prompts: PromptFactory | None = None,
+    progress: bool = False,
+    desc: str = "",
+) -> SimResult:
+    """Replay ``plan`` (``(arrival seconds, request)`` pairs, as :func:`launch.trace.window` gives) through
+    ``cfg.instances`` simulated engines routed by ``policy``; runs until every request has finished.
+
+    ``prompts`` may be shared between runs of the same page size (it only memoises). Raises
+    :class:`launch.trace.TraceError` if a request has too few ``hash_ids``, ``ValueError`` for an unknown
+    profile or a bad config.
+    """
+    if cfg.instances < 1 or cfg.load_period <= 0 or cfg.event_delay < 0:
+        raise ValueError("need instances >= 1, load_period > 0 and event_delay >= 0")
+    wall0 = time.perf_counter()
+    profile = get_profile(cfg.profile)
+    if prompts is None or prompts.page_size != cfg.page_size:
+        prompts = PromptFactory(cfg.page_size, cfg.vocab_size)
+    names = [f"sim-{i:02d}" for i in range(cfg.instances)]
+    router = SimRouter(
+        names,
+        policy,
+        cfg.page_size,
+        cfg.event_delay,
+        cfg.load_coverage_margin,
+        cfg.speculative_ttl,
+        cfg.max_speculative_per_instance,
+    )
+    plan = sorted(plan, key=lambda p: (p[0], p[1].index))
+    records: dict[int, RequestRecord] = {}
+    bar = tqdm(total=len(plan), unit="req", desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
+
+    def on_finish(lv: LiveRequest, out: TokenOutput, now: float) -> None:
+        e2e = now - lv.arrival
+        ttft = e2e if lv.first_token_at is None else lv.first_token_at - lv.arrival
+        n = out.completion_tokens
+        records[lv.index] = RequestRecord(
+            start_time=lv.arrival,
+            ttft=ttft,
+            tpot=(e2e - ttft) / (n - 1) if n >= 2 else None,
+            e2e=e2e,
+            prompt_tokens=lv.prompt_tokens,
+            cached_tokens=out.cached_tokens,
+            output_tokens=n,
+            index=lv.index,
+        )
+        bar.update(1)
+
+    ecfg = cfg.engine_config()
+    insts = [SimInstance(i, n, EngineCore(ecfg, profile), router, on_finish) for i, n in enumerate(names)]
+
+    heap: list[tuple[float, int, int, int]] = []
+    seq = 0
+    for k, (t, _) in enumerate(plan):
+        heap.append((t, _ARRIVAL, seq, k))
+        seq += 1
+    arrivals = [t for t, _ in plan]
+    rng = random.Random(cfg.seed)
+    ticks = [
+        _needed_ticks(arrivals, rng.uniform(0.0, cfg.load_period), cfg.load_period, cfg.event_delay)
+        for _ in insts
+    ]
+    tick_pos = [0] * len(insts)
+    for i, tl in enumerate(ticks):
+        if tl:
+            heap.append((tl[0], _TICK, seq, i))
+            seq += 1
+    heapq.heapify(heap)
+    kicked: set[int] = set()
+    push, pop = heapq.heappush, heapq.heappop
+    now = 0.0
+    while heap:
+        now, kind, _, x = pop(heap)
+        if kind == _DONE:
+            end = insts[x].run_until(now, heap[0][0] if heap else math.inf)
+            if end is not None:
+                push(heap, (end, _DONE, seq, x))
+                seq += 1
+        elif kind == _TICK:
+            router.load_report(x, now, insts[x].core.load_stat())
+            tick_pos[x] += 1
+            if tick_pos[x] < len(ticks[x]):
+                push(heap, (ticks[x][tick_pos[x]], _TICK, seq, x))
+                seq += 1
+        elif kind == _ARRIVAL:
+            req = plan[x][1]
+            tokens = prompts.tokens(req)
+            i, ticket, _ = router.route(now, prompts.hashes(req, tokens), len(tokens))
+            inst = insts[i]
+            lv = LiveRequest(req.index, now, ticket, len(tokens))
+            try:
+                inst.add(Request(str(req.index), tokens, req.output_length, True, now), lv, now)
+            except RequestRejected as exc:
+                router.finish(i, ticket)
+                records[req.index] = RequestRecord(
+                    start_time=now, status=f"rejected: {exc}", prompt_tokens=len(tokens), index=req.index
+                )
+                bar.update(1)
+                continue
+            if inst.step is None and i not in kicked:
+                kicked.add(i)
+                push(heap, (now, _KICK, seq, i))
+                seq += 1
+        else:  # _KICK
+            kicked.discard(x)
+            end = insts[x].start(now)
+            if end is not None:
+                push(heap, (end, _DONE, seq, x))
+                seq += 1
+    bar.close()
+    steps = sum(s.steps for s in insts)
+    busy = sum(s.busy_s for s in insts)
+    return SimResult(
+        policy=policy.name,
+        records=[records[k] for k in sorted(records)],
+        steps=steps,
+        max_batch_size=max(s.batch_max for s in insts),
+        mean_batch_size=sum(s.batch_sum for s in insts) / steps if steps else 0.0,
+        mean_batch_size_time_weighted=sum(s.batch_time for s in insts) / busy if busy else 0.0,
+        sim_wall_s=time.perf_counter() - wall0,
+        virtual_s=now,
+        decisions=dict(sorted(router.decisions.items())),
+        failure_cases=dict(sorted(Counter(router.failure_cases).items())),
+        retractions=sum(s.core.num_retractions for s in insts),
+    )

@@ -1,0 +1,266 @@
+"""``python -m launch simulate``: replay a trace through a simulated cluster, once per routing policy.
+
+Each policy gets a fresh cluster of ``--instances`` emulated engines (the engine core of ``launch
+cluster``, on a virtual clock) behind a simulated router that uses the real index and policy code, with
+KV events and load reports reaching it ``--event-delay`` seconds late (see ``docs/simulator.md``).
+Requests arrive at trace time / ``--rate-scale``; the run lasts until every request sent in the first
+``--duration`` seconds has finished. Prints one table per policy; ``--summary-json`` writes
+``{"runs": {POLICY: summary}, "config": {...}}`` where a summary is :func:`launch.summary.summarize`'s
+plus ``max_batch_size``, ``mean_batch_size`` (running requests, mean over steps), ``sim_wall_s`` and a
+few counters; ``--plot DIR`` writes ``ttft_cdf.png`` and ``tpot_cdf.png`` with one curve per policy.
+Deterministic: the same inputs and ``--seed`` give the same results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from agents.engine.profiles import DEFAULT_PROFILE, PROFILES
+from launch.sim.cluster import SimConfig, SimResult, simulate
+from launch.sim.prompts import PromptFactory
+from launch.summary import format_summary, summarize
+from launch.trace import DEFAULT_VOCAB_SIZE, TraceError, TraceRequest, load_trace, window
+from router.policies import POLICIES, Policy, make_policy
+
+__all__ = ["add_arguments", "config_from_args", "result_summary", "run_policies", "run_simulate"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``simulate`` subcommand's flags."""
+    d = SimConfig()
+    a = p.add_argument
+    a("--trace", required=True, type=Path, help="Mooncake .jsonl or Azure .csv trace")
+    a("--instances", type=int, default=d.instances, help="engine instances (default %(default)s)")
+    a(
+        "--profile",
+        default=d.profile,
+        choices=sorted(PROFILES),
+        help=f"GPU + model (default {DEFAULT_PROFILE})",
+    )
+    a(
+        "--policies",
+        default="lmetric",
+        help=f"comma-separated routing policies, one run each ({', '.join(sorted(POLICIES))}; default %(default)s)",
+    )
+    a(
+        "--rate-scale",
+        type=float,
+        default=1.0,
+        help="2 replays at twice the trace's rate (default %(default)s)",
+    )
+    a("--duration", type=float, default=None, help="replay only requests sent in the first S seconds")
+    a(
+        "--seed",
+        type=int,
+        default=d.seed,
+        help="seed of the engines' load-report phases (default %(default)s)",
+    )
+    a(
+        "--page-size",
+        type=int,
+        default=d.page_size,
+        help="KV page = index block size in tokens (default %(default)s)",
+    )
+    a(
+        "--max-running-requests",
+        type=int,
+        default=d.max_running_requests,
+        help="per-engine cap (default %(default)s)",
+    )
+    a(
+        "--max-total-tokens",
+        type=int,
+        default=None,
+        help="KV capacity per engine in tokens (default: profile's)",
+    )
+    a(
+        "--chunked-prefill-size",
+        type=int,
+        default=d.chunked_prefill_size,
+        help="prefill tokens per step; <= 0 off (default %(default)s)",
+    )
+    a("--enable-mixed-chunk", action="store_true", help="decode requests ride along in prefill steps")
+    a(
+        "--event-delay",
+        type=float,
+        default=d.event_delay,
+        help="seconds from an engine's KV event / load report to the router (default %(default)s)",
+    )
+    a(
+        "--load-period",
+        type=float,
+        default=d.load_period,
+        help="seconds between an engine's load reports (default %(default)s)",
+    )
+    a("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="token ids in [0, V) (default %(default)s)")
+    a("--summary-json", type=Path, default=None, help="write every policy's summary as JSON here")
+    a("--plot", type=Path, default=None, metavar="DIR", help="write TTFT and TPOT CDF plots (PNG) here")
+    a("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def config_from_args(a: argparse.Namespace) -> SimConfig:
+    """The :class:`SimConfig` of parsed flags. Raises ``ValueError`` with a message for a bad value."""
+    if a.instances < 1:
+        raise ValueError("--instances must be at least 1")
+    if a.page_size <= 0 or a.max_running_requests <= 0:
+        raise ValueError("--page-size and --max-running-requests must be positive")
+    if a.max_total_tokens is not None and a.max_total_tokens <= 0:
+        raise ValueError("--max-total-tokens must be positive")
+    if a.event_delay < 0 or a.load_period <= 0:
+        raise ValueError("--event-delay must be >= 0 and --load-period > 0")
+    if a.rate_scale <= 0:
+        raise ValueError("--rate-scale must be positive")
+    return SimConfig(
+        instances=a.instances,
+        profile=a.profile,
+        page_size=a.page_size,
+        max_running_requests=a.max_running_requests,
+        max_total_tokens=a.max_total_tokens,
+        chunked_prefill_size=a.chunked_prefill_size,
+        enable_mixed_chunk=a.enable_mixed_chunk,
+        event_delay=a.event_delay,
+        load_period=a.load_period,
+        vocab_size=a.vocab_size,
+        seed=a.seed,
+    )
+
+
+def policy_names(spec: str) -> list[str]:
+    """Split ``--policies``. Raises ``ValueError`` for an empty list or an unknown name."""
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    if not names:
+        raise ValueError("--policies is empty")
+    for n in names:
+        if n not in POLICIES:
+            raise ValueError(f"unknown policy {n!r}; known: {', '.join(sorted(POLICIES))}")
+    return names
+
+
+def seeded_policy(name: str, seed: int) -> Policy:
+    """``make_policy(name)``, passing ``seed`` when the factory accepts one (randomised policies)."""
+    if "seed" in inspect.signature(make_policy).parameters:
+        return make_policy(name, seed=seed)  # type: ignore[call-arg]
+    return make_policy(name)
+
+
+def result_summary(res: SimResult) -> dict[str, Any]:
+    """:func:`summarize` of ``res.records`` plus the simulator's batch statistics and counters."""
+    s = summarize(res.records)
+    s.update(
+        max_batch_size=res.max_batch_size,
+        mean_batch_size=res.mean_batch_size,
+        mean_batch_size_time_weighted=res.mean_batch_size_time_weighted,
+        sim_wall_s=res.sim_wall_s,
+        steps=res.steps,
+        virtual_s=res.virtual_s,
+        retractions=res.retractions,
+        failure_cases=res.failure_cases,
+        decisions=res.decisions,
+    )
+    return s
+
+
+def format_result(s: dict[str, Any], title: str) -> str:
+    """:func:`format_summary` plus the batch-size line of a :func:`result_summary`."""
+    return (
+        format_summary(s, title)
+        + f"\nbatch size (running requests): max {s['max_batch_size']}  mean {s['mean_batch_size']:.2f} per"
+        f" step  {s['mean_batch_size_time_weighted']:.2f} time-weighted over busy time"
+        + f"\nsteps {s['steps']}  virtual {s['virtual_s']:.0f} s  simulated in {s['sim_wall_s']:.1f} s"
+        + (f"  retractions {s['retractions']}" if s["retractions"] else "")
+        + (f"\npolicy failure cases: {s['failure_cases']}" if s["failure_cases"] else "")
+    )
+
+
+def run_policies(
+    plan: Sequence[tuple[float, TraceRequest]], policies: Sequence[str], cfg: SimConfig, progress: bool
+) -> dict[str, SimResult]:
+    """One simulation per policy over the same ``plan``; results by policy name."""
+    prompts = PromptFactory(cfg.page_size, cfg.vocab_size)  # shared: memoised blocks and hashes
+    out: dict[str, SimResult] = {}
+    for name in policies:
+        out[name] = simulate(
+            plan, seeded_policy(name, cfg.seed), cfg, prompts=prompts, progress=progress, desc=name
+        )
+    return out
+
+
+def _minor_label(v: float, _pos: int | None = None) -> str:
+    """Label the 2x and 5x minor ticks of a log axis (0.2, 0.5, 2, 5, ...), leave the others blank."""
+    if v <= 0:
+        return ""
+    lead = round(v / 10 ** math.floor(math.log10(v)))
+    return f"{v:g}" if lead in (2, 5) else ""
+
+
+def plot_cdfs(summaries: dict[str, SimResult], out_dir: Path, title: str) -> list[Path]:
+    """Write ``ttft_cdf.png`` and ``tpot_cdf.png`` (one curve per policy, log x) into ``out_dir``; their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.ticker import FuncFormatter
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for metric, label in (("ttft", "TTFT (s)"), ("tpot", "TPOT (s)")):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for name, res in summaries.items():
+            vals = np.sort(
+                [v for r in res.records if r.status == "ok" and (v := getattr(r, metric)) is not None]
+            )
+            if len(vals):
+                ax.plot(vals, np.arange(1, len(vals) + 1) / len(vals), label=name, drawstyle="steps-post")
+        ax.set_xscale("log")  # both have long tails (prefill chunks stall decodes)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(FuncFormatter(_minor_label))
+        ax.set_xlabel(label)
+        ax.set_ylabel("fraction of requests")
+        ax.set_title(f"{metric.upper()} CDF: {title}", fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = out_dir / f"{metric}_cdf.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    """Entry point of ``launch simulate``; returns the exit code (2 on bad input)."""
+    try:
+        cfg = config_from_args(args)
+        names = policy_names(args.policies)
+        plan = window(load_trace(args.trace), args.rate_scale, args.duration)
+    except (ValueError, TraceError) as exc:
+        print(f"launch simulate: error: {exc}", file=sys.stderr)
+        return 2
+    title = f"{args.trace.name}, {cfg.instances} x {cfg.profile}, rate scale {args.rate_scale}" + (
+        f", first {args.duration:g} s" if args.duration is not None else ""
+    )
+    try:
+        results = run_policies(plan, names, cfg, progress=not args.no_progress)
+    except TraceError as exc:
+        print(f"launch simulate: error: {exc}", file=sys.stderr)
+        return 2
+    runs = {name: result_summary(res) for name, res in results.items()}
+    for name, s in runs.items():
+        print(format_result(s, f"== {name}: {title}"))
+        print()
+    if args.summary_json:
+        conf = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
+        conf.update(trace=str(args.trace), rate_scale=args.rate_scale, duration=args.duration)
+        args.summary_json.write_text(json.dumps({"runs": runs, "config": conf}, indent=2) + "\n")
+    if args.plot:
+        for path in plot_cdfs(results, args.plot, title):
+            print(f"wrote {path}")
+    return 0
