@@ -7,7 +7,14 @@ import struct
 
 import pytest
 
-from kvindex.hashing import block_hash_of, block_hashes, chained_digests, page_digest
+from kvindex.hashing import (
+    block_hash_of,
+    block_hashes,
+    block_hashes_of,
+    chained_digests,
+    chained_digests_packed,
+    page_digest,
+)
 
 
 def test_golden_single_page() -> None:
@@ -55,3 +62,39 @@ def test_parent_argument_continues_a_chain() -> None:
 def test_non_positive_page_size_raises(page_size: int) -> None:
     with pytest.raises(ValueError):
         block_hashes([1, 2, 3, 4], page_size)
+
+
+def reference_digests(tokens: list[int], page_size: int, parent: bytes | None = None) -> list[bytes]:
+    """The formula, one page at a time, no shortcuts."""
+    out: list[bytes] = []
+    prev = parent
+    for k in range(len(tokens) // page_size):
+        page = struct.pack(f"<{page_size}I", *tokens[k * page_size : (k + 1) * page_size])
+        prev = hashlib.sha256((prev or b"") + page).digest()
+        out.append(prev)
+    return out
+
+
+@pytest.mark.parametrize("page_size", [1, 3, 16])
+@pytest.mark.parametrize("n_pages", [0, 1, 63, 64, 65, 128, 130])  # around the 64-page groups
+def test_fast_paths_equal_the_formula(page_size: int, n_pages: int) -> None:
+    tokens = [(k * 2654435761) % 2**32 for k in range(n_pages * page_size + page_size - 1)]
+    parent = hashlib.sha256(b"parent").digest()
+    for par in (None, parent):
+        ref = reference_digests(tokens, page_size, par)
+        assert chained_digests(tokens, page_size, par) == ref
+        assert chained_digests(tuple(tokens), page_size, par) == ref
+        raw = struct.pack(f"<{len(tokens)}I", *tokens)
+        assert chained_digests_packed(raw, page_size, par) == ref
+        assert block_hashes(tokens, page_size, par) == [block_hash_of(d) for d in ref]
+        assert block_hashes_of(ref) == [block_hash_of(d) for d in ref]
+    assert chained_digests(tokens, page_size, max_pages=1) == reference_digests(tokens, page_size)[:1]
+
+
+@pytest.mark.parametrize("bad", [-1, 2**32, 1.5, "7"])
+def test_bad_token_ids_raise_struct_error(bad: object) -> None:
+    tokens: list[object] = [1, 2, bad, 4]
+    with pytest.raises(struct.error):
+        block_hashes(tokens, 2)  # type: ignore[arg-type]
+    with pytest.raises(struct.error):
+        chained_digests(tokens, 2)  # type: ignore[arg-type]

@@ -5,11 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from itertools import pairwise
 from typing import Any
+from unittest.mock import patch
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kvindex import index as index_module
+from kvindex.blocklog import BlockLog
 from kvindex.hashing import block_hashes
 from kvindex.index import GlobalIndex, MatchResult, prefix_chains
 from kvindex.wire import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
@@ -530,3 +533,109 @@ def test_index_matches_brute_force_model(prompts: list[list[int]], cap: int, dat
         copy = GlobalIndex(PBS)
         copy.replace_instance(n, evs)
         assert sorted(held_by_dump(copy.dump(n))) == sorted(model.real[n])
+
+
+# ---------------------------------------------------------------- per-instance log and its compaction
+
+
+def parents_in_dump(evs: Sequence[BlockStored]) -> dict[int, int | None]:
+    out: dict[int, int | None] = {}
+    for ev in evs:
+        prev = ev.parent_block_hash
+        for h in ev.block_hashes:
+            out[h] = prev
+            prev = h
+    return out
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(prompts=prompt_family(), step=st.integers(1, 5), data=st.data())
+def test_compaction_keeps_blocks_and_parents(
+    prompts: list[list[int]], step: int, data: st.DataObject
+) -> None:
+    """With a log bound of 2 x blocks and tiny steps, compaction runs all the time; the index still agrees
+    with a model of real blocks *and their parents* (the last store's), and the log stays bounded."""
+    with patch.object(index_module, "LOG_SLACK", 0), patch.object(index_module, "COMPACT_STEP", step):
+        idx = GlobalIndex(PBS)
+        real: dict[str, dict[int, int | None]] = {n: {} for n in NAMES}
+        all_hashes = sorted({h for p in prompts for h in block_hashes(p, PBS)})
+        for _ in range(data.draw(st.integers(1, 40))):
+            n = data.draw(st.sampled_from(NAMES))
+            op = data.draw(st.sampled_from(["store", "store", "store", "remove", "remove", "spec", "clear"]))
+            if op == "store":
+                ev = random_store(data, prompts)
+                idx.apply(n, ev)
+                prev = ev.parent_block_hash
+                for h in ev.block_hashes:
+                    real[n][h] = prev
+                    prev = h
+            elif op == "remove":
+                pool = sorted(real[n]) + all_hashes[:2]
+                hs = data.draw(st.lists(st.sampled_from(pool), max_size=4, unique=True)) if pool else []
+                idx.apply(n, BlockRemoved(tuple(hs)))
+                for h in hs:
+                    real[n].pop(h, None)
+            elif op == "spec":
+                spec = data.draw(st.lists(st.sampled_from(all_hashes), max_size=3)) if all_hashes else []
+                idx.insert_speculative(n, spec, 0.0)
+            else:
+                idx.apply(n, AllBlocksCleared())
+                real[n] = {}
+            idx.check_invariants()
+            log = idx._log[idx._id_of[n]]
+            assert len(log) <= 2 * idx.blocks_of(n) + 2 * max(8, step) + 8  # bounded, up to one event
+        for n in NAMES:
+            assert idx.blocks_of(n) == len(real[n])
+            evs = idx.dump(n)
+            assert_parents_first(evs)
+            assert parents_in_dump(evs) == real[n]
+
+
+def test_log_keeps_true_parent_of_an_orphan_through_compaction() -> None:
+    with patch.object(index_module, "LOG_SLACK", 0), patch.object(index_module, "COMPACT_STEP", 1):
+        idx = fresh()
+        idx.apply("a", stored(P1))
+        idx.apply("a", BlockRemoved(tuple(H1[:3])))  # 4 entries for 1 block: over 2 x 1, a pass starts
+        log = idx._log[idx._id_of["a"]]
+        assert log.compacting
+        events = 0
+        while log.compacting:  # one entry a step, one step an event
+            idx.apply("a", BlockRemoved((777,)))
+            events += 1
+            idx.check_invariants()
+        assert events == 3 and len(log) == 1
+        assert idx.dump("a") == [BlockStored((H1[3],), H1[2], (), BS)]
+
+
+def test_repeated_stores_of_held_blocks_do_not_grow_the_log() -> None:
+    with patch.object(index_module, "LOG_SLACK", 4), patch.object(index_module, "COMPACT_STEP", 3):
+        idx = fresh()
+        for _ in range(50):
+            idx.apply("a", stored(P1))
+        assert idx.blocks_of("a") == 4
+        assert len(idx._log[idx._id_of["a"]]) <= 2 * 4 + 4 + 4
+        assert idx.dump("a") == [BlockStored(tuple(H1), None, (), BS)]
+        idx.check_invariants()
+
+
+def test_blocklog_incremental_pass_reads_like_the_whole_log() -> None:
+    log = BlockLog()
+    log.append_chain([1, 2, 3], None)
+    log.append_chain([4, 5], 2)
+    log.append_chain([2**64 - 1, 6], 5)  # a hash outside int64 is kept aside
+    before = list(log.entries())
+    assert before == [(1, None), (2, 1), (3, 2), (4, 2), (5, 4), (2**64 - 1, 5), (6, 2**64 - 1)]
+    assert not log.compact_step(lambda hs: [h != 3 for h in hs], 3)  # drops 3, a pass is now running
+    assert log.compacting
+    log.append_chain([7], 6)
+    assert list(log.hashes()) == [1, 2, 4, 5, 2**64 - 1, 6, 7]
+    assert list(log.entries()) == [e for e in before if e[0] != 3] + [(7, 6)]
+    assert log.latest_parents()[4] == 2
+    while not log.compact_step(lambda hs: [True] * len(hs), 2):
+        log.check()
+    assert list(log.entries()) == [e for e in before if e[0] != 3] + [(7, 6)]
+    log.rebuild([(9, None), (10, 9), (11, 3)])
+    assert list(log.entries()) == [(9, None), (10, 9), (11, 3)] and len(log) == 3
+    log.check()
+    log.clear()
+    assert len(log) == 0 and list(log.entries()) == []

@@ -153,3 +153,60 @@ def test_random_msgpack_structures_never_raise_anything_but_wire_error(obj: obje
 
 def test_golden_block_hash() -> None:
     assert block_hashes([1, 2, 3, 4], 4) == [-3488128144981237669]
+
+
+# ------------------------------------------------------------------------------------- decision stream
+
+ROUTED = wire.RequestRouted(
+    router_epoch=7,
+    request_id="r-1",
+    ticket=3,
+    instance="0",
+    policy="lmetric",
+    ts=1.5,
+    prompt_tokens=800,
+    new_tokens=320,
+    score=1280.0,
+    block_hashes=(11, -12, 2**63 - 1),
+    failure_cases=("fully_cached",),
+)
+
+
+def test_decision_messages_round_trip() -> None:
+    msgs: list[wire.WireMessage] = [
+        ROUTED,
+        wire.RequestRouted(7, "r-2", 4, "1", "round_robin", 2.0, 10, 10, 0.0),
+        wire.RequestFinished(7, "r-1", 3, "0", "200", 2.5),
+        wire.RouterHeartbeat(7, "primary", 3.0, "http://127.0.0.1:30000", 4242, 10, 2, 1, 4, 0.1, (3,)),
+        wire.RouterHeartbeat(9, "standby", 3.0, "http://127.0.0.1:30000", 4243),
+    ]
+    for m in msgs:
+        raw = wire.encode_message(m)
+        assert msgpack.unpackb(raw)["type"] == type(m).__name__
+        assert wire.decode_message(raw) == m
+    frame = wire.make_frame(wire.TOPIC_DECISIONS, 5, wire.encode_message(ROUTED))
+    topic, seq, payload = wire.split_frame(frame)
+    assert (topic, seq, wire.decode_message(payload)) == (b"decisions", 5, ROUTED)
+    assert wire.TOPIC_ROUTER_HEARTBEAT in wire.DECISION_TOPICS
+
+
+def test_decision_messages_omit_defaults_and_reject_bad_fields() -> None:
+    body = dict(msgpack.unpackb(wire.encode_message(ROUTED)))
+    short = {k: v for k, v in body.items() if k not in ("block_hashes", "failure_cases")}
+    got = wire.decode_message(msgpack.packb(short))
+    assert isinstance(got, wire.RequestRouted) and got.block_hashes == () and got.failure_cases == ()
+    for field, bad in [
+        ("block_hashes", [1, "x"]),
+        ("block_hashes", 5),
+        ("failure_cases", [1]),
+        ("score", "high"),
+        ("request_id", 3),
+        ("ticket", True),
+    ]:
+        with pytest.raises(wire.WireError) as ei:
+            wire.decode_message(msgpack.packb({**body, field: bad}))
+        assert ei.value.reason == "bad_message", field
+    hb = msgpack.unpackb(wire.encode_message(wire.RouterHeartbeat(1, "primary", 1.0, "http://x", 1)))
+    for field, bad in [("role", 1), ("http", None), ("open_tickets", ["a"])]:
+        with pytest.raises(wire.WireError):
+            wire.decode_message(msgpack.packb({**hb, field: bad}))
