@@ -16,7 +16,13 @@ between two publishes, is exactly the state after the frame numbered ``Snapshot.
 needs to apply the snapshot and then only later frames.
 
 Engine-sequence tracking (gap repair through the replay socket, engine restarts, late joins) lives in
-:mod:`agents.kv_follower`, driven by the owner task.
+:mod:`agents.kv_follower`, driven by the owner task. Two things the KV stream alone cannot say are
+fed to it from here: the first snapshot request that comes before any KV frame bootstraps the mirror from
+the engine's replay buffer (a restarted agent next to an idle engine would otherwise serve an empty
+mirror), and a suspected engine restart -- its health check recovering, or its load stream's seq going
+back (SGLang numbers load frames from 0 per process) -- makes the follower verify through the replay
+socket that the engine is still the one it followed (an idle engine that restarted would otherwise keep
+its old blocks in the mirror until its next KV batch).
 
 Malformed input on any socket is counted by reason, logged (rate-limited) and skipped.
 """
@@ -54,7 +60,16 @@ from kvindex import wire
 from kvindex.mirror import BlockMirror
 from launch.ready import announce_ready
 
-__all__ = ["Agent", "AgentConfig", "main", "parse_args", "serve"]
+__all__ = [
+    "Agent",
+    "AgentConfig",
+    "decode_kv_frame",
+    "decode_load_frame",
+    "decode_snapshot_request",
+    "main",
+    "parse_args",
+    "serve",
+]
 
 log = logging.getLogger("agents.agent")
 
@@ -89,6 +104,62 @@ def _bind_address(host: str, port: int) -> str:
     return f"tcp://{host}:{port if port else '*'}"
 
 
+# ------------------------------------------------------------------------------ frame decoding (pure)
+
+
+def _seq_frame(frames: Sequence[bytes], topic: bytes) -> tuple[int, bytes]:
+    got, seq, payload = wire.split_frame(frames)
+    if topic and got != topic:
+        raise wire.WireError("wrong_topic", repr(got[:40]))
+    if seq < 0:
+        raise wire.WireError("bad_seq", f"negative seq {seq}")
+    return seq, payload
+
+
+def decode_kv_frame(frames: Sequence[bytes], topic: bytes) -> tuple[int, wire.KVEventBatch]:
+    """An engine KV frame ``[topic, seq, KVEventBatch]`` as ``(seq, batch)``. Pure.
+
+    ``topic`` empty accepts any topic (else an exact match: SUB filters by prefix only).
+
+    Raises:
+        kvindex.wire.WireError: ``bad_frame_count``, ``bad_seq``, ``wrong_topic``, or a
+        :func:`kvindex.wire.decode_kv_batch` reason. Nothing else, whatever the bytes.
+    """
+    seq, payload = _seq_frame(frames, topic)
+    return seq, wire.decode_kv_batch(payload)
+
+
+def decode_load_frame(frames: Sequence[bytes], topic: bytes) -> tuple[int, wire.LoadStat]:
+    """An engine load frame ``[topic, seq, LoadStat]`` as ``(seq, stat)``. Pure.
+
+    Raises:
+        kvindex.wire.WireError: as :func:`decode_kv_frame`, or ``bad_msgpack`` / ``bad_load``.
+        Nothing else, whatever the bytes.
+    """
+    seq, payload = _seq_frame(frames, topic)
+    try:
+        return seq, wire.decode_load_stat(payload)
+    except wire.WireError:
+        raise
+    except (ValueError, OverflowError) as exc:  # a float field of inf or NaN fails int()
+        raise wire.WireError("bad_load", str(exc)[:80]) from exc
+
+
+def decode_snapshot_request(frames: Sequence[bytes]) -> bytes:
+    """The identity of a well-formed ``[identity, b"", SnapshotRequest]`` received by the ROUTER. Pure.
+
+    Raises:
+        kvindex.wire.WireError: ``bad_frame_count``, ``unexpected_message`` or a
+        :func:`kvindex.wire.decode_message` reason. Nothing else, whatever the bytes.
+    """
+    if len(frames) != 3 or frames[1] != b"":
+        raise wire.WireError("bad_frame_count", f"expected [identity, b'', request], got {len(frames)}")
+    msg = wire.decode_message(frames[2])
+    if not isinstance(msg, wire.SnapshotRequest):
+        raise wire.WireError("unexpected_message", type(msg).__name__)
+    return bytes(frames[0])
+
+
 class Agent:
     """Runtime state of one agent. ``start()`` → ``wait()`` → ``close()``; :func:`serve` drives it.
 
@@ -117,6 +188,8 @@ class Agent:
         self._tasks: list[asyncio.Task[None]] = []
         self._seq = 0  # next cluster seq to publish
         self._follower: KvFollower | None = None
+        self._bootstrap_tried = False  # a snapshot request bootstraps an unjoined follower, once
+        self._load_seq: int | None = None  # last engine load-stream seq
 
     # ------------------------------------------------------------------------------------- lifecycle
 
@@ -150,7 +223,9 @@ class Agent:
             kv_sub = self._sub(eng.kv_endpoint, eng.kv_topic)
             load_sub = self._sub(eng.load_endpoint, eng.load_topic) if eng.load_endpoint else None
             if eng.replay_endpoint:
-                self._replay = ReplayClient(ctx, eng.replay_endpoint, cfg.replay_timeout)
+                self._replay = ReplayClient(
+                    ctx, eng.replay_endpoint, cfg.replay_timeout, on_skipped=self._replay_reply_skipped
+                )
             self._follower = KvFollower(self.mirror, self.counters, self._replay, self._emit, self.instance)
             log.info(
                 "agent %s (epoch %d) following %s: kv %s, replay %s, load %s, block_size %d, model %r",
@@ -173,6 +248,12 @@ class Agent:
         except BaseException:
             await self.close()
             raise
+
+    @property
+    def follower(self) -> KvFollower | None:
+        """The engine-stream follower (``expected`` = next engine seq), ``None`` before ``start()``. Read it
+        only; the owner task mutates it."""
+        return self._follower
 
     def endpoints(self) -> dict[str, str]:
         """The READY endpoints: ``pub``, ``snapshot`` (bound ZeroMQ URLs) and ``engine`` (HTTP URL)."""
@@ -255,6 +336,11 @@ class Agent:
             else:
                 await self._on_health(msg.healthy)
 
+    def _replay_reply_skipped(self, reason: str) -> None:
+        """A replay reply the client skipped (malformed, or stale from an earlier request)."""
+        self.counters.malformed[("replay", reason)] += 1
+        self._badlog.warning(f"replay:{reason}", "agent %s: skipped a %s replay reply", self.instance, reason)
+
     def _malformed(self, stream: str, exc: wire.WireError) -> None:
         self.counters.malformed[(stream, exc.reason)] += 1
         self._badlog.warning(f"{stream}:{exc.reason}", "agent %s: skipped malformed %s frame: %s",
@@ -296,6 +382,8 @@ class Agent:
         self.engine_healthy = healthy
         if healthy:
             log.info("agent %s: engine %s healthy again", self.instance, self.cfg.engine_url)
+            if self._follower is not None:  # it may be a new engine process: check before going on
+                await self._follower.verify()
         else:
             if self._follower is not None:
                 self._follower.engine_went_down = True
@@ -306,13 +394,16 @@ class Agent:
         assert self.engine is not None
         self.counters.frames_in["load"] += 1
         try:
-            topic, _seq, payload = wire.split_frame(frames)
-            if self.engine.load_topic and topic != self.engine.load_topic:
-                raise wire.WireError("wrong_topic", repr(topic[:40]))
-            stat = wire.decode_load_stat(payload)
+            seq, stat = decode_load_frame(frames, self.engine.load_topic)
         except wire.WireError as exc:
             self._malformed("load", exc)
             return
+        # A load seq going back is the engine restarting (or a duplicate/reordered frame): verify through
+        # the replay socket, since an idle engine's KV stream would not say so for a long time.
+        suspect = self._load_seq is not None and seq < self._load_seq
+        self._load_seq = seq
+        if suspect and self._follower is not None:
+            await self._follower.verify()
         report = wire.LoadReport(
             instance=self.instance,
             agent_epoch=self.epoch,
@@ -330,16 +421,15 @@ class Agent:
         assert self._router is not None and self.engine is not None
         self.counters.frames_in["snapshot"] += 1
         try:
-            if len(frames) != 3 or frames[1] != b"":
-                raise wire.WireError(
-                    "bad_frame_count", f"expected [identity, b'', request], got {len(frames)}"
-                )
-            msg = wire.decode_message(frames[2])
-            if not isinstance(msg, wire.SnapshotRequest):
-                raise wire.WireError("unexpected_message", type(msg).__name__)
+            identity = decode_snapshot_request(frames)
         except wire.WireError as exc:
             self._malformed("snapshot", exc)
             return
+        if not self._bootstrap_tried and self._follower is not None and self._follower.expected is None:
+            # Asked for the mirror before any KV frame came: learn the engine's cache from its replay
+            # buffer first, or a restarted agent would hand out an empty mirror for a full engine.
+            self._bootstrap_tried = True
+            await self._follower.bootstrap()
         snap = wire.Snapshot(
             instance=self.instance,
             agent_epoch=self.epoch,
@@ -347,18 +437,13 @@ class Agent:
             block_size=self._block_size(),
             events=tuple(self.mirror.snapshot_events()),
         )
-        await self._router.send_multipart([frames[0], b"", wire.encode_message(snap)])
+        await self._router.send_multipart([identity, b"", wire.encode_message(snap)])
 
     async def _on_kv(self, frames: list[bytes]) -> None:
         assert self.engine is not None and self._follower is not None
         self.counters.frames_in["kv"] += 1
         try:
-            topic, seq, payload = wire.split_frame(frames)
-            if self.engine.kv_topic and topic != self.engine.kv_topic:
-                raise wire.WireError("wrong_topic", repr(topic[:40]))
-            if seq < 0:
-                raise wire.WireError("bad_seq", f"negative seq {seq}")
-            batch = wire.decode_kv_batch(payload)
+            seq, batch = decode_kv_frame(frames, self.engine.kv_topic)
         except wire.WireError as exc:
             self._malformed("kv", exc)
             return

@@ -9,8 +9,10 @@ empty means "the host of the engine's URL". Command-line overrides win over both
 
 The replay client speaks SGLang's replay protocol (sglang 0.5.23, ``srt/disaggregation/kv_events.py``;
 codec in :mod:`kvindex.wire`): a DEALER sends ``[b"", start_seq]`` and reads replies until the end marker.
-After any failure the DEALER is closed and a fresh one connected, so that late replies to an abandoned
-request can never be mistaken for replies to the next one.
+After a timeout (or cancellation) the DEALER is closed and a fresh one connected, so that late replies to
+an abandoned request can never be mistaken for replies to the next one. A malformed reply is skipped (and
+reported), not fatal: the others may still cover the range asked for, and the caller checks that they
+do. Replies already waiting when a request is sent (a peer that answered twice) are dropped unread.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -229,13 +232,24 @@ async def discover(
 
 
 class ReplayClient:
-    """A DEALER connected to an engine's replay ROUTER. Used by one task at a time (the agent's owner)."""
+    """A DEALER connected to an engine's replay ROUTER. Used by one task at a time (the agent's owner).
 
-    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, timeout: float) -> None:
+    ``on_skipped(reason)`` is called for every reply skipped: a :class:`kvindex.wire.WireError` reason
+    for a malformed one, ``stale_reply`` for one left over from an earlier request.
+    """
+
+    def __init__(
+        self,
+        ctx: zmq.asyncio.Context,
+        endpoint: str,
+        timeout: float,
+        on_skipped: Callable[[str], None] | None = None,
+    ) -> None:
         self._ctx = ctx
         self.endpoint = endpoint
         self._timeout_ms = max(1, int(timeout * 1000))
         self._sock: zmq.asyncio.Socket | None = None
+        self._on_skipped = on_skipped
 
     def _socket(self) -> zmq.asyncio.Socket:
         if self._sock is None:
@@ -245,29 +259,43 @@ class ReplayClient:
             self._sock = sock
         return self._sock
 
+    def _skipped(self, reason: str) -> None:
+        if self._on_skipped is not None:
+            self._on_skipped(reason)
+
     async def fetch(self, start: int) -> list[wire.ReplayItem]:
         """Every buffered batch with ``seq >= start``, in the order the engine sent them (end marker excluded).
 
+        Malformed replies are skipped and reported through ``on_skipped`` (the result then lacks
+        whatever they carried: callers check the seqs they need are all there).
+
         Raises:
-            ReplayError: ``timeout`` (no reply for the configured timeout), ``too_long``, or the
-            :class:`kvindex.wire.WireError` reason of a malformed reply. The socket is reset first.
+            ReplayError: ``timeout`` (no reply for the configured timeout) or ``too_long`` (more than
+            ``_MAX_REPLAY_ITEMS`` replies, skipped ones included). The socket is reset first.
         """
         sock = self._socket()
         items: list[wire.ReplayItem] = []
         try:
+            while await sock.poll(0):  # a peer that answered an earlier request twice
+                await sock.recv_multipart()
+                self._skipped("stale_reply")
             await sock.send_multipart(wire.replay_request(start))
+            replies = 0
             while True:
                 if not await sock.poll(self._timeout_ms):
                     raise ReplayError("timeout", f"no reply from {self.endpoint} in {self._timeout_ms} ms")
-                item = wire.parse_replay_reply(await sock.recv_multipart())
+                frames = await sock.recv_multipart()
+                replies += 1
+                if replies > _MAX_REPLAY_ITEMS:
+                    raise ReplayError("too_long", f"more than {_MAX_REPLAY_ITEMS} replies")
+                try:
+                    item = wire.parse_replay_reply(frames)
+                except wire.WireError as exc:
+                    self._skipped(exc.reason)
+                    continue
                 if item.is_end:
                     return items
                 items.append(item)
-                if len(items) > _MAX_REPLAY_ITEMS:
-                    raise ReplayError("too_long", f"more than {_MAX_REPLAY_ITEMS} replies")
-        except wire.WireError as exc:
-            self.reset()
-            raise ReplayError(exc.reason, str(exc)) from exc
         except BaseException:  # timeout, too_long, cancellation: replies may still be in flight
             self.reset()
             raise

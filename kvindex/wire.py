@@ -41,6 +41,7 @@ on bytes from the network.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Final, Literal, TypeAlias
@@ -557,6 +558,8 @@ def decode_load_stat(payload: bytes) -> LoadStat:
                 raise WireError("bad_load", "attn_dp_rank is not an integer")
         elif not isinstance(v, int | float) or isinstance(v, bool):
             raise WireError("bad_load", f"field {i + 1} is not a number")
+        elif isinstance(v, float) and not math.isfinite(v):
+            raise WireError("bad_load", f"field {i + 1} is not finite")
     return LoadStat(*(v if i == 4 else int(v) for i, v in enumerate(vals)))
 
 

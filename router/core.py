@@ -65,13 +65,15 @@ class Routed:
     """A routing decision with what the shell needs to forward and account for the request.
 
     ``ticket`` identifies the pending dispatch: pass it to :meth:`RouterCore.finish`. ``engine_url`` is
-    the chosen engine's base URL (no trailing slash). ``block_hashes`` is the request's full-page count.
+    the chosen engine's base URL (no trailing slash). ``block_hashes`` is the request's full-page count,
+    ``hashes`` those pages' hashes (inserted speculatively on the chosen instance).
     """
 
     decision: Decision
     ticket: int
     engine_url: str
     block_hashes: int
+    hashes: tuple[int, ...] = ()
 
     @property
     def instance(self) -> str:
@@ -277,7 +279,11 @@ class RouterCore:
         later = sorted(
             (seq, ev) for seq, epoch, ev in r.buffer if epoch == snap.agent_epoch and seq > snap.seq
         )
-        if [seq for seq, _ in later] != list(range(snap.seq + 1, last + 1)):
+        # Complete iff ``later`` is exactly snap.seq+1 .. last. Compared without building that range:
+        # both seqs come from the network (a bogus ``snap.seq`` of -2**63 must not allocate 2**63 ints).
+        if len(later) != max(0, last - snap.seq) or any(
+            seq != snap.seq + 1 + k for k, (seq, _) in enumerate(later)
+        ):
             self.stats.snapshot_failures["gap_after_snapshot"] += 1
             self._start_resync(st, "gap_after_snapshot")
             return False
@@ -368,7 +374,7 @@ class RouterCore:
             self.stats.failure_cases[kind] += 1
         st = self.table.get(decision.instance)
         assert st is not None
-        return Routed(decision, ticket, st.engine_url, len(match.hashes))
+        return Routed(decision, ticket, st.engine_url, len(match.hashes), tuple(match.hashes))
 
     def finish(self, instance: str, ticket: int) -> None:
         """The request of ``ticket`` on ``instance`` ended (any outcome). Idempotent; mutates."""

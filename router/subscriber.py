@@ -19,7 +19,8 @@ the tracked seq, so the next good frame reports a ``gap`` and a consumer that ne
 Nothing a peer sends can stop a reader task; an exception in ``on_message`` is logged and counted
 (``callback_error``) and the task goes on.
 
-:func:`fetch_snapshot` asks an agent's ROUTER socket for its whole mirror over a short-lived DEALER.
+:func:`fetch_snapshot` asks an agent's ROUTER socket for its whole mirror over a short-lived DEALER;
+:func:`parse_snapshot_reply` is its pure reply decoder.
 """
 
 from __future__ import annotations
@@ -274,6 +275,16 @@ async def fetch_snapshot(ctx: zmq.asyncio.Context, endpoint: str, timeout: float
             raise SnapshotError("timeout", f"no snapshot from {endpoint} in {timeout:g} s") from None
     finally:
         sock.close(0)
+    return parse_snapshot_reply(frames)
+
+
+def parse_snapshot_reply(frames: Sequence[bytes]) -> Snapshot:
+    """The :class:`Snapshot` in a DEALER's ``[b"", Snapshot]`` reply. Pure.
+
+    Raises:
+        SnapshotError: ``bad_reply`` for anything else (frame count, delimiter, payload); nothing else,
+        whatever the bytes.
+    """
     if len(frames) != 2 or frames[0] != b"":
         raise SnapshotError("bad_reply", f"{len(frames)} frames")
     try:

@@ -91,6 +91,9 @@ def test_load_stat_round_trip_and_short_arrays() -> None:
     assert wire.decode_load_stat(short).num_waiting_uncached_tokens == 0
     with pytest.raises(wire.WireError):
         wire.decode_load_stat(msgpack.packb(["LoadStat", "x", 2, 3, 4, None]))
+    for bad in (float("inf"), float("nan"), -float("inf")):
+        with pytest.raises(wire.WireError):
+            wire.decode_load_stat(msgpack.packb(["LoadStat", bad, 2, 3, 4, None]))
 
 
 def test_replay_frames_with_and_without_topic() -> None:
