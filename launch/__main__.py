@@ -4,6 +4,9 @@ Commands:
   cluster   start emulated engines, agents and the router on this machine (Ctrl-C stops all)
   tail      print the agents' ZeroMQ event and load streams live
   replay    replay a Mooncake or Azure trace against a router or engine URL, streamed
+  failover-bench  SIGKILL the primary router mid-replay; report takeover, failures, hit ratio
+  compare   LMetric against every baseline policy in the simulator, at three load levels
+  compare-live  the same trace through our router (per policy) and SGLang's router, live
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from launch import cluster, replay, tail
+from launch import cluster, compare, compare_live, failover, replay, tail
+from launch.sim import fidelity
+from launch.sim import run as simulate
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -48,6 +53,46 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
     )
+    simulate.add_arguments(
+        sub.add_parser(
+            "simulate",
+            help="replay a trace through a simulated cluster, once per policy",
+            description=simulate.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
+    fidelity.add_arguments(
+        sub.add_parser(
+            "fidelity",
+            help="compare the simulator with a live emulated cluster on a trace window",
+            description=fidelity.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
+    failover.add_arguments(
+        sub.add_parser(
+            "failover-bench",
+            help="kill the primary router mid-replay; measure takeover, failures and hit ratio",
+            description=failover.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
+    compare.add_arguments(
+        sub.add_parser(
+            "compare",
+            help="LMetric against every baseline in the simulator, at three calibrated loads",
+            description=compare.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
+    compare_live.add_arguments(
+        sub.add_parser(
+            "compare-live",
+            help="one live emulated cluster: our router per policy vs SGLang's own router",
+            description=compare_live.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     p.add_argument("--log-level", default="INFO", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -66,6 +111,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(cluster.run_cluster(cfg))
     if args.command == "tail":
         return tail.run_tail(args)
+    if args.command == "failover-bench":
+        return failover.run_failover_bench(args)
+    if args.command == "simulate":
+        return simulate.run_simulate(args)
+    if args.command == "compare":
+        return compare.run_compare(args)
+    if args.command == "compare-live":
+        return compare_live.run_compare_live(args)
+    if args.command == "fidelity":
+        return fidelity.run_fidelity(args)
     return replay.run_replay(args)
 
 

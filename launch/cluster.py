@@ -1,14 +1,23 @@
 """``python -m launch cluster``: the whole cluster on one machine.
 
-Starts N emulated SGLang engines, one agent per engine, and the router; waits until each process prints
-its READY line (engines first, then agents, then the router, since each needs the previous one's
-endpoints); writes the cluster file; prints every endpoint; and on SIGINT or SIGTERM stops everything in
-reverse order, leaving no process behind. Internal ports are OS-assigned; only the router's port is
-fixed (``--port``, default 30000).
+Starts N emulated SGLang engines, one agent per engine, the primary router, a hot-standby router and the
+metrics daemon; waits until each process prints its READY line (engines first, then agents, then the
+routers, then the daemon, since each needs the previous ones' endpoints); writes the cluster file; prints
+every endpoint; and on SIGINT or SIGTERM stops everything in reverse order, leaving no process behind.
+Internal ports are OS-assigned; only the router's port is fixed (``--port``, default 30000; with 0 the
+primary's OS-assigned port is given to every later router).
 
-The cluster file (``--cluster-file``, default ``cluster.json``) is JSON
-``{"router": url, "processes": [{"role", "instance", "pid", "endpoints": {...}, "log", "status"}]}``,
-rewritten whenever a process changes state and removed on a clean shutdown. ``launch tail`` reads it.
+Failover: when the primary router exits, the standby takes its port over (see ``router/ha.py``); the
+launcher notices, relabels the processes in the cluster file (the old primary ``router-failed``, the
+standby ``router-primary``) and starts a new standby following the new primary. A standby that exits is
+replaced too. ``--no-standby`` runs the primary alone, ``--no-metrics`` skips the daemon.
+
+The cluster file (``--cluster-file``, default ``cluster.json``) is JSON ``{"router": url, "metrics": url,
+"processes": [{"role", "instance", "pid", "endpoints": {...}, "log", "status"}]}``, roles ``engine``,
+``agent``, ``router-primary``, ``router-standby``, ``router-failed`` and ``metrics``; routers' endpoints
+are ``http``, ``decisions`` (their decision stream) and ``admin``. It is rewritten whenever a process
+changes state and removed on a clean shutdown; ``router`` is set once the whole cluster is ready.
+``launch tail`` and the metrics daemon read it.
 """
 
 from __future__ import annotations
@@ -27,7 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from launch.procs import Child, ChildFailed, stop_all
+from launch.sglang_engines import SGLANG_MODULE, allocate_ports, parse_gpus, server_args
+from router.policies import POLICIES
 
 log = logging.getLogger("launch.cluster")
 
@@ -50,6 +63,17 @@ class ClusterConfig:
     time_scale: float = 1.0
     tokenizer: str | None = None
     ready_timeout: float = 60.0
+    standby: bool = True
+    primary_timeout: float = 0.4
+    metrics: bool = True
+    metrics_port: int = 0
+    engine: str = "sim"
+    model_path: str | None = None
+    gpus: tuple[str, ...] = ()
+    attach: tuple[str, ...] = ()
+    sglang_args: tuple[str, ...] = ()
+    engine_ready_timeout: float = 1200.0
+    sglang_module: str = SGLANG_MODULE
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -63,7 +87,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--port", type=int, default=d.port, help="router HTTP port; 0 = OS-assigned (default %(default)s)"
     )
     p.add_argument(
-        "--policy", default=d.policy, help="routing policy: lmetric or round_robin (default %(default)s)"
+        "--policy",
+        default=d.policy,
+        help="routing policy, one of router.policies.POLICIES (default %(default)s)",
     )
     p.add_argument(
         "--cluster-file",
@@ -120,16 +146,108 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=d.ready_timeout,
         help="seconds each process has to become ready (default %(default)s)",
     )
+    p.add_argument(
+        "--no-standby",
+        dest="standby",
+        action="store_false",
+        help="run the primary router alone, without a hot standby",
+    )
+    p.add_argument(
+        "--primary-timeout",
+        type=float,
+        default=d.primary_timeout,
+        help="the standby takes over after this many seconds without the primary's heartbeat, or at "
+        "once when the primary's decision stream disconnects (default %(default)s)",
+    )
+    p.add_argument(
+        "--no-metrics", dest="metrics", action="store_false", help="do not start the metrics daemon"
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=d.metrics_port,
+        help="the metrics daemon's HTTP port; 0 = OS-assigned (default %(default)s)",
+    )
+    _add_engine_arguments(p)
+
+
+def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "real SGLang engines",
+        "--engine sglang starts one `python -m sglang.launch_server` per GPU (install the `sglang` extra on the GPU "
+        "machine); --attach uses servers that already run. Arguments after `--` go to every SGLang server.",
+    )
+    g.add_argument(
+        "--engine",
+        choices=("sim", "sglang"),
+        default="sim",
+        help="emulated engines (sim, default) or real SGLang servers",
+    )
+    g.add_argument(
+        "--model-path",
+        default=None,
+        help="model directory for --engine sglang; its tokenizer.json and chat template also serve the router",
+    )
+    g.add_argument(
+        "--gpus",
+        default=None,
+        help="comma-separated GPU indices, one server each (default: 0..N-1 for --instances N)",
+    )
+    g.add_argument(
+        "--attach",
+        nargs="+",
+        default=[],
+        metavar="URL",
+        help="attach agents to these running SGLang servers instead of starting engines",
+    )
+    g.add_argument(
+        "--engine-ready-timeout",
+        type=float,
+        default=1200.0,
+        help="seconds a real server has to load its model and answer /health (default %(default)s)",
+    )
+    g.add_argument(
+        "--sglang-module", default=SGLANG_MODULE, help=argparse.SUPPRESS
+    )  # tests point this at the emulated engine
+    g.add_argument("sglang_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
 
 def config_from_args(a: argparse.Namespace) -> ClusterConfig:
     """Validate the parsed flags into a :class:`ClusterConfig`; exits with a usage error if invalid."""
     if a.instances < 1:
         sys.exit("launch cluster: error: --instances must be at least 1")
-    if a.policy not in ("lmetric", "round_robin"):
-        sys.exit(f"launch cluster: error: unknown --policy {a.policy!r} (lmetric, round_robin)")
+    if not a.primary_timeout > 0:
+        sys.exit("launch cluster: error: --primary-timeout must be positive")
+    if a.policy not in POLICIES:
+        sys.exit(f"launch cluster: error: unknown --policy {a.policy!r} ({', '.join(sorted(POLICIES))})")
+    extra = tuple(a.sglang_args[1:] if a.sglang_args[:1] == ["--"] else a.sglang_args)
+    if extra and a.engine != "sglang":
+        sys.exit(
+            f"launch cluster: error: unexpected arguments {' '.join(extra)!r} (extra SGLang arguments need --engine sglang)"
+        )
+    if a.engine == "sglang" and not a.attach and not a.model_path:
+        sys.exit("launch cluster: error: --engine sglang needs --model-path (or --attach URL ...)")
+    try:
+        gpus = tuple(parse_gpus(a.gpus, a.instances)) if a.engine == "sglang" and not a.attach else ()
+    except ValueError as exc:
+        sys.exit(f"launch cluster: error: {exc}")
+    tokenizer = a.tokenizer
+    if (
+        tokenizer is None
+        and a.engine == "sglang"
+        and a.model_path
+        and (Path(a.model_path) / "tokenizer.json").is_file()
+    ):
+        tokenizer = a.model_path  # the model's own tokenizer and chat template
     return ClusterConfig(
-        instances=a.instances,
+        engine=a.engine,
+        model_path=a.model_path,
+        gpus=gpus,
+        attach=tuple(u.rstrip("/") for u in a.attach),
+        sglang_args=extra,
+        engine_ready_timeout=a.engine_ready_timeout,
+        sglang_module=a.sglang_module,
+        instances=len(a.attach) or (len(gpus) if gpus else a.instances),
         host=a.host,
         port=a.port,
         policy=a.policy,
@@ -141,18 +259,29 @@ def config_from_args(a: argparse.Namespace) -> ClusterConfig:
         max_total_tokens=a.max_total_tokens,
         max_running_requests=a.max_running_requests,
         time_scale=a.time_scale,
-        tokenizer=a.tokenizer,
+        tokenizer=tokenizer,
         ready_timeout=a.ready_timeout,
+        standby=a.standby,
+        primary_timeout=a.primary_timeout,
+        metrics=a.metrics,
+        metrics_port=a.metrics_port,
     )
 
 
 class Cluster:
-    """The running cluster: its children and the cluster file."""
+    """The running cluster: its children, the routers' roles and the cluster file."""
 
     def __init__(self, cfg: ClusterConfig) -> None:
         self.cfg = cfg
         self.children: list[Child] = []
         self.router_url: str | None = None
+        self.metrics_url: str | None = None
+        self.primary: Child | None = None
+        self.standby: Child | None = None
+        self._agents: list[str] = []
+        self._router_port = cfg.port
+        self._routers_started = 0
+        self._failover: asyncio.Task[None] | None = None
 
     def _child(self, role: str, instance: str | None, module: str, args: Sequence[str]) -> Child:
         stem = role if instance is None else f"{role}-{instance}"
@@ -161,12 +290,37 @@ class Cluster:
         return c
 
     async def start(self) -> None:
-        """Start engines, agents and the router, each stage waiting for READY.
+        """Start engines, agents, the routers and the metrics daemon, each stage waiting for READY.
 
         Raises:
             ChildFailed: a process exited or timed out before it was ready (the caller stops the rest).
         """
         cfg = self.cfg
+        engine_urls = await self._start_engines()
+        agents = []
+        for inst, url in engine_urls:
+            agents.append(
+                self._child(
+                    "agent",
+                    inst,
+                    "agents.agent",
+                    ["--engine-url", url, "--instance-id", inst, "--host", cfg.host],
+                )
+            )
+        await self._start_stage(agents)
+        await self._start_rest(agents)
+
+    async def _start_engines(self) -> list[tuple[str, str]]:
+        """Start (or, with ``--attach``, just name) the engines; ``(instance, HTTP URL)`` each.
+
+        Raises:
+            ChildFailed: an engine exited or timed out before it was ready.
+        """
+        cfg = self.cfg
+        if cfg.attach:
+            return [(str(i), url) for i, url in enumerate(cfg.attach)]
+        if cfg.engine == "sglang":
+            return await self._start_sglang()
         engines = []
         for i in range(cfg.instances):
             args = [
@@ -180,32 +334,94 @@ class Cluster:
                 args += ["--max-total-tokens", str(cfg.max_total_tokens)]
             engines.append(self._child("engine", str(i), "agents.engine.server", args))
         await self._start_stage(engines)
+        return [(str(e.instance), e.ready.endpoints["http"]) for e in engines if e.ready is not None]
 
-        agents = []
-        for e in engines:
-            assert e.ready is not None
-            url = e.ready.endpoints["http"]
-            agents.append(
-                self._child(
-                    "agent",
-                    e.instance,
-                    "agents.agent",
-                    ["--engine-url", url, "--instance-id", str(e.instance), "--host", cfg.host],
-                )
-            )
-        await self._start_stage(agents)
+    async def _start_sglang(self) -> list[tuple[str, str]]:
+        """One SGLang server per GPU (``CUDA_VISIBLE_DEVICES`` pinned), ready once ``/health`` answers 200."""
+        cfg = self.cfg
+        assert cfg.model_path is not None
+        engines: list[tuple[Child, dict[str, str]]] = []
+        for i, gpu in enumerate(cfg.gpus):
+            ports = allocate_ports(cfg.host)
+            args = server_args(cfg.model_path, cfg.host, ports, cfg.page_size, cfg.sglang_args)
+            c = self._child("engine", str(i), cfg.sglang_module, args)
+            c.env["CUDA_VISIBLE_DEVICES"] = gpu
+            eps = {
+                "http": f"http://{cfg.host}:{ports.http}",
+                "kv": f"tcp://{cfg.host}:{ports.kv}",
+                "replay": f"tcp://{cfg.host}:{ports.replay}",
+                "load": f"tcp://{cfg.host}:{ports.load}",
+                "gpu": gpu,
+            }
+            engines.append((c, eps))
+        for c, _ in engines:
+            await c.start()
+        await asyncio.gather(
+            *(c.wait_http_ready(eps["http"] + "/health", eps, cfg.engine_ready_timeout) for c, eps in engines)
+        )
+        self.write_cluster_file()
+        return [(str(c.instance), eps["http"]) for c, eps in engines]
 
-        rargs = ["--host", cfg.host, "--port", str(cfg.port), "--policy", cfg.policy]
+    async def _start_rest(self, agents: list[Child]) -> None:
+        """Routers and the metrics daemon, once the agents are ready."""
+        cfg = self.cfg
         for a in agents:
             assert a.ready is not None
-            rargs += ["--agent", a.ready.endpoints["pub"]]
-        if cfg.tokenizer:
-            rargs += ["--tokenizer", cfg.tokenizer]
-        router = self._child("router-primary", None, "router", rargs)
-        await self._start_stage([router])
-        assert router.ready is not None
-        self.router_url = router.ready.endpoints["http"]
+            self._agents.append(a.ready.endpoints["pub"])
+
+        self.primary = await self._start_router("primary")
+        assert self.primary.ready is not None
+        self._router_port = int(self.primary.ready.endpoints["http"].rsplit(":", 1)[1])
+        if cfg.standby:
+            self.standby = await self._start_router("standby")
+        if cfg.metrics:
+            margs = [
+                "--host",
+                cfg.host,
+                "--port",
+                str(cfg.metrics_port),
+                "--cluster-file",
+                str(cfg.cluster_file),
+            ]
+            margs += [x for ep in self._agents for x in ("--agent", ep)]
+            margs += [
+                x
+                for r in (self.primary, self.standby)
+                if r and r.ready
+                for x in ("--decisions", r.ready.endpoints["decisions"])
+            ]
+            daemon = self._child("metrics", None, "router.metricsd", margs)
+            await self._start_stage([daemon])
+            assert daemon.ready is not None
+            self.metrics_url = daemon.ready.endpoints["http"]
+        self.router_url = self.primary.ready.endpoints["http"]
         self.write_cluster_file()
+
+    def _router_args(self, role: str) -> list[str]:
+        cfg = self.cfg
+        args = ["--role", role, "--host", cfg.host, "--port", str(self._router_port), "--policy", cfg.policy]
+        args += ["--decisions-port", "0", "--admin-port", "0", "--primary-timeout", str(cfg.primary_timeout)]
+        args += [x for ep in self._agents for x in ("--agent", ep)]
+        if role == "standby":
+            assert self.primary is not None and self.primary.ready is not None
+            args += ["--primary-decisions", self.primary.ready.endpoints["decisions"]]
+        if cfg.tokenizer:
+            args += ["--tokenizer", cfg.tokenizer]
+        return args
+
+    async def _start_router(self, role: str) -> Child:
+        """Start one router (``primary`` or ``standby`` of the current primary) and wait for READY."""
+        n = self._routers_started
+        self._routers_started += 1
+        c = Child(
+            f"router-{role}",
+            None,
+            ["-m", "router", *self._router_args(role)],
+            self.cfg.log_dir / f"router-{n}.log",
+        )
+        self.children.append(c)
+        await self._start_stage([c])
+        return c
 
     async def _start_stage(self, stage: list[Child]) -> None:
         for c in stage:
@@ -228,7 +444,12 @@ class Cluster:
                     "status": status,
                 }
             )
-        return {"router": self.router_url, "updated_at": time.time(), "processes": procs}
+        return {
+            "router": self.router_url,
+            "metrics": self.metrics_url,
+            "updated_at": time.time(),
+            "processes": procs,
+        }
 
     def write_cluster_file(self) -> None:
         """Atomically (write + rename) rewrite the cluster file."""
@@ -245,28 +466,90 @@ class Cluster:
             rows.append((c.role, c.instance or "-", str(c.pid), eps))
         w = [max(len(r[i]) for r in rows) for i in range(3)]
         lines = [f"{r[0]:<{w[0]}}  {r[1]:<{w[1]}}  {r[2]:<{w[2]}}  {r[3]}" for r in rows]
-        lines += [
-            f"cluster file: {self.cfg.cluster_file}",
-            f"logs: {self.cfg.log_dir}/",
-            f"router: {self.router_url}",
-        ]
+        lines += [f"cluster file: {self.cfg.cluster_file}", f"logs: {self.cfg.log_dir}/"]
+        if self.metrics_url:
+            lines.append(f"metrics: {self.metrics_url}/metrics")
+        lines.append(f"router: {self.router_url}")
         return "\n".join(lines)
 
     async def watch(self, stop: asyncio.Event) -> None:
-        """Until ``stop`` is set: notice children that exit, report them and keep the cluster file current."""
-        reported: set[str] = set()
+        """Until ``stop`` is set: notice children that exit, report them, keep the cluster file current,
+        and keep a primary and a standby router running (:meth:`_replace_routers`)."""
+        reported: set[int] = set()
         while not stop.is_set():
             for c in self.children:
-                if not c.alive and c.name not in reported:
-                    reported.add(c.name)
+                if not c.alive and id(c) not in reported:
+                    reported.add(id(c))
                     code = c.proc.returncode if c.proc else None
                     log.error("%s exited unexpectedly with code %s (log: %s)", c.name, code, c.log_path)
+                    if c is self.primary:
+                        c.role = "router-failed"
+                        self.primary = None
+                    elif c is self.standby:
+                        c.role = "router-failed"
+                        self.standby = None
                     self.write_cluster_file()
+            lacking = self.primary is None or self.standby is None
+            if self.router_url and self.cfg.standby and self._failover is None and lacking:
+                self._failover = asyncio.create_task(self._replace_routers(), name="failover")
+            if self._failover is not None and self._failover.done():
+                with contextlib.suppress(Exception):
+                    self._failover.result()
+                self._failover = None
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.5)
+                await asyncio.wait_for(stop.wait(), 0.05)
+
+    async def _replace_routers(self) -> None:
+        """After a router exited: wait for the standby to take over (or start a new primary if there is
+        none), then start a new standby following the primary."""
+        try:
+            if self.primary is None:
+                st = self.standby
+                if st is not None and await self._wait_promoted(st):
+                    st.role = "router-primary"
+                    self.primary, self.standby = st, None
+                    log.warning("standby %s (pid %s) took over as the primary", st.log_path.name, st.pid)
+                else:
+                    if st is not None:  # alive but not taking over: it cannot be trusted to follow
+                        log.error("standby did not take over; starting a new primary")
+                        await st.stop()
+                        st.role = "router-failed"
+                        self.standby = None
+                    self.primary = await self._start_router("primary")
+                self.write_cluster_file()
+            if self.standby is None:
+                self.standby = await self._start_router("standby")
+                log.warning(
+                    "new standby %s (pid %s) follows the primary",
+                    self.standby.log_path.name,
+                    self.standby.pid,
+                )
+                self.write_cluster_file()
+        except ChildFailed as exc:
+            log.error("could not restore the router pair: %s", exc)
+            await asyncio.sleep(1.0)  # then the watch loop tries again
+
+    async def _wait_promoted(self, standby: Child, timeout: float = 10.0) -> bool:
+        """Whether ``standby`` reports role ``primary`` on its admin port within ``timeout`` seconds."""
+        if standby.ready is None or "admin" not in standby.ready.endpoints:
+            return False
+        url = standby.ready.endpoints["admin"] + "/router/state"
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0)) as s:
+            while time.monotonic() < deadline and standby.alive:
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError, KeyError):
+                    async with s.get(url) as r:
+                        if (await r.json())["ha"]["role"] == "primary":
+                            return True
+                await asyncio.sleep(0.05)
+        return False
 
     async def stop(self) -> None:
-        """Stop every child (reverse order) and remove the cluster file."""
+        """Stop every child (reverse order: standbys before their primary) and remove the cluster file."""
+        if self._failover is not None:
+            self._failover.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._failover
         await stop_all(self.children)
         with contextlib.suppress(FileNotFoundError):
             self.cfg.cluster_file.unlink()

@@ -44,6 +44,7 @@ class Child:
     instance: str | None
     args: list[str]
     log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
     proc: asyncio.subprocess.Process | None = None
     ready: Ready | None = None
     _log: IO[str] | None = field(default=None, repr=False)
@@ -66,7 +67,7 @@ class Child:
         """Spawn the child (``sys.executable -m ...``) and start copying its output to its log."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("a", buffering=1)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
             *self.args,
@@ -115,6 +116,37 @@ class Child:
             raise ChildFailed(
                 f"{self.name} exited with code {code} before it was ready (log: {self.log_path})"
             )
+        return self.ready
+
+    async def wait_http_ready(self, health_url: str, endpoints: dict[str, str], timeout: float) -> Ready:
+        """For children that print no READY line (a real SGLang server): poll ``health_url`` until 200.
+
+        The returned (and recorded) :class:`Ready` carries ``endpoints`` as given.
+
+        Raises:
+            ChildFailed: the child exited first, or ``timeout`` seconds passed.
+        """
+        import aiohttp  # local: only this path needs an HTTP client
+
+        deadline = asyncio.get_running_loop().time() + timeout
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            while True:
+                if not self.alive:
+                    code = self.proc.returncode if self.proc else None
+                    raise ChildFailed(
+                        f"{self.name} exited with code {code} before it was healthy (log: {self.log_path})"
+                    )
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    async with session.get(health_url) as r:
+                        if r.status == 200:
+                            break
+                if asyncio.get_running_loop().time() > deadline:
+                    raise ChildFailed(
+                        f"{self.name} not healthy at {health_url} within {timeout:.0f} s (log: {self.log_path})"
+                    )
+                await asyncio.sleep(1.0)
+        self.ready = Ready(self.role, self.instance, self.pid or 0, dict(endpoints))
+        self._ready_evt.set()
         return self.ready
 
     async def stop(self, timeout: float = 5.0) -> None:

@@ -1,16 +1,26 @@
-"""``python -m launch tail``: print the agents' ZeroMQ streams live, one line per event or report.
+"""``python -m launch tail``: print the cluster's ZeroMQ streams live, one line per event or report.
 
-Endpoints come from the cluster file written by ``launch cluster`` (``--cluster``, default
+Agent streams: endpoints come from the cluster file written by ``launch cluster`` (``--cluster``, default
 ``cluster.json``) or from explicit ``--endpoint tcp://...`` flags (agent PUB sockets). Each KV event is
 one line (``BlockStored`` / ``BlockRemoved`` / ``AllBlocksCleared`` with its block count), each load
 report one line (running, waiting, batch size, queued prefill tokens, KV usage); heartbeats only with
-``--type heartbeat``. ``--json`` prints one JSON object per line instead. Malformed frames are counted
-and reported on stderr, never fatal.
+``--type heartbeat``.
+
+Decision streams (``--type decision``): every router's decisions, one line per ``RequestRouted``
+(instance, policy, prompt and new prefill tokens, LMetric score, speculative blocks) and per
+``RequestFinished`` (status); ``--type router_heartbeat`` adds the routers' heartbeats (role, index
+size, requests in flight). Endpoints are the routers' ``decisions`` endpoints in the cluster file (which
+is re-read every second, so a standby started after a failover is followed too) or
+``--decisions-endpoint`` flags. ``--instance`` filters decisions by the chosen instance.
+
+``--json`` prints one JSON object per line instead. Malformed frames are counted and reported on
+stderr, never fatal.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
@@ -24,7 +34,9 @@ import zmq
 
 from kvindex import wire
 
-TYPES = ("BlockStored", "BlockRemoved", "AllBlocksCleared", "load", "heartbeat")
+AGENT_TYPES = ("BlockStored", "BlockRemoved", "AllBlocksCleared", "load", "heartbeat")
+DECISION_TYPES = ("decision", "router_heartbeat")
+TYPES = AGENT_TYPES + DECISION_TYPES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,13 +50,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--endpoint", action="append", default=[], help="agent PUB endpoint (repeatable); overrides --cluster"
     )
+    p.add_argument(
+        "--decisions-endpoint",
+        action="append",
+        default=[],
+        help="a router's decision stream (repeatable; for --type decision); overrides --cluster",
+    )
     p.add_argument("--instance", action="append", default=[], help="only this instance (repeatable)")
     p.add_argument(
         "--type",
         action="append",
         default=[],
         choices=TYPES,
-        help="only this message type (repeatable); heartbeats are shown only when asked for",
+        help="only this message type (repeatable); heartbeats are shown only when asked for; "
+        "'decision' and 'router_heartbeat' read the routers' decision streams",
     )
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument(
@@ -53,18 +72,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=0.0, help="exit after this many seconds (0 = no limit)")
 
 
+def _read_cluster(path: Path) -> dict[str, Any]:
+    try:
+        cluster: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError:
+        sys.exit(
+            f"launch tail: no cluster file at {path}; start one with `python -m launch cluster` or pass --endpoint"
+        )
+    except (OSError, json.JSONDecodeError) as exc:
+        sys.exit(f"launch tail: cannot read {path}: {exc}")
+    return cluster
+
+
+def decision_endpoints_in(cluster: dict[str, Any]) -> list[str]:
+    """Decision streams of the routers a cluster file lists (running ones)."""
+    return [
+        p["endpoints"]["decisions"]
+        for p in cluster.get("processes", [])
+        if str(p.get("role", "")).startswith("router")
+        and "decisions" in p.get("endpoints", {})
+        and p.get("status") != "exited"
+    ]
+
+
 def endpoints_from(args: argparse.Namespace) -> list[str]:
     """Agent PUB endpoints from ``--endpoint`` or the cluster file. Exits with a message if none."""
     if args.endpoint:
         return list(args.endpoint)
-    try:
-        cluster = json.loads(args.cluster.read_text())
-    except FileNotFoundError:
-        sys.exit(
-            f"launch tail: no cluster file at {args.cluster}; start one with `python -m launch cluster` or pass --endpoint"
-        )
-    except (OSError, json.JSONDecodeError) as exc:
-        sys.exit(f"launch tail: cannot read {args.cluster}: {exc}")
+    cluster = _read_cluster(args.cluster)
     eps = [
         p["endpoints"]["pub"]
         for p in cluster.get("processes", [])
@@ -75,9 +110,22 @@ def endpoints_from(args: argparse.Namespace) -> list[str]:
     return eps
 
 
-def render(seq: int, msg: wire.ClusterMessage) -> Iterator[dict[str, Any]]:
-    """The printable records of one message: one per KV event, one per load report or heartbeat."""
-    if isinstance(msg, wire.EventBatch):
+def decision_endpoints_from(args: argparse.Namespace) -> list[str]:
+    """Routers' decision streams from ``--decisions-endpoint`` or the cluster file. Exits if none."""
+    if args.decisions_endpoint:
+        return list(args.decisions_endpoint)
+    eps = decision_endpoints_in(_read_cluster(args.cluster))
+    if not eps:
+        sys.exit(f"launch tail: {args.cluster} lists no router decision streams")
+    return eps
+
+
+def render(seq: int, msg: wire.WireMessage) -> Iterator[dict[str, Any]]:
+    """The printable records of one message: one per KV event, one per load report, heartbeat or
+    decision-stream message."""
+    if isinstance(msg, wire.RequestRouted | wire.RequestFinished | wire.RouterHeartbeat):
+        yield render_decision(seq, msg)
+    elif isinstance(msg, wire.EventBatch):
         for ev in msg.events:
             rec: dict[str, Any] = {
                 "instance": msg.instance,
@@ -117,9 +165,56 @@ def render(seq: int, msg: wire.ClusterMessage) -> Iterator[dict[str, Any]]:
         }
 
 
+def render_decision(
+    seq: int, msg: wire.RequestRouted | wire.RequestFinished | wire.RouterHeartbeat
+) -> dict[str, Any]:
+    """The record of one decision-stream message (type ``decision`` or ``router_heartbeat``)."""
+    rec: dict[str, Any] = {"router": f"{msg.router_epoch:x}", "seq": seq, "ts": msg.ts}
+    if isinstance(msg, wire.RouterHeartbeat):
+        rec.update(type="router_heartbeat", instance=None, role=msg.role, http=msg.http, pid=msg.pid)
+        rec.update(index_blocks=msg.index_blocks, speculative_blocks=msg.speculative_blocks)
+        rec.update(inflight=msg.inflight, instances_routable=msg.instances_routable)
+        return rec
+    rec.update(type="decision", event=type(msg).__name__, instance=msg.instance)
+    rec.update(request_id=msg.request_id, ticket=msg.ticket)
+    if isinstance(msg, wire.RequestRouted):
+        rec.update(policy=msg.policy, prompt_tokens=msg.prompt_tokens, new_tokens=msg.new_tokens)
+        rec.update(cached_tokens=msg.prompt_tokens - msg.new_tokens, score=msg.score)
+        rec.update(blocks=len(msg.block_hashes), failure_cases=list(msg.failure_cases))
+        rec["block_hashes"] = list(msg.block_hashes)
+    else:
+        rec["status"] = msg.status
+    return rec
+
+
+def _clock(ts: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(ts)) + f".{int(ts * 1000) % 1000:03d}"
+
+
+def human_decision(rec: dict[str, Any]) -> str:
+    """One human-readable line for a record from :func:`render_decision`."""
+    head = f"{_clock(rec['ts'])}  router={rec['router'][:8]} seq={rec['seq']:<7}"
+    if rec["type"] == "router_heartbeat":
+        return (
+            f"{head} {'RouterHeartbeat':<16} role={rec['role']} http={rec['http']} pid={rec['pid']} "
+            f"index={rec['index_blocks']} speculative={rec['speculative_blocks']} "
+            f"inflight={rec['inflight']} routable={rec['instances_routable']}"
+        )
+    if rec["event"] == "RequestFinished":
+        return f"{head} {'RequestFinished':<16} instance={rec['instance']} status={rec['status']} id={rec['request_id']}"
+    fails = f" failure_cases={','.join(rec['failure_cases'])}" if rec["failure_cases"] else ""
+    return (
+        f"{head} {'RequestRouted':<16} instance={rec['instance']} policy={rec['policy']} "
+        f"prompt={rec['prompt_tokens']} new={rec['new_tokens']} score={rec['score']:.0f} "
+        f"speculative_blocks={rec['blocks']} id={rec['request_id']}{fails}"
+    )
+
+
 def human(rec: dict[str, Any]) -> str:
     """One human-readable line for a record from :func:`render`."""
-    t = time.strftime("%H:%M:%S", time.localtime(rec["ts"])) + f".{int(rec['ts'] * 1000) % 1000:03d}"
+    if rec["type"] in DECISION_TYPES:
+        return human_decision(rec)
+    t = _clock(rec["ts"])
     head = f"{t}  instance={rec['instance']:<4} seq={rec['seq']:<7} {rec['type']:<16}"
     typ = rec["type"]
     if typ in ("BlockStored", "BlockRemoved"):
@@ -137,15 +232,23 @@ def human(rec: dict[str, Any]) -> str:
 
 def run_tail(args: argparse.Namespace) -> int:
     """Subscribe and print until Ctrl-C, ``--count`` lines, or ``--timeout``. Returns the exit code."""
-    eps = endpoints_from(args)
     want_types = set(args.type) or {"BlockStored", "BlockRemoved", "AllBlocksCleared", "load"}
     want_inst = set(args.instance)
+    agent_eps = endpoints_from(args) if want_types & set(AGENT_TYPES) else []
+    router_eps = decision_endpoints_from(args) if want_types & set(DECISION_TYPES) else []
+    follow_file = bool(router_eps) and not args.decisions_endpoint
     sub: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     sub.setsockopt(zmq.LINGER, 0)
-    for ep in eps:
+    connected: set[str] = set()
+    for ep in agent_eps + router_eps:
         sub.connect(ep)
-    print(f"tailing {len(eps)} agent(s): {' '.join(eps)}", file=sys.stderr, flush=True)
+        connected.add(ep)
+    if agent_eps:
+        print(f"tailing {len(agent_eps)} agent(s): {' '.join(agent_eps)}", file=sys.stderr, flush=True)
+    if router_eps:
+        print(f"tailing {len(router_eps)} router(s): {' '.join(router_eps)}", file=sys.stderr, flush=True)
+    next_reread = time.monotonic() + 1.0
     stopping = False
 
     def _stop(*_: Any) -> None:
@@ -161,6 +264,14 @@ def run_tail(args: argparse.Namespace) -> int:
         while not stopping:
             if deadline is not None and time.monotonic() >= deadline:
                 break
+            if follow_file and time.monotonic() >= next_reread:  # a new standby after a failover
+                next_reread = time.monotonic() + 1.0
+                with contextlib.suppress(OSError, ValueError):
+                    for ep in decision_endpoints_in(json.loads(args.cluster.read_text())):
+                        if ep not in connected:
+                            sub.connect(ep)
+                            connected.add(ep)
+                            print(f"tailing router {ep}", file=sys.stderr, flush=True)
             if not sub.poll(200):
                 continue
             frames = sub.recv_multipart()

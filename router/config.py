@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+ROLES = ("primary", "standby")
+TAKEOVER_MODES = ("auto", "external")
 
 
 @dataclass(frozen=True)
@@ -16,6 +18,15 @@ class RouterConfig:
     ``port`` 0 asks the OS for a free port (the bound one is reported by the server). ``block_size``
     ``None`` means "learn it from the first heartbeat". ``max_retries`` counts extra attempts on other
     instances after a connection failure (so a request makes at most ``1 + max_retries`` attempts).
+
+    High availability (:mod:`router.ha`): a ``primary`` serves ``port``; a ``standby`` follows the
+    primary's decision stream at ``primary_decisions`` and takes ``port`` over once the primary is gone
+    (no heartbeat for ``primary_timeout`` seconds, or its stream disconnected). ``decisions_port`` is this
+    router's own decision stream (0 = OS-assigned, None = none); ``admin_port`` an extra HTTP port with
+    only ``/health``, ``/metrics`` and ``/router/state`` (0 = OS-assigned, None = none), which is how a
+    standby is observed before it serves. ``takeover`` ``external`` leaves the decision to take over to
+    someone else (keepalived, a Kubernetes leader elector), who asks with ``POST /router/promote`` on the
+    admin port. ``linear_a``/``linear_b`` are the weights of the ``linear`` policy.
     """
 
     host: str = "127.0.0.1"
@@ -34,6 +45,14 @@ class RouterConfig:
     warmup_timeout: float = 5.0
     max_speculative_per_instance: int = 65536
     log_level: str = "INFO"
+    role: str = "primary"
+    primary_decisions: str | None = None
+    decisions_port: int | None = 0
+    primary_timeout: float = 0.4
+    admin_port: int | None = None
+    takeover: str = "auto"
+    linear_a: float = 1.0
+    linear_b: float = 1000.0
 
     def __post_init__(self) -> None:
         if self.block_size is not None and self.block_size <= 0:
@@ -47,6 +66,29 @@ class RouterConfig:
             raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port out of range: {self.port}")
+        if min(self.linear_a, self.linear_b) < 0 or self.linear_a + self.linear_b <= 0:
+            raise ValueError(f"linear weights must be >= 0, not both 0: {self.linear_a}, {self.linear_b}")
+        self._check_ha()
+
+    def _check_ha(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
+        if self.role == "standby" and not self.primary_decisions:
+            raise ValueError("a standby needs the primary's decision stream (--primary-decisions)")
+        if self.role == "standby" and self.port == 0:
+            raise ValueError("a standby takes over a fixed port: give the primary's --port, not 0")
+        if self.takeover not in TAKEOVER_MODES:
+            raise ValueError(f"takeover must be one of {', '.join(TAKEOVER_MODES)}, got {self.takeover!r}")
+        if self.takeover == "external" and self.role == "standby" and self.admin_port is None:
+            raise ValueError(
+                "--takeover external needs --admin-port (promotion comes as POST /router/promote)"
+            )
+        if not self.primary_timeout > 0:
+            raise ValueError(f"primary_timeout must be positive, got {self.primary_timeout}")
+        for name in ("decisions_port", "admin_port"):
+            v = getattr(self, name)
+            if v is not None and not 0 <= v <= 65535:
+                raise ValueError(f"{name} out of range: {v}")
 
 
 def _positive_int(text: str) -> int:
@@ -77,6 +119,15 @@ def _non_negative_int(text: str) -> int:
     return v
 
 
+def _optional_port(text: str) -> int | None:
+    if text.lower() in ("off", "none"):
+        return None
+    v = int(text)
+    if not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port (0 = OS-assigned) or 'off', got {text}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m router`` argument parser (every flag documented for ``--help``)."""
     from router.policies import POLICIES  # late import: policies are pure and cheap, but keep config leaf
@@ -103,8 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(POLICIES),
         default="lmetric",
         help="routing policy: lmetric = argmin (queued prefill + new tokens) x (batch size + 1); "
-        "round_robin = rotation over live instances",
+        "round_robin = rotation over live instances; the others are the published baselines "
+        "(docs/results.md) and linear = argmin a x (queued prefill + new tokens) + b x batch size",
     )
+    p.add_argument("--linear-a", type=_non_negative_float, default=1.0, help="linear: weight of prefill tokens")
+    p.add_argument("--linear-b", type=_non_negative_float, default=1000.0, help="linear: weight of batch size")
     p.add_argument(
         "--tokenizer",
         default=None,
@@ -189,6 +243,52 @@ def build_parser() -> argparse.ArgumentParser:
         help="cap on speculative blocks per instance (oldest evicted first)",
     )
     p.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS, help="log level")
+    ha = p.add_argument_group("high availability (see docs/ha.md)")
+    ha.add_argument(
+        "--role",
+        choices=ROLES,
+        default="primary",
+        help="primary: serve --port; standby: follow the primary's decision stream and take --port "
+        "over when the primary dies",
+    )
+    ha.add_argument(
+        "--primary-decisions",
+        default=None,
+        metavar="ENDPOINT",
+        help="the primary's decision stream (tcp://host:port; its --decisions-port); required for a standby",
+    )
+    ha.add_argument(
+        "--decisions-port",
+        type=_optional_port,
+        default=0,
+        metavar="PORT",
+        help="publish this router's decisions and heartbeats on a ZeroMQ PUB socket on this port "
+        "(0 = OS-assigned, 'off' = none); a standby follows it, so does the metrics daemon",
+    )
+    ha.add_argument(
+        "--primary-timeout",
+        type=_positive_float,
+        default=0.4,
+        metavar="S",
+        help="a standby takes over once the primary's heartbeats stopped for this long (or at once when "
+        "its decision stream disconnects) and the HTTP port can be bound",
+    )
+    ha.add_argument(
+        "--admin-port",
+        type=_optional_port,
+        default=None,
+        metavar="PORT",
+        help="also serve GET /health, /metrics, /router/state and POST /router/promote on this port "
+        "(0 = OS-assigned): how a standby is observed before it serves (None = off)",
+    )
+    ha.add_argument(
+        "--takeover",
+        choices=TAKEOVER_MODES,
+        default="auto",
+        help="auto: a standby takes the port over by itself when the primary is gone (one machine, or a "
+        "virtual IP it can bind only once keepalived moved it here); external: only when told with "
+        "POST /router/promote on the admin port (a leader elector decides, e.g. a Kubernetes Lease)",
+    )
     return p
 
 
@@ -214,6 +314,14 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
             warmup_timeout=ns.warmup_timeout,
             max_speculative_per_instance=ns.max_speculative_per_instance,
             log_level=ns.log_level,
+            role=ns.role,
+            primary_decisions=ns.primary_decisions,
+            decisions_port=ns.decisions_port,
+            primary_timeout=ns.primary_timeout,
+            admin_port=ns.admin_port,
+            takeover=ns.takeover,
+            linear_a=ns.linear_a,
+            linear_b=ns.linear_b,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -130,7 +130,11 @@ class RouterCore:
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.cfg = cfg
-        self.policy = policy if policy is not None else make_policy(cfg.policy)
+        self.policy = (
+            policy
+            if policy is not None
+            else make_policy(cfg.policy, linear_a=cfg.linear_a, linear_b=cfg.linear_b)
+        )
         self.table = InstanceTable(cfg.load_coverage_margin, cfg.suspect_cooldown)
         self.stats = CoreStats()
         self.index: GlobalIndex | None = None

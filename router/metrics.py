@@ -8,6 +8,13 @@ Latencies are measured at the router, in seconds: ``router_ttft_seconds`` from r
 first streamed chunk sent to the client (streamed requests only); ``router_tpot_seconds`` the mean time
 between SSE ``data:`` events after the first, per streamed request with at least two events (chunk arrival
 times stand in for token times); ``router_e2e_latency_seconds`` from arrival to the last byte sent.
+
+Per decision: ``router_decision_score`` (the policy's value for the chosen instance: LMetric's product in
+token-requests), and ``router_prompt_tokens_total`` / ``router_matched_tokens_total`` (prompt tokens, and
+those the index said were cached on the chosen instance: their ratio is the router's expected hit ratio).
+Per instance, read at scrape time: up, routable, the router's effective batch size and queued prefill
+tokens (last load report plus its own not-yet-reported dispatches), requests in flight, pending
+dispatches and speculative blocks. HA metrics (role, takeovers, mirroring) come from :mod:`router.ha`.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from router.policies import FAILURE_KINDS
+from router.policies import FAILURE_KINDS, Decision
 
 if TYPE_CHECKING:
     from router.core import RouterCore
@@ -28,6 +35,9 @@ if TYPE_CHECKING:
 
 _LATENCY_BUCKETS = (*Histogram.DEFAULT_BUCKETS[:-1], 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1, 2.5)
+SCORE_BUCKETS = (0.0, *(m * 10.0**e for e in range(2, 10) for m in (1.0, 2.5, 5.0)), 1e10)
+"""LMetric products, in token-requests: 0 (fully cached, nothing queued) up to 1e10 (a 100k-token backlog
+times 100 requests)."""
 
 
 class RouterMetrics:
@@ -66,7 +76,29 @@ class RouterMetrics:
         self.retries = Counter(
             "router_retries_total", "Requests re-routed after an engine connection failure", registry=r
         )
+        self.score = Histogram(
+            "router_decision_score",
+            "Policy value of the chosen instance per decision (LMetric: (queued prefill + new tokens) x "
+            "(batch size + 1); 0 for round robin)",
+            ["policy"],
+            buckets=SCORE_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "router_prompt_tokens", "Prompt tokens of routed requests (every attempt)", registry=r
+        )
+        self.matched_tokens = Counter(
+            "router_matched_tokens",
+            "Prompt tokens the index expected cached on the chosen instance (every attempt)",
+            registry=r,
+        )
         r.register(_StateCollector(core, subscriber))
+
+    def observe_decision(self, decision: Decision, prompt_tokens: int) -> None:
+        """Count one routing decision for a prompt of ``prompt_tokens`` tokens."""
+        self.score.labels(decision.policy).observe(decision.score)
+        self.prompt_tokens.inc(prompt_tokens)
+        self.matched_tokens.inc(decision.cached_tokens)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
@@ -141,6 +173,7 @@ class _StateCollector(Collector):
             for name in sorted(idx.instances()):
                 per.add_metric([name], idx.blocks_of(name))
         yield per
+        yield from _instance_gauges(core)
         if self._sub is not None:
             ss = self._sub.stats
             frames = CounterMetricFamily(
@@ -163,3 +196,39 @@ class _StateCollector(Collector):
             for kind, n in sorted(ss.discontinuities.items()):
                 disc.add_metric([kind], n)
             yield disc
+
+
+_INSTANCE_GAUGES = (
+    ("router_instance_up", "1 if the instance is up (healthy heartbeat within the timeout)"),
+    ("router_instance_routable", "1 if the instance is up, synced and not suspect"),
+    (
+        "router_instance_batch_size",
+        "Running + waiting requests as the router counts them (last report + own dispatches)",
+    ),
+    (
+        "router_instance_queued_prefill_tokens",
+        "Queued prefill tokens as the router counts them (last report + own dispatches)",
+    ),
+    ("router_instance_inflight", "Requests this router has open to the instance"),
+    ("router_instance_pending", "Dispatches not yet covered by a load report"),
+    ("router_instance_speculative_blocks", "Unconfirmed speculative index entries of the instance"),
+)
+
+
+def _instance_gauges(core: RouterCore) -> Iterator[Metric]:
+    fams = {name: GaugeMetricFamily(name, doc, labels=["instance"]) for name, doc in _INSTANCE_GAUGES}
+    idx = core.index
+    for st in sorted(core.table, key=lambda s: s.name):
+        v = st.view()
+        values = (
+            float(st.up),
+            float(st.is_routable),
+            v.batch_size,
+            v.queued_prefill_tokens,
+            st.inflight,
+            len(st.pending),
+            idx.speculative_blocks(st.name) if idx is not None else 0,
+        )
+        for (name, _), val in zip(_INSTANCE_GAUGES, values, strict=True):
+            fams[name].add_metric([st.name], val)
+    yield from fams.values()

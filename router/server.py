@@ -19,8 +19,10 @@ import asyncio
 import json
 import logging
 import signal
+import socket
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import aiohttp
 import zmq
@@ -30,7 +32,9 @@ from kvindex.hashing import BlockHash, block_hashes
 from launch.ready import announce_ready
 from router.config import RouterConfig, parse_args
 from router.core import NoLiveInstance, RouterCore, SnapshotJob
+from router.decisions import DecisionPublisher
 from router.forward import ConnectFailed, Outcome, forward
+from router.ha import HANode
 from router.metrics import RouterMetrics
 from router.protocol import PARSERS, PATHS, GenerationRequest, RequestError, error_body
 from router.subscriber import SnapshotError, Subscriber, fetch_snapshot
@@ -71,6 +75,10 @@ class RouterServer:
         self._runner: web.AppRunner | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._fetches: set[asyncio.Task[None]] = set()
+        self.decisions: DecisionPublisher | None = None
+        """Where decisions and request ends are published (set by :class:`router.ha.HANode`)."""
+        self.extra_state: Callable[[], dict[str, Any]] | None = None
+        """Adds the ``ha`` section to ``GET /router/state``."""
 
     @property
     def url(self) -> str:
@@ -90,9 +98,10 @@ class RouterServer:
         app.router.add_get("/router/state", self._handle_state)
         return app
 
-    async def start(self) -> None:
-        """Subscribe to the agents, bind the HTTP port, start the ticker. Raises ``OSError`` if the
-        port cannot be bound and ``zmq.ZMQError`` for a malformed agent endpoint."""
+    async def start(self, *, bind: bool = True) -> None:
+        """Subscribe to the agents, bind the HTTP port (unless not ``bind``: a standby binds later with
+        :meth:`bind`), start the ticker. Raises ``OSError`` if the port cannot be bound and
+        ``zmq.ZMQError`` for a malformed agent endpoint."""
         self.subscriber.start()
         connect = min(10.0, self.cfg.request_timeout)
         self._session = aiohttp.ClientSession(
@@ -103,17 +112,30 @@ class RouterServer:
             self.make_app(), handler_cancellation=True, access_log=None, shutdown_timeout=3.0
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port)
-        await site.start()
-        self.port = int(self._runner.addresses[0][1])
+        if bind:
+            await self.bind()
         self._ticker = asyncio.get_running_loop().create_task(self._tick_loop(), name="router-tick")
         log.info(
-            "router listening on %s, policy %s, %d agent(s), tokenizer %s",
-            self.url,
+            "router %s, policy %s, %d agent(s), tokenizer %s",
+            f"listening on {self.url}" if bind else "started without its HTTP port",
             self.core.policy.name,
             len(self.cfg.agents),
             self.tokenizer.name,
         )
+
+    async def bind(self, sock: socket.socket | None = None) -> None:
+        """Serve HTTP on ``cfg.host:cfg.port`` (``SO_REUSEADDR``, never ``SO_REUSEPORT``, so it fails
+        while another router listens there), or on ``sock``, already bound and listening. Raises
+        ``OSError``."""
+        assert self._runner is not None, "server not started"
+        if sock is None:
+            site: web.BaseSite = web.TCPSite(
+                self._runner, self.cfg.host, self.cfg.port, reuse_address=True, reuse_port=False
+            )
+        else:
+            site = web.SockSite(self._runner, sock)
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
 
     async def warm_up(self, timeout: float) -> bool:
         """Wait until every configured agent has a routable instance, at most ``timeout`` seconds.
@@ -259,11 +281,18 @@ class RouterServer:
                     msg = f"engine(s) {', '.join(tried)} unreachable and no other live engine instance"
                     return Outcome(_error(502, msg, type_="server_error"), "502")
                 return Outcome(_unavailable(f"{exc} to serve the request"), "503")
+            self.metrics.observe_decision(routed.decision, len(ids))
+            if self.decisions is not None:
+                self.decisions.routed(routed, len(ids), request.headers.get("X-Request-Id"))
+            status = "client_closed"  # unless forward returns or raises something else
             try:
-                return await forward(
+                out = await forward(
                     self._session, request, routed.engine_url + request.path_qs, raw, req.stream, arrived
                 )
+                status = out.label
+                return out
             except ConnectFailed as exc:
+                status = "connect_failed"
                 log.warning("engine of %s unreachable (%s)", routed.instance, exc)
                 self.core.mark_suspect(routed.instance)
                 tried.append(routed.instance)
@@ -273,6 +302,8 @@ class RouterServer:
                 self.metrics.retries.inc()
             finally:
                 self.core.finish(routed.instance, routed.ticket)
+                if self.decisions is not None:
+                    self.decisions.finished(routed, status)
 
     async def _handle_models(self, request: web.Request) -> web.Response:
         data = [
@@ -293,6 +324,10 @@ class RouterServer:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": self.metrics.content_type})
 
     async def _handle_state(self, request: web.Request) -> web.Response:
+        return web.json_response(self.state_json())
+
+    def state_json(self) -> dict[str, Any]:
+        """``GET /router/state``: the core's dump, the subscriber's counters, and the HA section."""
         state = self.core.state_json()
         ss = self.subscriber.stats
         state["subscriber"] = {
@@ -302,7 +337,9 @@ class RouterServer:
             "discontinuities": dict(ss.discontinuities),
             "lost_frames": ss.lost_frames,
         }
-        return web.json_response(state)
+        if self.extra_state is not None:
+            state["ha"] = self.extra_state()
+        return state
 
 
 async def serve(
@@ -313,10 +350,12 @@ async def serve(
 ) -> None:
     """Run a router until SIGINT/SIGTERM or ``stop`` is set, then shut down cleanly.
 
-    Once the HTTP port is bound and every agent's instance is routable (or ``cfg.warmup_timeout``
-    passed), calls ``on_ready(server)``, or by default prints the launcher's READY line (role
-    ``router-primary``, endpoint ``http``). Signal handlers are installed only where the loop
-    allows it (the main thread). Raises what :class:`RouterServer` and its ``start`` raise.
+    Once the HTTP port is bound (a standby: once it follows its primary) and every agent's instance is
+    routable (or ``cfg.warmup_timeout`` passed), calls ``on_ready(server)``, or by default prints the
+    launcher's READY line (role ``router-primary`` or ``router-standby``, endpoints ``http``,
+    ``decisions`` and ``admin`` when on). Roles and takeover: :mod:`router.ha`. Signal handlers are
+    installed only where the loop allows it (the main thread). Raises what :class:`RouterServer` and
+    its ``start`` raise.
     """
     stop = stop if stop is not None else asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -328,8 +367,9 @@ async def serve(
         except (NotImplementedError, RuntimeError, ValueError):
             pass
     server = RouterServer(cfg)
+    node = HANode(server)
     try:
-        await server.start()
+        await node.start()
         if cfg.warmup_timeout > 0 and not await server.warm_up(cfg.warmup_timeout):
             log.warning(
                 "only %d of %d agents' instances routable after %g s; serving anyway",
@@ -337,14 +377,16 @@ async def serve(
                 len(set(cfg.agents)),
                 cfg.warmup_timeout,
             )
+        if not await node.wait_for_primary(max(cfg.warmup_timeout, 1.0)):
+            log.warning("no heartbeat from the primary at %s yet; standing by anyway", cfg.primary_decisions)
         if on_ready is not None:
             on_ready(server)
         else:
-            announce_ready("router-primary", {"http": server.url})
+            announce_ready(f"router-{cfg.role}", node.endpoints())
         await stop.wait()
         log.info("router shutting down")
     finally:
-        await server.stop()
+        await node.stop()
         for sig in installed:
             loop.remove_signal_handler(sig)
 

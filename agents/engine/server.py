@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import signal
 import time
@@ -45,7 +46,11 @@ from launch.ready import announce_ready
 from router.tokenizer import load_tokenizer
 
 log = logging.getLogger("agents.engine")
-_MAX_LAG = 0.05  # seconds the step pacing may fall behind before it resyncs to the clock
+# Seconds the step pacing may fall behind before it resyncs to the clock. Within this bound a stall of the
+# event loop (a large request body parsed, the process descheduled on a busy host) is caught up by running
+# the next steps back to back, so modelled GPU time is not lost to emulator CPU time; beyond it (sustained
+# overload) the engine gives up catching up rather than bursting without end.
+_MAX_LAG = 1.0
 
 
 def _log_crash(task: asyncio.Task[None]) -> None:
@@ -377,7 +382,34 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
     a("--time-scale", type=float, default=d.time_scale, help="multiplies every modelled step duration")
     a("--stream-interval", type=int, default=d.stream_interval, help="tokens per streamed chunk")
     a("--log-level", default="INFO", help="logging level (default %(default)s)")
-    ns = ap.parse_args(argv)
+    sg = ap.add_argument_group(
+        "SGLang's own flags",
+        "accepted so a launcher can start this engine exactly like `python -m sglang.launch_server`; "
+        "other SGLang-only flags (e.g. --load-format, --tp) are accepted, ignored and listed in a warning",
+    )
+    sg.add_argument("--model-path", default=None, help="served model name when --served-model-name is absent")
+    sg.add_argument("--served-model-name", default=None, help="served model name (overrides --model-name)")
+    sg.add_argument(
+        "--kv-events-config",
+        default=None,
+        metavar="JSON",
+        help='e.g. \'{"publisher":"zmq","endpoint":"tcp://*:5557","replay_endpoint":"tcp://*:5558","topic":"kv",'
+        '"buffer_steps":10000}\': sets the KV PUB/replay ports, topic and replay buffer',
+    )
+    sg.add_argument(
+        "--load-publish-endpoint",
+        default=None,
+        metavar="tcp://HOST:PORT|auto|off",
+        help="LoadStat PUB endpoint; auto = the port after the replay port, as SGLang packs it",
+    )
+    ns, unknown = ap.parse_known_args(argv)
+    if unknown:
+        if any(not u.startswith("-") for u in unknown[:1]):
+            ap.error(f"unexpected arguments: {' '.join(unknown)}")
+        logging.getLogger(__name__).warning(
+            "ignoring SGLang flags the emulated engine has no use for: %s", " ".join(unknown)
+        )
+    _apply_sglang_flags(ap, ns)
     for name in ("page_size", "max_running_requests", "buffer_steps", "stream_interval", "context_length"):
         if getattr(ns, name) <= 0:
             ap.error(f"--{name.replace('_', '-')} must be positive")
@@ -386,6 +418,46 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
     if ns.time_scale < 0 or ns.load_interval <= 0:
         ap.error("--time-scale must be >= 0 and --load-interval > 0")
     return ServerConfig(**vars(ns))
+
+
+def _port_of(ap: argparse.ArgumentParser, endpoint: str, what: str) -> int:
+    """The port of a ``tcp://HOST:PORT`` endpoint; exits with a usage error otherwise."""
+    if not endpoint.startswith("tcp://") or ":" not in endpoint[6:]:
+        ap.error(f"{what} must be tcp://HOST:PORT, got {endpoint!r}")
+    try:
+        return int(endpoint.rsplit(":", 1)[1])
+    except ValueError:
+        ap.error(f"{what} has no numeric port: {endpoint!r}")
+
+
+def _apply_sglang_flags(ap: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
+    """Fold SGLang's flag names into this server's own (SGLang ``server_args``/``KVEventsConfig``, 0.5.23)."""
+    model_path, served, kv_cfg, load_ep = (
+        ns.model_path,
+        ns.served_model_name,
+        ns.kv_events_config,
+        ns.load_publish_endpoint,
+    )
+    for k in ("model_path", "served_model_name", "kv_events_config", "load_publish_endpoint"):
+        delattr(ns, k)
+    if served or model_path:
+        ns.model_name = served or model_path
+    if kv_cfg:
+        try:
+            cfg = json.loads(kv_cfg)
+        except json.JSONDecodeError as exc:
+            ap.error(f"--kv-events-config is not JSON: {exc}")
+        if not isinstance(cfg, dict) or cfg.get("publisher", "zmq") != "zmq":
+            ap.error("--kv-events-config must be a JSON object with publisher 'zmq'")
+        ns.kv_events_port = _port_of(ap, str(cfg.get("endpoint", "tcp://*:5557")), "kv-events endpoint")
+        if cfg.get("replay_endpoint"):
+            ns.kv_replay_port = _port_of(ap, str(cfg["replay_endpoint"]), "kv-events replay_endpoint")
+        ns.kv_topic = str(cfg.get("topic", ns.kv_topic))
+        ns.buffer_steps = int(cfg.get("buffer_steps", ns.buffer_steps))
+    if load_ep and load_ep.lower() not in ("off", "auto"):
+        ns.load_port = _port_of(ap, load_ep, "--load-publish-endpoint")
+    elif load_ep and load_ep.lower() == "auto" and ns.kv_events_port:
+        ns.load_port = ns.kv_events_port + 2  # SGLang packs load after the KV range, past replay = kv + 1
 
 
 def main(argv: Sequence[str] | None = None) -> None:

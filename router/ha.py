@@ -1,0 +1,384 @@
+"""Hot standby: a router's role, its decision stream, following a primary, and taking its port over.
+
+Theory of operation
+-------------------
+A **primary** serves the HTTP port and publishes every decision and a heartbeat (every
+:data:`~router.decisions.ROUTER_HEARTBEAT_INTERVAL` s) on its decision stream. A **standby** runs the very
+same :class:`~router.server.RouterServer` (subscriber, core, ticker) without binding the HTTP port, and
+follows the primary's decision stream through a :class:`~router.decisions.DecisionMirror`, so its index,
+speculative entries and per-instance dispatch accounting are the primary's. It publishes its own stream
+too (heartbeats saying ``standby``), so observers see both routers.
+
+Takeover (on one machine). The standby considers the primary gone when the connection to its decision
+stream dropped (the socket monitor reports it within milliseconds of the process dying) or when no
+heartbeat came for ``primary_timeout`` seconds. It then tries to bind the HTTP port itself, every few
+milliseconds, with ``SO_REUSEADDR`` and without ``SO_REUSEPORT``: on Linux that bind fails for as long as
+any socket listens on the port, so it succeeds only once the primary's listener is closed, i.e. the
+primary process is dead or has shut down. Two routers can therefore never serve the port at once, and a
+primary that was merely slow keeps its port (the standby goes back to waiting when heartbeats resume).
+Once bound, the standby closes its decision subscription, releases the dispatches it mirrored (their
+requests died with the primary's connections), starts serving from its warm state and heartbeats as
+``primary``: a new standby can follow it. Across machines the port check means nothing; a virtual IP
+(keepalived) or a Kubernetes Lease decides instead (docs/ha.md).
+
+Requests that can fail: those the primary had accepted when it died (their connections close with it),
+and connections made while no process listens (between the primary's death and the standby's bind the
+kernel refuses them). Every request that connects after the bind is served by the new primary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from kvindex.wire import TOPIC_ROUTER_HEARTBEAT
+from router.decisions import (
+    ROUTER_HEARTBEAT_INTERVAL,
+    DecisionMirror,
+    DecisionPublisher,
+    DecisionSubscriber,
+    heartbeat_of,
+)
+
+if TYPE_CHECKING:
+    from router.server import RouterServer
+
+log = logging.getLogger(__name__)
+
+BIND_RETRY_MIN = 0.005
+BIND_RETRY_MAX = 0.05
+"""Seconds between two bind attempts while the primary looks gone (growing from min to max)."""
+
+
+def try_bind(host: str, port: int) -> socket.socket | None:
+    """A listening TCP socket on ``host:port`` (``SO_REUSEADDR``, no ``SO_REUSEPORT``), or None while the
+    address is in use (another socket listens there) or not on this machine (a virtual IP that keepalived
+    has not moved here yet). Raises ``OSError`` for any other failure."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
+            return None
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+class HANode:
+    """Role, decision stream, primary following and takeover around one :class:`RouterServer`.
+
+    Lifecycle: :meth:`start`, (:meth:`wait_for_primary`), :meth:`stop`. ``role`` changes from
+    ``standby`` to ``primary`` at a takeover, never back.
+    """
+
+    def __init__(self, server: RouterServer) -> None:
+        self.server = server
+        cfg = server.cfg
+        self.cfg = cfg
+        self.role = cfg.role
+        self.epoch = secrets.randbelow(2**62 - 1) + 1
+        self.publisher: DecisionPublisher | None = None
+        self.follower: DecisionSubscriber | None = None
+        self.mirror = DecisionMirror(server.core)
+        self.takeovers = 0
+        self.promoted_at: float | None = None
+        """Wall clock (Unix seconds) of this router's takeover, if it took over."""
+        self.primary_lost_at: float | None = None
+        """Wall clock when the primary was first seen gone, for the takeover that followed."""
+        self.bind_attempts = 0
+        self._started = time.monotonic()
+        self._admin: web.AppRunner | None = None
+        self.admin_url: str | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._promoted = asyncio.Event()
+        self._promoting = False
+
+    # ------------------------------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Start the server (binding the port only as primary), the decision stream, and for a standby
+        the following and the takeover watch. Raises ``OSError`` / ``zmq.ZMQError`` on a bind failure."""
+        server, cfg = self.server, self.cfg
+        if cfg.decisions_port is not None:
+            self.publisher = DecisionPublisher(cfg.host, cfg.decisions_port, self.epoch)
+            server.decisions = self.publisher
+        server.extra_state = self.state_json
+        server.metrics.registry.register(_HACollector(self))
+        await server.start(bind=self.role == "primary")
+        loop = asyncio.get_running_loop()
+        if self.role == "standby":
+            assert cfg.primary_decisions is not None  # RouterConfig checks it
+            self.follower = DecisionSubscriber(
+                [cfg.primary_decisions], self.mirror.on_message, ctx=server.subscriber.ctx
+            )
+            self.follower.start()
+            self._started = time.monotonic()
+            if cfg.takeover == "auto":
+                self._tasks.append(loop.create_task(self._watch(), name="ha-watch"))
+        if self.publisher is not None:
+            self._tasks.append(loop.create_task(self._beat(), name="ha-heartbeat"))
+        if cfg.admin_port is not None:
+            await self._start_admin(cfg.admin_port)
+        log.info(
+            "router %s (epoch %x): decisions %s, admin %s%s",
+            self.role,
+            self.epoch,
+            self.publisher.endpoint if self.publisher else "off",
+            self.admin_url or "off",
+            f", following {cfg.primary_decisions}" if self.follower else "",
+        )
+
+    def endpoints(self) -> dict[str, str]:
+        """The READY line's endpoints: ``http`` (served, or to be served after a takeover), ``decisions``
+        and ``admin`` when on."""
+        http = self.server.url if self.server.port else f"http://{self.cfg.host}:{self.cfg.port}"
+        eps = {"http": http}
+        if self.publisher is not None:
+            eps["decisions"] = self.publisher.endpoint
+        if self.admin_url is not None:
+            eps["admin"] = self.admin_url
+        return eps
+
+    async def wait_for_primary(self, timeout: float) -> bool:
+        """A standby: wait until the primary's first heartbeat arrived (at most ``timeout`` s)."""
+        deadline = time.monotonic() + timeout
+        while self.role == "standby" and self.mirror.primary is None:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
+    async def stop(self) -> None:
+        """Stop everything (the server included). Safe after a failed start."""
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self.follower is not None:
+            await self.follower.close()
+        if self._admin is not None:
+            await self._admin.cleanup()
+            self._admin = None
+        await self.server.stop()
+        if self.publisher is not None:
+            self.publisher.close()
+
+    async def _start_admin(self, port: int) -> None:
+        app = web.Application()
+        app.router.add_get("/health", self._handle_admin_health)
+        app.router.add_get("/metrics", self._handle_admin_metrics)
+        app.router.add_get("/router/state", self._handle_admin_state)
+        app.router.add_post("/router/promote", self._handle_promote)
+        self._admin = web.AppRunner(app, access_log=None)
+        await self._admin.setup()
+        await web.TCPSite(self._admin, self.cfg.host, port).start()
+        self.admin_url = f"http://{self.cfg.host}:{int(self._admin.addresses[0][1])}"
+
+    # -------------------------------------------------------------------------------------- following
+
+    def primary_alive(self, now: float) -> bool:
+        """A standby's view: the decision stream is connected and a heartbeat came recently."""
+        f = self.follower
+        if f is None or self.cfg.primary_decisions is None:
+            return False
+        hb_at = self.mirror.heartbeat_at
+        if hb_at is None:  # never heard from it: allow one timeout from our start to connect
+            return now - self._started <= self.cfg.primary_timeout
+        return f.connected(self.cfg.primary_decisions) and now - hb_at <= self.cfg.primary_timeout
+
+    async def _watch(self) -> None:
+        delay = BIND_RETRY_MIN
+        while self.role == "standby":
+            now = time.monotonic()
+            if self.primary_alive(now):
+                delay = BIND_RETRY_MIN
+                self.primary_lost_at = None
+                await asyncio.sleep(0.01)
+                continue
+            if self.primary_lost_at is None:
+                self.primary_lost_at = time.time()
+                log.warning("primary looks gone; trying to take port %d over", self.cfg.port)
+            self.bind_attempts += 1
+            try:
+                sock = try_bind(self.cfg.host, self.cfg.port)
+            except OSError as exc:
+                log.error("cannot bind %s:%d for a takeover: %s", self.cfg.host, self.cfg.port, exc)
+                sock = None
+            if sock is not None:
+                await self._promote(sock)
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BIND_RETRY_MAX)
+
+    async def promote_now(self) -> bool:
+        """Take the port over now if it can be bound (an external elector decided). Returns whether this
+        router is the primary afterwards. Raises ``OSError`` for a bind failure other than "in use"."""
+        if self.role == "primary":
+            return True
+        if self._promoting:  # the watch got there first
+            await self._promoted.wait()
+            return True
+        if self.primary_lost_at is None:
+            self.primary_lost_at = time.time()
+        self.bind_attempts += 1
+        sock = try_bind(self.cfg.host, self.cfg.port)
+        if sock is None:
+            return False
+        await self._promote(sock)
+        return True
+
+    async def _promote(self, sock: socket.socket) -> None:
+        if self._promoting:
+            sock.close()
+            return
+        self._promoting = True
+        if self.follower is not None:
+            await self.follower.close()
+        released = self.mirror.release()
+        await self.server.bind(sock)
+        self.role = "primary"
+        self.takeovers += 1
+        self.promoted_at = time.time()
+        self._publish_heartbeat()
+        self._promoted.set()
+        lost = self.primary_lost_at
+        log.warning(
+            "took over as primary on %s %.0f ms after the primary was seen gone; %d mirrored dispatches "
+            "released; index %d blocks",
+            self.server.url,
+            1000 * (self.promoted_at - lost) if lost else 0.0,
+            released,
+            self.server.core.index.total_blocks() if self.server.core.index else 0,
+        )
+
+    async def wait_promoted(self) -> None:
+        """Return once this router took over (never, for a primary)."""
+        await self._promoted.wait()
+
+    # ------------------------------------------------------------------------------------ heartbeats
+
+    def _publish_heartbeat(self) -> None:
+        if self.publisher is None:
+            return
+        hb = heartbeat_of(self.server.core, self.epoch, self.role, self.endpoints()["http"], os.getpid())
+        self.publisher.publish(TOPIC_ROUTER_HEARTBEAT, hb)
+
+    async def _beat(self) -> None:
+        while True:
+            try:
+                self._publish_heartbeat()
+            except Exception:  # a bug here must not stop the heartbeat for good
+                log.exception("router heartbeat failed")
+            await asyncio.sleep(ROUTER_HEARTBEAT_INTERVAL)
+
+    # ----------------------------------------------------------------------------------------- state
+
+    def state_json(self) -> dict[str, Any]:
+        """The ``ha`` section of ``GET /router/state``."""
+        now = time.monotonic()
+        hb = self.mirror.primary
+        f = self.follower
+        return {
+            "role": self.role,
+            "pid": os.getpid(),
+            "router_epoch": f"{self.epoch:x}",
+            "decisions": self.publisher.endpoint if self.publisher else None,
+            "admin": self.admin_url,
+            "following": self.cfg.primary_decisions if self.cfg.role == "standby" else None,
+            "primary_connected": bool(
+                f and self.cfg.primary_decisions and f.connected(self.cfg.primary_decisions)
+            ),
+            "primary_heartbeat_age": None
+            if self.mirror.heartbeat_at is None
+            else now - self.mirror.heartbeat_at,
+            "primary_http": hb.http if hb else None,
+            "mirrored_open": self.mirror.open_tickets,
+            "mirror": vars(self.mirror.stats).copy(),
+            "takeovers": self.takeovers,
+            "promoted_at": self.promoted_at,
+            "primary_lost_at": self.primary_lost_at,
+            "bind_attempts": self.bind_attempts,
+            "published": dict(self.publisher.published) if self.publisher else {},
+        }
+
+    async def _handle_admin_health(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {"status": "ok", "role": self.role, "instances_routable": self.server.core.routable_count()}
+        )
+
+    async def _handle_admin_metrics(self, request: web.Request) -> web.Response:
+        m = self.server.metrics
+        return web.Response(body=m.render(), headers={"Content-Type": m.content_type})
+
+    async def _handle_admin_state(self, request: web.Request) -> web.Response:
+        return web.json_response(self.server.state_json())
+
+    async def _handle_promote(self, request: web.Request) -> web.Response:
+        try:
+            ok = await self.promote_now()
+        except OSError as exc:
+            return web.json_response({"role": self.role, "error": str(exc)}, status=500)
+        if not ok:
+            msg = f"{self.cfg.host}:{self.cfg.port} is still in use or not on this machine"
+            return web.json_response({"role": self.role, "error": msg}, status=409)
+        return web.json_response({"role": self.role, "url": self.server.url})
+
+
+class _HACollector(Collector):
+    """The router's HA metrics, read at scrape time."""
+
+    def __init__(self, node: HANode) -> None:
+        self._node = node
+
+    def collect(self) -> Iterator[Metric]:
+        n = self._node
+        role = GaugeMetricFamily("router_role", "1 for this router's current role", labels=["role"])
+        for r in ("primary", "standby"):
+            role.add_metric([r], 1.0 if n.role == r else 0.0)
+        yield role
+        yield CounterMetricFamily(
+            "router_takeovers", "Times this router took the port over", value=n.takeovers
+        )
+        pub = CounterMetricFamily(
+            "router_decision_frames_published", "Decision-stream frames published, by type", labels=["type"]
+        )
+        if n.publisher is not None:
+            for t, c in sorted(n.publisher.published.items()):
+                pub.add_metric([t], c)
+        yield pub
+        ms = n.mirror.stats
+        mir = CounterMetricFamily(
+            "router_mirrored_decisions",
+            "Primary's decisions applied by this standby, by outcome",
+            labels=["kind"],
+        )
+        for kind in ("routed", "finished", "unknown_finished", "reconciled", "released"):
+            mir.add_metric([kind], getattr(ms, kind))
+        yield mir
+        gaps = CounterMetricFamily(
+            "router_decision_stream_lost_frames", "Frames of the followed decision stream never received"
+        )
+        gaps.add_metric([], n.follower.stats.lost_frames if n.follower else 0)
+        yield gaps
+        age = n.mirror.heartbeat_at
+        yield GaugeMetricFamily(
+            "router_primary_heartbeat_age_seconds",
+            "Seconds since the followed primary's last heartbeat (-1: none yet or not a standby)",
+            value=-1.0 if age is None or n.role != "standby" else time.monotonic() - age,
+        )
