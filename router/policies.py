@@ -2,8 +2,9 @@
 
 Shared by the live router and the simulator: a policy sees only :class:`InstanceView` values (built by the
 caller from load reports plus the caller's own not-yet-reported dispatches) and the cached prefix of the
-request on each instance (from the global index), and returns a frozen :class:`Decision`. A policy object
-keeps only a rotation counter (for fair tie-breaking), so two runs fed the same inputs decide the same.
+request on each instance (from the global index), and returns a frozen :class:`Decision`
+(:mod:`router.policy_base`). The peers' policies are in :mod:`router.baselines`; this module holds
+LMetric, the tunable ``linear`` combination it is measured against, round robin and the registry.
 
 LMetric (blitz-serving/blitz-router, ``router/src/policies/lmetric.rs``)::
 
@@ -15,99 +16,65 @@ The first factor is the prefill work queued ahead of (and including) the request
 requests it shares the GPU with; ``+ 1`` keeps idle instances comparable by prefill work alone. No weights,
 no thresholds. Ties: lower batch size, then fewer new tokens, then a rotation over the tied instances.
 
-Where the product fails (our analysis; each case is detected online, counted, and where possible
-mitigated):
+Where the product fails (derived in ``docs/lmetric.md``; each case is detected online, counted in
+``Decision.failure_cases`` and the router's metrics, and mitigated without a tuned weight):
 
-* ``at_max_running``: an instance whose running requests reached its ``max_running_requests`` cannot start
-  the request until another finishes, a wait the product does not see (a cache hit makes its product
-  small while the request would queue behind whole decodes). Mitigation: such instances are skipped while
-  an instance below its cap exists. Flagged when the skip mattered (a skipped instance scored at least as
-  well as the chosen one).
+* ``at_max_running``: an instance whose batch (running + waiting + unreported dispatches) fills its
+  ``max_running_requests`` cannot start the request before one of its requests finishes, a wait neither
+  factor measures (a cache hit makes its product small while the request would queue behind whole
+  decodes). Mitigation: such instances are skipped while an instance below its cap exists. Flagged when
+  the skip mattered (a skipped instance scored at least as well as the chosen one).
 * ``all_at_max_running``: every instance is at its cap; nothing to skip to, plain LMetric decides.
-* ``fully_cached``: ``new_tokens == 0`` on the chosen instance; the request's own term vanishes, and with
-  nothing queued the product is 0 whatever the batch size, so a hot prefix can pile requests onto one
-  instance. Detected and counted only (no mitigation yet).
+* ``fully_cached`` (the zero product): nothing queued and the whole prompt cached makes the product 0
+  whatever the batch size, so it cannot rank that instance's load against another's. Flagged when the
+  chosen instance's product is 0 and another candidate runs a smaller batch. Mitigation: among
+  zero-product instances the load factor decides (lower batch first; it cannot be weighed against a
+  positive product without a weight), and the cap above bounds how far one instance can pile up.
+
+* ``batch_over_prefill``: the chosen instance has more prefill work (queued + new tokens) than another
+  candidate and wins on its smaller batch. Where engines run prefill ahead of decodes (SGLang's default,
+  no mixed chunk), a new request's TTFT is its instance's prefill work / prefill rate whatever the batch,
+  so this choice costs the request TTFT to spare other requests' TPOT. Detected and counted only: how
+  many prefill tokens one batch slot is worth is exactly the weight LMetric does without.
+
+``lmetric_plain`` is the authors' formula with neither mitigation, kept for the ablation.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Final
+
+from router.baselines import Bailian, Dynamo, PowerOfTwo, RandomChoice, SglangCacheAware, VllmV1
+from router.policy_base import Decision, InstanceView, Policy, by_name, new_tokens
+
+__all__ = [
+    "ALL_AT_MAX_RUNNING",
+    "AT_MAX_RUNNING",
+    "BATCH_OVER_PREFILL",
+    "FAILURE_KINDS",
+    "FULLY_CACHED",
+    "POLICIES",
+    "Decision",
+    "InstanceView",
+    "LMetric",
+    "Linear",
+    "Policy",
+    "RoundRobin",
+    "lmetric_score",
+    "make_policy",
+    "new_tokens",
+]
 
 AT_MAX_RUNNING: Final = "at_max_running"
 ALL_AT_MAX_RUNNING: Final = "all_at_max_running"
 FULLY_CACHED: Final = "fully_cached"
-FAILURE_KINDS: Final = (AT_MAX_RUNNING, ALL_AT_MAX_RUNNING, FULLY_CACHED)
+BATCH_OVER_PREFILL: Final = "batch_over_prefill"
+FAILURE_KINDS: Final = (AT_MAX_RUNNING, ALL_AT_MAX_RUNNING, FULLY_CACHED, BATCH_OVER_PREFILL)
 
-
-@dataclass(frozen=True, slots=True)
-class InstanceView:
-    """What a policy knows about one live instance. Requests and tokens are counts.
-
-    ``batch_size`` is running + waiting including the caller's dispatches the engine has not reported yet,
-    ``queued_prefill_tokens`` likewise (uncached prompt tokens not prefilled yet). ``running`` and
-    ``waiting`` are as last reported. ``inflight`` is requests the caller has open to it.
-    ``max_running_requests`` and ``kv_capacity_tokens`` are 0 when unknown.
-    """
-
-    name: str
-    batch_size: int = 0
-    queued_prefill_tokens: int = 0
-    running: int = 0
-    waiting: int = 0
-    inflight: int = 0
-    max_running_requests: int = 0
-    kv_used_tokens: int = 0
-    kv_capacity_tokens: int = 0
-
-    @property
-    def at_max_running(self) -> bool:
-        """Whether the instance runs as many requests as it may (only when its cap is known)."""
-        return 0 < self.max_running_requests <= self.running
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """One routing decision.
-
-    ``score`` is the policy's value for the chosen instance (LMetric's product, in token-requests; 0 for
-    round robin). ``new_tokens``/``cached_tokens`` are the request's uncached/cached prompt tokens there.
-    ``reason`` says what decided: ``only`` (one candidate), ``score``, ``batch_size``, ``new_tokens``,
-    ``rotation`` (a full tie, or round robin). ``failure_cases`` holds the :data:`FAILURE_KINDS` detected
-    for this request; ``skipped`` the instances a mitigation excluded.
-    """
-
-    instance: str
-    policy: str
-    score: float
-    new_tokens: int
-    cached_tokens: int
-    reason: str
-    failure_cases: tuple[str, ...] = ()
-    skipped: tuple[str, ...] = ()
-
-
-class Policy(ABC):
-    """A routing policy. ``choose`` mutates only the policy's rotation counter."""
-
-    name: str = "policy"
-
-    @abstractmethod
-    def choose(
-        self, views: Sequence[InstanceView], prompt_tokens: int, cached: Mapping[str, int]
-    ) -> Decision:
-        """Pick one of ``views`` for a request of ``prompt_tokens`` tokens.
-
-        ``cached`` maps instance names to the request's cached prefix there in tokens (missing = 0).
-        Raises ``ValueError`` if ``views`` is empty.
-        """
-
-
-def new_tokens(prompt_tokens: int, cached_tokens: int) -> int:
-    """Prompt tokens an instance must still prefill (never negative)."""
-    return max(prompt_tokens - cached_tokens, 0)
+LINEAR_A: Final = 1.0
+LINEAR_B: Final = 1000.0
+"""Defaults of ``--linear-a``/``--linear-b``: a batch slot costs as much as 1000 prefill tokens."""
 
 
 def lmetric_score(view: InstanceView, new: int) -> int:
@@ -115,49 +82,87 @@ def lmetric_score(view: InstanceView, new: int) -> int:
     return (view.queued_prefill_tokens + new) * (view.batch_size + 1)
 
 
-class LMetric(Policy):
-    """argmin of :func:`lmetric_score`, skipping instances at their max running requests (module doc)."""
+_Key = tuple[float, int, int]  # (score, batch size, new tokens): the order of the tie-breaks
 
-    name = "lmetric"
+
+class _Argmin(Policy):
+    """argmin of a per-instance score with LMetric's tie-breaks (batch size, new tokens, rotation)."""
 
     def __init__(self) -> None:
         self._rotation = 0
 
-    def choose(
-        self, views: Sequence[InstanceView], prompt_tokens: int, cached: Mapping[str, int]
-    ) -> Decision:
-        if not views:
-            raise ValueError("no instance to choose from")
-        ordered = sorted(views, key=lambda v: v.name)  # a stable order for the rotation
-        scored = []
+    def _score(self, view: InstanceView, new: int) -> float:
+        raise NotImplementedError
+
+    def _keys(
+        self, ordered: Sequence[InstanceView], prompt_tokens: int, cached: Mapping[str, int]
+    ) -> list[tuple[_Key, InstanceView]]:
+        out = []
         for v in ordered:
             n = new_tokens(prompt_tokens, cached.get(v.name, 0))
-            scored.append(((lmetric_score(v, n), v.batch_size, n), v))
-        failures: list[str] = []
-        candidates = [s for s in scored if not s[1].at_max_running]
-        skipped = [s for s in scored if s[1].at_max_running]
-        if not candidates:
-            candidates, skipped = scored, []
-            failures.append(ALL_AT_MAX_RUNNING)
+            out.append(((self._score(v, n), v.batch_size, n), v))
+        return out
+
+    def _pick(self, candidates: list[tuple[_Key, InstanceView]]) -> tuple[_Key, InstanceView, str]:
         best_key = min(k for k, _ in candidates)
-        if skipped and min(k for k, _ in skipped)[0] <= best_key[0]:
-            failures.append(AT_MAX_RUNNING)
         tied = [v for k, v in candidates if k == best_key]
         if len(tied) > 1:
             chosen = tied[self._rotation % len(tied)]
             self._rotation += 1
-            reason = "rotation"
-        else:
-            chosen = tied[0]
-            others = [k for k, _ in candidates if k != best_key]
-            reason = "only" if not others else _deciding_criterion(best_key, min(others))
-        n = best_key[2]
-        if n == 0:
+            return best_key, chosen, "rotation"
+        others = [k for k, _ in candidates if k != best_key]
+        return best_key, tied[0], "only" if not others else _deciding_criterion(best_key, min(others))
+
+    def choose(
+        self, views: Sequence[InstanceView], prompt_tokens: int, cached: Mapping[str, int]
+    ) -> Decision:
+        key, chosen, reason = self._pick(self._keys(by_name(views), prompt_tokens, cached))
+        n = key[2]
+        return Decision(chosen.name, self.name, float(key[0]), n, prompt_tokens - n, reason)
+
+
+class LMetric(_Argmin):
+    """argmin of :func:`lmetric_score` with the failure-case mitigations of the module docstring
+    (``mitigate=False``: the authors' plain formula, detection only)."""
+
+    name = "lmetric"
+
+    def __init__(self, mitigate: bool = True) -> None:
+        super().__init__()
+        self.mitigate = mitigate
+        if not mitigate:
+            self.name = "lmetric_plain"
+
+    def _score(self, view: InstanceView, new: int) -> float:
+        return lmetric_score(view, new)
+
+    def choose(
+        self, views: Sequence[InstanceView], prompt_tokens: int, cached: Mapping[str, int]
+    ) -> Decision:
+        scored = self._keys(by_name(views), prompt_tokens, cached)
+        failures: list[str] = []
+        below = [s for s in scored if not s[1].at_max_running]
+        at_cap = [s for s in scored if s[1].at_max_running]
+        if not below:
+            failures.append(ALL_AT_MAX_RUNNING)
+            candidates, skipped = scored, []
+        elif self.mitigate:
+            candidates, skipped = below, at_cap
+        else:  # detection only: every instance competes
+            candidates, skipped = scored, []
+        key, chosen, reason = self._pick(candidates)
+        if below and at_cap and min(k for k, _ in at_cap)[0] <= key[0]:
+            failures.append(AT_MAX_RUNNING)  # the product preferred (or chose) an instance at its cap
+        if key[0] == 0 and any(k[1] < key[1] for k, _ in candidates):
             failures.append(FULLY_CACHED)
+        prefill = chosen.queued_prefill_tokens + key[2]
+        if any(v.queued_prefill_tokens + k[2] < prefill for k, v in candidates):
+            failures.append(BATCH_OVER_PREFILL)
+        n = key[2]
         return Decision(
             instance=chosen.name,
             policy=self.name,
-            score=float(best_key[0]),
+            score=float(key[0]),
             new_tokens=n,
             cached_tokens=prompt_tokens - n,
             reason=reason,
@@ -166,7 +171,24 @@ class LMetric(Policy):
         )
 
 
-def _deciding_criterion(best: tuple[int, int, int], runner_up: tuple[int, int, int]) -> str:
+class Linear(_Argmin):
+    """argmin ``a · (queued_prefill_tokens + new_tokens) + b · batch_size``: LMetric's two factors added
+    with weights instead of multiplied (what a tuned combinator looks like). Same tie-breaks as LMetric,
+    no mitigation. ``b / a`` is the number of prefill tokens one more request in the batch is worth."""
+
+    name = "linear"
+
+    def __init__(self, a: float = LINEAR_A, b: float = LINEAR_B) -> None:
+        super().__init__()
+        if a < 0 or b < 0 or a + b <= 0:
+            raise ValueError(f"linear weights must be >= 0 and not both 0, got a={a} b={b}")
+        self.a, self.b = a, b
+
+    def _score(self, view: InstanceView, new: int) -> float:
+        return self.a * (view.queued_prefill_tokens + new) + self.b * view.batch_size
+
+
+def _deciding_criterion(best: _Key, runner_up: _Key) -> str:
     if best[0] != runner_up[0]:
         return "score"
     if best[1] != runner_up[1]:
@@ -185,9 +207,7 @@ class RoundRobin(Policy):
     def choose(
         self, views: Sequence[InstanceView], prompt_tokens: int, cached: Mapping[str, int]
     ) -> Decision:
-        if not views:
-            raise ValueError("no instance to choose from")
-        ordered = sorted(views, key=lambda v: v.name)
+        ordered = by_name(views)
         chosen = ordered[self._rotation % len(ordered)]
         self._rotation += 1
         n = new_tokens(prompt_tokens, cached.get(chosen.name, 0))
@@ -198,17 +218,47 @@ class RoundRobin(Policy):
             new_tokens=n,
             cached_tokens=prompt_tokens - n,
             reason="only" if len(ordered) == 1 else "rotation",
-            failure_cases=(FULLY_CACHED,) if n == 0 else (),
         )
 
 
-POLICIES: dict[str, Callable[[], Policy]] = {LMetric.name: LMetric, RoundRobin.name: RoundRobin}
+PolicyFactory = Callable[[int | None, float, float], Policy]
+"""``factory(seed, linear_a, linear_b)``; each uses what it needs."""
+
+POLICIES: dict[str, PolicyFactory] = {
+    "lmetric": lambda seed, a, b: LMetric(),
+    "vllm_v1": lambda seed, a, b: VllmV1(),
+    "bailian": lambda seed, a, b: Bailian(seed),
+    "dynamo": lambda seed, a, b: Dynamo(seed),
+    "sglang_cache_aware": lambda seed, a, b: SglangCacheAware(),
+    "round_robin": lambda seed, a, b: RoundRobin(),
+    "random": lambda seed, a, b: RandomChoice(seed),
+    "power_of_two": lambda seed, a, b: PowerOfTwo(seed),
+    "linear": lambda seed, a, b: Linear(a, b),
+    "lmetric_plain": lambda seed, a, b: LMetric(mitigate=False),
+}
 """Policy factories by name (``--policy``). Add a policy by registering its factory here."""
 
+PUBLISHED: Final = (
+    "lmetric",
+    "vllm_v1",
+    "bailian",
+    "dynamo",
+    "sglang_cache_aware",
+    "round_robin",
+    "random",
+    "power_of_two",
+)
+"""The policies of published systems (LMetric and every baseline), in table order."""
 
-def make_policy(name: str) -> Policy:
-    """A fresh policy object for ``name``. Raises ``ValueError`` for an unknown name."""
+
+def make_policy(
+    name: str, seed: int | None = None, *, linear_a: float = LINEAR_A, linear_b: float = LINEAR_B
+) -> Policy:
+    """A fresh policy object for ``name``. ``seed`` seeds randomised policies (None: OS entropy);
+    ``linear_a``/``linear_b`` are ``linear``'s weights. Raises ``ValueError`` for an unknown name or bad
+    weights."""
     try:
-        return POLICIES[name]()
+        factory = POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown policy {name!r}; known: {', '.join(sorted(POLICIES))}") from None
+    return factory(seed, linear_a, linear_b)

@@ -52,6 +52,7 @@ class InstanceState:
     ``refused``: its block size disagrees with the cluster's. ``suspect_since``: a connection to its
     engine failed at that time; cleared by a healthy heartbeat received ``suspect_cooldown`` later.
     ``open_tickets``: requests the router has open to it (``inflight``), a superset of ``pending``.
+    ``routed_tokens``: uncached prompt tokens dispatched to it so far (cumulative; see InstanceView).
     """
 
     name: str
@@ -69,6 +70,7 @@ class InstanceState:
     endpoint: str | None = None
     pending: dict[int, PendingDispatch] = field(default_factory=dict)
     open_tickets: set[int] = field(default_factory=set)
+    routed_tokens: int = 0
 
     @property
     def inflight(self) -> int:
@@ -94,12 +96,15 @@ class InstanceState:
         """The policy's view: last report plus pending dispatches (zeros before the first report)."""
         rep = self.load
         pend_tokens = sum(p.new_tokens for p in self.pending.values())
+        block_size = self.heartbeat.block_size if self.heartbeat is not None else 0
         if rep is None:
             return InstanceView(
                 name=self.name,
                 batch_size=len(self.pending),
                 queued_prefill_tokens=pend_tokens,
                 inflight=self.inflight,
+                block_size=block_size,
+                routed_tokens=self.routed_tokens,
             )
         return InstanceView(
             name=self.name,
@@ -111,6 +116,8 @@ class InstanceState:
             max_running_requests=rep.max_running_requests,
             kv_used_tokens=rep.kv_used_tokens,
             kv_capacity_tokens=rep.kv_capacity_tokens,
+            block_size=block_size,
+            routed_tokens=self.routed_tokens,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -212,6 +219,7 @@ class InstanceTable:
         self._next_ticket += 1
         t = self._next_ticket
         st.pending[t] = PendingDispatch(t, new_tokens, now_wall)
+        st.routed_tokens += new_tokens
         st.open_tickets.add(t)
         return t
 

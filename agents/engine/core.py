@@ -227,6 +227,64 @@ class EngineCore:
         self._inflight = Step("decode", tuple(entries), now, duration)
         return self._inflight
 
+    def run_quiet_decodes(self, now: float, horizon: float) -> list[float]:
+        """Run back to back, from clock ``now``, the decode steps :meth:`schedule` + :meth:`complete` would
+        run next, for as long as each is *quiet*: nothing waits or prefills, its KV slots come from free
+        pool space (no eviction, so no KV event), no request finishes in it, and it ends before
+        ``horizon`` (``now + duration < horizon``, the clock advancing step by step as a caller's would).
+        Mutates; returns the steps' durations in order (empty when the next step is not quiet: then call
+        :meth:`schedule` as usual).
+
+        Equivalent, in every state change (tokens drawn, KV, new-token ratio) and in the clock, to the
+        ``schedule``/``complete`` calls it replaces, minus their :class:`TokenOutput` s: those would carry
+        one ordinary token each (never a first token, never a finish). For simulators, which need only
+        first tokens and finishes; the live server streams every token and does not call this.
+        """
+        if self._inflight is not None or self._waiting or self._prefilling or not self._admitted:
+            return []
+        seqs = list(self._admitted.values())  # all decoding: nothing prefills
+        n = len(seqs)
+        room = min(
+            (s.max_new if s.req.ignore_eos else min(s.max_new, s.natural_len)) - len(s.output) for s in seqs
+        )
+        cache = self.cache
+        max_steps = min(room - 1, (cache.capacity - cache.cached_tokens - cache.private_tokens) // n)
+        if max_steps <= 0:
+            return []
+        ctx = 0
+        for s in seqs:
+            ctx += s.kv_len
+        step_time = self.profile.step_time_from_sums
+        ratio, floor, decay = self._ratio, self.config.min_new_token_ratio, self._ratio_decay
+        durations: list[float] = []
+        t = now
+        while len(durations) < max_steps:
+            d = step_time(n, float(ctx + n), ctx + n)  # as _decode_step computes it
+            if t + d >= horizon:
+                break
+            t += d
+            ratio = max(floor, ratio - decay)
+            durations.append(d)
+            ctx += n
+        m = len(durations)
+        if not m:
+            return durations
+        self._ratio = ratio
+        allocated = cache.allocate(m * n)  # == m allocations of n slots, none of them evicting
+        assert allocated
+        for s in seqs:
+            rng = s.rng
+            if rng is None:
+                rng = s.rng = random.Random(s.req.rid)
+            bits, out = rng.getrandbits, s.output
+            for _ in range(m):  # == _next_token's draw, m times
+                tok = bits(7)
+                while tok >= 95:
+                    tok = bits(7)
+                out.append(tok + 32)
+            s.kv_len += m
+        return durations
+
     def _reserve(self, s: _Seq) -> int:
         return int(min(s.max_new - len(s.output), _CLIP_MAX_NEW_TOKENS) * self._ratio)
 

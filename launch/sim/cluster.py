@@ -198,10 +198,17 @@ def simulate(
     kicked: set[int] = set()
     push, pop = heapq.heappush, heapq.heappop
     now = 0.0
+    arrived = 0  # arrivals popped so far: plan[arrived] is the next one
     while heap:
         now, kind, _, x = pop(heap)
         if kind == _DONE:
-            end = insts[x].run_until(now, heap[0][0] if heap else math.inf)
+            # An instance's steps interact with the rest only at arrivals (routing reads the router's
+            # state; a kick) and at its own load report: it may run ahead of other instances' steps.
+            horizon = plan[arrived][0] if arrived < len(plan) else math.inf
+            tp = tick_pos[x]
+            if tp < len(ticks[x]) and ticks[x][tp] < horizon:
+                horizon = ticks[x][tp]
+            end = insts[x].run_until(now, horizon)
             if end is not None:
                 push(heap, (end, _DONE, seq, x))
                 seq += 1
@@ -212,6 +219,7 @@ def simulate(
                 push(heap, (ticks[x][tick_pos[x]], _TICK, seq, x))
                 seq += 1
         elif kind == _ARRIVAL:
+            arrived += 1
             req = plan[x][1]
             tokens = prompts.tokens(req)
             i, ticket, _ = router.route(now, prompts.hashes(req, tokens), len(tokens))
@@ -247,7 +255,7 @@ def simulate(
         mean_batch_size=sum(s.batch_sum for s in insts) / steps if steps else 0.0,
         mean_batch_size_time_weighted=sum(s.batch_time for s in insts) / busy if busy else 0.0,
         sim_wall_s=time.perf_counter() - wall0,
-        virtual_s=now,
+        virtual_s=max([now] + [s.last_end for s in insts]),
         decisions=dict(sorted(router.decisions.items())),
         failure_cases=dict(sorted(Counter(router.failure_cases).items())),
         retractions=sum(s.core.num_retractions for s in insts),

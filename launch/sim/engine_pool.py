@@ -45,6 +45,7 @@ class SimInstance:
     is scheduled):
         steps: steps run. ``batch_sum``/``batch_max``: sum and max of the batch size over steps.
         batch_time: sum of batch size x step duration (seconds); ``busy_s``: sum of step durations.
+        last_end: virtual time its last completed step ended.
     """
 
     def __init__(
@@ -62,6 +63,7 @@ class SimInstance:
         self.batch_max = 0
         self.batch_time = 0.0
         self.busy_s = 0.0
+        self.last_end = 0.0
 
     def add(self, req: Request, live: LiveRequest, now: float) -> None:
         """Queue ``req`` at ``now``. Raises :class:`RequestRejected` as :meth:`EngineCore.add_request`."""
@@ -109,6 +111,18 @@ class SimInstance:
                         del live[o.rid]
                         router.finish(idx, lv.ticket)
                         self.on_finish(lv, o, now)
+            durations = core.run_quiet_decodes(now, horizon)
+            if durations:  # quiet decode steps, completed in one call: account for each as _schedule does
+                bs = len(core._admitted)
+                self.steps += len(durations)
+                self.batch_sum += bs * len(durations)
+                if bs > self.batch_max:
+                    self.batch_max = bs
+                for d in durations:
+                    self.batch_time += bs * d
+                    self.busy_s += d
+                    now += d
+            self.last_end = now
             end = self._schedule(now)
             if end is None:  # idle: the live engine publishes what scheduling emitted, if anything
                 events = core.drain_events()

@@ -17,7 +17,8 @@ that, with the delays made explicit on the simulator's virtual clock (seconds):
   it (it is dropped), as does the request's end (:meth:`SimRouter.finish`).
 
 The policy's view of instance ``i`` is the ``router/state.py`` one: ``batch_size = running + waiting +
-pending``, ``queued_prefill_tokens = reported + sum(pending new tokens)``, ``inflight`` = open requests.
+pending``, ``queued_prefill_tokens = reported + sum(pending new tokens)``, ``inflight`` = open requests,
+``routed_tokens`` = uncached prompt tokens routed there so far, ``block_size`` = the index's.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class _Instance:
     report: _Report | None = None
     pending: dict[int, tuple[int, float]] = field(default_factory=dict)  # ticket -> (new tokens, at)
     pending_tokens: int = 0
+    routed_tokens: int = 0
+    block_size: int = 0
     open: set[int] = field(default_factory=set)
     kv_queue: deque[tuple[float, list[KVEvent]]] = field(default_factory=deque)
     reports: deque[_Report] = field(default_factory=deque)
@@ -63,7 +66,14 @@ class _Instance:
         r = self.report
         n = len(self.pending)
         if r is None:
-            return InstanceView(self.name, n, self.pending_tokens, inflight=len(self.open))
+            return InstanceView(
+                self.name,
+                n,
+                self.pending_tokens,
+                inflight=len(self.open),
+                block_size=self.block_size,
+                routed_tokens=self.routed_tokens,
+            )
         return InstanceView(
             name=self.name,
             batch_size=r.running + r.waiting + n,
@@ -74,6 +84,8 @@ class _Instance:
             max_running_requests=r.max_running_requests,
             kv_used_tokens=r.kv_used_tokens,
             kv_capacity_tokens=r.kv_capacity_tokens,
+            block_size=self.block_size,
+            routed_tokens=self.routed_tokens,
         )
 
 
@@ -105,7 +117,7 @@ class SimRouter:
         self.index = GlobalIndex(block_size, speculative_ttl, max_speculative_per_instance)
         self.event_delay = event_delay
         self.margin = load_coverage_margin
-        self._inst = [_Instance(n) for n in names]
+        self._inst = [_Instance(n, block_size=block_size) for n in names]
         self._by_name = {n: i for i, n in enumerate(names)}
         for n in names:
             self.index.add_instance(n)
@@ -168,6 +180,7 @@ class SimRouter:
         st = self._inst[i]
         st.pending[self._tickets] = (d.new_tokens, now)
         st.pending_tokens += d.new_tokens
+        st.routed_tokens += d.new_tokens
         st.open.add(self._tickets)
         self.decisions[d.instance] += 1
         for kind in d.failure_cases:

@@ -14,7 +14,6 @@ Deterministic: the same inputs and ``--seed`` give the same results.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import sys
@@ -27,7 +26,7 @@ from launch.sim.cluster import SimConfig, SimResult, simulate
 from launch.sim.prompts import PromptFactory
 from launch.summary import format_summary, summarize
 from launch.trace import DEFAULT_VOCAB_SIZE, TraceError, TraceRequest, load_trace, window
-from router.policies import POLICIES, Policy, make_policy
+from router.policies import LINEAR_A, LINEAR_B, POLICIES, Policy, make_policy
 
 __all__ = ["add_arguments", "config_from_args", "result_summary", "run_policies", "run_simulate"]
 
@@ -99,6 +98,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=d.load_period,
         help="seconds between an engine's load reports (default %(default)s)",
     )
+    a(
+        "--linear-a",
+        type=float,
+        default=LINEAR_A,
+        help="linear policy: weight of prefill tokens (default %(default)s)",
+    )
+    a(
+        "--linear-b",
+        type=float,
+        default=LINEAR_B,
+        help="linear policy: weight of batch size (default %(default)s)",
+    )
     a("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="token ids in [0, V) (default %(default)s)")
     a("--summary-json", type=Path, default=None, help="write every policy's summary as JSON here")
     a("--plot", type=Path, default=None, metavar="DIR", help="write TTFT and TPOT CDF plots (PNG) here")
@@ -143,11 +154,9 @@ def policy_names(spec: str) -> list[str]:
     return names
 
 
-def seeded_policy(name: str, seed: int) -> Policy:
-    """``make_policy(name)``, passing ``seed`` when the factory accepts one (randomised policies)."""
-    if "seed" in inspect.signature(make_policy).parameters:
-        return make_policy(name, seed=seed)  # type: ignore[call-arg]
-    return make_policy(name)
+def seeded_policy(name: str, seed: int, linear_a: float = LINEAR_A, linear_b: float = LINEAR_B) -> Policy:
+    """``make_policy(name, seed, linear_a=..., linear_b=...)``: randomised policies draw from ``seed``."""
+    return make_policy(name, seed, linear_a=linear_a, linear_b=linear_b)
 
 
 def result_summary(res: SimResult) -> dict[str, Any]:
@@ -180,15 +189,18 @@ def format_result(s: dict[str, Any], title: str) -> str:
 
 
 def run_policies(
-    plan: Sequence[tuple[float, TraceRequest]], policies: Sequence[str], cfg: SimConfig, progress: bool
+    plan: Sequence[tuple[float, TraceRequest]],
+    policies: Sequence[str],
+    cfg: SimConfig,
+    progress: bool,
+    linear: tuple[float, float] = (LINEAR_A, LINEAR_B),
 ) -> dict[str, SimResult]:
-    """One simulation per policy over the same ``plan``; results by policy name."""
+    """One simulation per policy over the same ``plan``; results by policy name. ``linear`` = (a, b)."""
     prompts = PromptFactory(cfg.page_size, cfg.vocab_size)  # shared: memoised blocks and hashes
     out: dict[str, SimResult] = {}
     for name in policies:
-        out[name] = simulate(
-            plan, seeded_policy(name, cfg.seed), cfg, prompts=prompts, progress=progress, desc=name
-        )
+        policy = seeded_policy(name, cfg.seed, *linear)
+        out[name] = simulate(plan, policy, cfg, prompts=prompts, progress=progress, desc=name)
     return out
 
 
@@ -240,6 +252,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
         names = policy_names(args.policies)
+        make_policy("linear", linear_a=args.linear_a, linear_b=args.linear_b)  # weights valid?
         plan = window(load_trace(args.trace), args.rate_scale, args.duration)
     except (ValueError, TraceError) as exc:
         print(f"launch simulate: error: {exc}", file=sys.stderr)
@@ -248,7 +261,9 @@ def run_simulate(args: argparse.Namespace) -> int:
         f", first {args.duration:g} s" if args.duration is not None else ""
     )
     try:
-        results = run_policies(plan, names, cfg, progress=not args.no_progress)
+        results = run_policies(
+            plan, names, cfg, progress=not args.no_progress, linear=(args.linear_a, args.linear_b)
+        )
     except TraceError as exc:
         print(f"launch simulate: error: {exc}", file=sys.stderr)
         return 2
