@@ -157,8 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
         "round_robin = rotation over live instances; the others are the published baselines "
         "(docs/results.md) and linear = argmin a x (queued prefill + new tokens) + b x batch size",
     )
-    p.add_argument("--linear-a", type=_non_negative_float, default=1.0, help="linear: weight of prefill tokens")
-    p.add_argument("--linear-b", type=_non_negative_float, default=1000.0, help="linear: weight of batch size")
+    p.add_argument(
+        "--linear-a", type=_non_negative_float, default=1.0, help="linear: weight of prefill tokens"
+    )
+    p.add_argument(
+        "--linear-b", type=_non_negative_float, default=1000.0, help="linear: weight of batch size"
+    )
     p.add_argument(
         "--tokenizer",
         default=None,
