@@ -137,3 +137,50 @@ def test_simulate_linear_weights_flags(tmp_path: Path) -> None:
     assert main([*base, "--linear-a", "1", "--linear-b", "0", "--summary-json", str(out)]) == 0
     assert json.loads(out.read_text())["runs"]["linear"]["requests"] == 12
     assert main([*base, "--linear-a", "0", "--linear-b", "0"]) == 2
+
+
+def test_provoke_traces_and_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from launch.sim import provoke
+
+    for case in provoke.CASES:
+        lines = provoke.make_trace(case)
+        ts = [int(str(d["timestamp"])) for d in lines]
+        assert ts == sorted(ts) and len(lines) > 50
+        assert all(d["input_length"] <= 512 * len(d["hash_ids"]) for d in lines)  # type: ignore[arg-type,operator]
+    out = tmp_path / "s.json"
+    assert (
+        provoke.main(
+            [
+                "at_max_running",
+                "--out",
+                str(tmp_path / "t.jsonl"),
+                "--policies",
+                "lmetric,lmetric_plain",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    rep = json.loads(out.read_text())
+    # the skip is what separates the two: it fires, and lowers the mean TTFT
+    assert rep["lmetric"]["failure_cases"]["at_max_running"] > 0
+    assert rep["lmetric"]["ttft"]["mean"] < rep["lmetric_plain"]["ttft"]["mean"]
+    assert "at_max_running" in capsys.readouterr().out
+    with pytest.raises(ValueError):
+        provoke.make_trace("nope")
+
+
+def test_router_takes_every_policy_and_the_linear_weights() -> None:
+    from router.config import RouterConfig, parse_args
+    from router.core import RouterCore
+    from router.policies import POLICIES, Linear
+
+    cfg = parse_args(["--policy", "linear", "--linear-a", "2", "--linear-b", "0"])
+    assert (cfg.policy, cfg.linear_a, cfg.linear_b) == ("linear", 2.0, 0.0)
+    core = RouterCore(cfg, lambda job: None)
+    assert isinstance(core.policy, Linear) and (core.policy.a, core.policy.b) == (2.0, 0.0)
+    for name in POLICIES:
+        assert RouterCore(RouterConfig(policy=name), lambda job: None).policy.name == name
+    with pytest.raises(ValueError):
+        RouterConfig(linear_a=0, linear_b=0)

@@ -100,6 +100,9 @@ def run_live(args: argparse.Namespace, rate_scale: float, tmp: Path) -> dict[str
         "--instances", str(args.instances), "--policy", args.policy, "--profile", args.profile,
         "--page-size", str(args.page_size), "--max-running-requests", str(args.max_running_requests),
         "--time-scale", "1",
+        # The standby router and the metrics daemon are not on the measured path; on a 2-core machine
+        # their CPU would only add noise to the live side.
+        "--no-standby", "--no-metrics",
     ]  # fmt: skip
     if args.max_total_tokens:
         cmd += ["--max-total-tokens", str(args.max_total_tokens)]
