@@ -50,13 +50,11 @@ from kvindex.wire import (
     RequestRouted,
     RouterHeartbeat,
     WireError,
-    decode_message,
     encode_message,
     make_frame,
-    split_frame,
 )
 from router.core import Routed, RouterCore
-from router.subscriber import RateLimitedLog
+from router.subscriber import RateLimitedLog, SeqTracker, decode_numbered_frame
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +229,7 @@ class DecisionSubscriber:
         self._socks: dict[str, zmq.asyncio.Socket] = {}
         self._monitors: dict[str, zmq.asyncio.Socket] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        self._tracks: dict[str, tuple[int, int]] = {}
+        self._seqs = SeqTracker()
         self._up: dict[str, bool] = {}
         self.stats = DecisionSubscriberStats()
         self._rl = RateLimitedLog(log)
@@ -324,37 +322,18 @@ class DecisionSubscriber:
         """Decode and track one multipart frame; None (counted, logged) if malformed. Never raises on
         frame content. Exposed for tests and tools that have no sockets."""
         try:
-            topic, seq, payload = split_frame(frames)
-            msg = decode_message(payload)
-            want = _TOPIC_OF.get(type(msg))
-            if want is None:
-                raise WireError("unexpected_type", type(msg).__name__)
-            if topic != want:
-                raise WireError("topic_mismatch", f"{type(msg).__name__} on topic {topic[:20]!r}")
+            topic, seq, msg = decode_numbered_frame(frames, _TOPIC_OF)
         except WireError as exc:
             self.stats.malformed[exc.reason] += 1
             self._rl.warning(exc.reason, "skipping malformed decision frame from %s: %s", endpoint, exc)
             return None
         assert isinstance(msg, RequestRouted | RequestFinished | RouterHeartbeat)
-        disc, lost = self._track(endpoint, msg.router_epoch, seq)
+        disc, lost = self._seqs.track(endpoint, msg.router_epoch, seq)
         self.stats.frames[type(msg).__name__] += 1
         if disc is not None:
             self.stats.discontinuities[disc] += 1
             self.stats.lost_frames += lost
         return DecisionReceived(endpoint, topic, seq, msg, disc, lost)
-
-    def _track(self, endpoint: str, epoch: int, seq: int) -> tuple[Discontinuity | None, int]:
-        prev = self._tracks.get(endpoint)
-        self._tracks[endpoint] = (epoch, seq)
-        if prev is None:
-            return "first", 0
-        if epoch != prev[0]:
-            return "epoch", 0
-        if seq == prev[1] + 1:
-            return None, 0
-        if seq > prev[1] + 1:
-            return "gap", seq - prev[1] - 1
-        return "seq_back", 0
 
 
 # ---------------------------------------------------------------------------------------------- mirror

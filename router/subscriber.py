@@ -29,7 +29,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, TypeAlias
 
@@ -46,6 +46,7 @@ from kvindex.wire import (
     Snapshot,
     SnapshotRequest,
     WireError,
+    WireMessage,
     decode_message,
     encode_message,
     split_frame,
@@ -75,10 +76,49 @@ class Received:
     lost: int = 0
 
 
-@dataclass(slots=True)
-class _Track:
-    epoch: int
-    seq: int
+class SeqTracker:
+    """The last ``(epoch, seq)`` seen per endpoint of a numbered stream, and what each new frame means.
+
+    Pure and shared by every subscriber of a numbered stream (agents' streams, routers' decision streams).
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[int, int]] = {}
+
+    def track(self, endpoint: str, epoch: int, seq: int) -> tuple[Discontinuity | None, int]:
+        """Record ``(epoch, seq)`` for ``endpoint``; return the discontinuity (None if in order) and the
+        number of frames lost (only for ``gap``). Mutates."""
+        prev = self._last.get(endpoint)
+        self._last[endpoint] = (epoch, seq)
+        if prev is None:
+            return "first", 0
+        if epoch != prev[0]:
+            return "epoch", 0
+        if seq == prev[1] + 1:
+            return None, 0
+        if seq > prev[1] + 1:
+            return "gap", seq - prev[1] - 1
+        return "seq_back", 0
+
+
+def decode_numbered_frame(
+    frames: Sequence[bytes], topic_of: Mapping[type, bytes]
+) -> tuple[bytes, int, WireMessage]:
+    """``(topic, seq, message)`` of a ``[topic, seq, payload]`` frame whose message type is a key of
+    ``topic_of`` and arrived on that type's topic. Pure.
+
+    Raises:
+        WireError: what :func:`split_frame`/:func:`decode_message` raise, ``unexpected_type`` or
+        ``topic_mismatch``.
+    """
+    topic, seq, payload = split_frame(frames)
+    msg = decode_message(payload)
+    want = topic_of.get(type(msg))
+    if want is None:
+        raise WireError("unexpected_type", type(msg).__name__)
+    if topic != want:
+        raise WireError("topic_mismatch", f"{type(msg).__name__} on topic {topic[:20]!r}")
+    return topic, seq, msg
 
 
 @dataclass
@@ -136,7 +176,7 @@ class Subscriber:
         self._own_ctx = ctx is None
         self.ctx: zmq.asyncio.Context = ctx if ctx is not None else zmq.asyncio.Context()
         self._rcvhwm = rcvhwm
-        self._tracks: dict[str, _Track] = {}
+        self._seqs = SeqTracker()
         self._sockets: dict[str, zmq.asyncio.Socket] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.stats = SubscriberStats()
@@ -211,37 +251,18 @@ class Subscriber:
         tracked seq/epoch and the counters; never raises on frame content.
         """
         try:
-            topic, seq, payload = split_frame(frames)
-            msg = decode_message(payload)
-            want = _TOPIC_OF.get(type(msg))
-            if want is None:
-                raise WireError("unexpected_type", type(msg).__name__)
-            if topic != want:
-                raise WireError("topic_mismatch", f"{type(msg).__name__} on topic {topic[:20]!r}")
+            topic, seq, msg = decode_numbered_frame(frames, _TOPIC_OF)
         except WireError as exc:
             self.stats.malformed[exc.reason] += 1
             self._rl.warning(exc.reason, "skipping malformed frame from %s: %s", endpoint, exc)
             return None
         assert isinstance(msg, EventBatch | LoadReport | Heartbeat)
-        disc, lost = self._track(endpoint, msg.agent_epoch, seq)
+        disc, lost = self._seqs.track(endpoint, msg.agent_epoch, seq)
         self.stats.frames[type(msg).__name__] += 1
         if disc is not None:
             self.stats.discontinuities[disc] += 1
             self.stats.lost_frames += lost
         return Received(endpoint, topic, seq, msg, disc, lost)
-
-    def _track(self, endpoint: str, epoch: int, seq: int) -> tuple[Discontinuity | None, int]:
-        prev = self._tracks.get(endpoint)
-        self._tracks[endpoint] = _Track(epoch, seq)
-        if prev is None:
-            return "first", 0
-        if epoch != prev.epoch:
-            return "epoch", 0
-        if seq == prev.seq + 1:
-            return None, 0
-        if seq > prev.seq + 1:
-            return "gap", seq - prev.seq - 1
-        return "seq_back", 0
 
 
 class SnapshotError(Exception):
