@@ -322,7 +322,8 @@ async def test_late_router_matches_the_agents_before_its_first_request() -> None
 
 async def test_silent_agent_goes_down_and_comes_back_through_a_snapshot() -> None:
     async with rig(2) as r:
-        router = await r.start_router(heartbeat_timeout=0.5)
+        # The default timeout (1 s): a shorter one can also expire the healthy agent on a starved machine.
+        router = await r.start_router(heartbeat_timeout=1.0)
         await wait_until(lambda: r.core.routable_count() == 2, "both routable")
         await drive(r.http, router.url, Traffic(seed=41), n=60)
         for node in r.nodes:
