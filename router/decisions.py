@@ -35,7 +35,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final, Literal
 
 import zmq
@@ -49,12 +49,12 @@ from kvindex.wire import (
     RequestFinished,
     RequestRouted,
     RouterHeartbeat,
-    WireError,
+    WireMessage,
     encode_message,
     make_frame,
 )
 from router.core import Routed, RouterCore
-from router.subscriber import RateLimitedLog, SeqTracker, decode_numbered_frame
+from router.subscriber import NumberedStream, RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -195,14 +195,9 @@ class DecisionReceived:
     lost: int = 0
 
 
-@dataclass
-class DecisionSubscriberStats:
-    """Monotonic counters: frames by type, malformed by reason, discontinuities by kind, lost frames."""
-
-    frames: Counter[str] = field(default_factory=Counter)
-    malformed: Counter[str] = field(default_factory=Counter)
-    discontinuities: Counter[str] = field(default_factory=Counter)
-    lost_frames: int = 0
+def _router_epoch(msg: WireMessage) -> int:
+    assert isinstance(msg, RequestRouted | RequestFinished | RouterHeartbeat)  # only these pass _TOPIC_OF
+    return msg.router_epoch
 
 
 class DecisionSubscriber:
@@ -229,10 +224,10 @@ class DecisionSubscriber:
         self._socks: dict[str, zmq.asyncio.Socket] = {}
         self._monitors: dict[str, zmq.asyncio.Socket] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        self._seqs = SeqTracker()
         self._up: dict[str, bool] = {}
-        self.stats = DecisionSubscriberStats()
         self._rl = RateLimitedLog(log)
+        self._stream = NumberedStream(_TOPIC_OF, _router_epoch, self._rl, "decision frame")
+        self.stats = self._stream.stats
         self._closed = False
 
     @property
@@ -321,18 +316,11 @@ class DecisionSubscriber:
     def handle_frames(self, endpoint: str, frames: Sequence[bytes]) -> DecisionReceived | None:
         """Decode and track one multipart frame; None (counted, logged) if malformed. Never raises on
         frame content. Exposed for tests and tools that have no sockets."""
-        try:
-            topic, seq, msg = decode_numbered_frame(frames, _TOPIC_OF)
-        except WireError as exc:
-            self.stats.malformed[exc.reason] += 1
-            self._rl.warning(exc.reason, "skipping malformed decision frame from %s: %s", endpoint, exc)
+        got = self._stream.receive(endpoint, frames)
+        if got is None:
             return None
+        topic, seq, msg, disc, lost = got
         assert isinstance(msg, RequestRouted | RequestFinished | RouterHeartbeat)
-        disc, lost = self._seqs.track(endpoint, msg.router_epoch, seq)
-        self.stats.frames[type(msg).__name__] += 1
-        if disc is not None:
-            self.stats.discontinuities[disc] += 1
-            self.stats.lost_frames += lost
         return DecisionReceived(endpoint, topic, seq, msg, disc, lost)
 
 

@@ -176,11 +176,11 @@ class Subscriber:
         self._own_ctx = ctx is None
         self.ctx: zmq.asyncio.Context = ctx if ctx is not None else zmq.asyncio.Context()
         self._rcvhwm = rcvhwm
-        self._seqs = SeqTracker()
         self._sockets: dict[str, zmq.asyncio.Socket] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self.stats = SubscriberStats()
         self._rl = RateLimitedLog(log, log_interval)
+        self._stream = NumberedStream(_TOPIC_OF, _agent_epoch, self._rl)
+        self.stats = self._stream.stats
         self._closed = False
 
     @property
@@ -250,19 +250,59 @@ class Subscriber:
         Exposed so that tests and replay tools can drive the subscriber without sockets. Mutates the
         tracked seq/epoch and the counters; never raises on frame content.
         """
+        got = self._stream.receive(endpoint, frames)
+        if got is None:
+            return None
+        topic, seq, msg, disc, lost = got
+        assert isinstance(msg, EventBatch | LoadReport | Heartbeat)
+        return Received(endpoint, topic, seq, msg, disc, lost)
+
+
+def _agent_epoch(msg: WireMessage) -> int:
+    assert isinstance(msg, EventBatch | LoadReport | Heartbeat)  # only these pass _TOPIC_OF
+    return msg.agent_epoch
+
+
+class NumberedStream:
+    """One kind of numbered stream as a subscriber sees it: decode, check the topic, track seq/epoch per
+    endpoint and count. Shared by the agents' subscriber and the routers' decision-stream subscriber.
+
+    ``topic_of`` maps each accepted message type to its topic; ``epoch_of`` reads a message's epoch.
+    """
+
+    def __init__(
+        self,
+        topic_of: Mapping[type, bytes],
+        epoch_of: Callable[[WireMessage], int],
+        rl: RateLimitedLog,
+        what: str = "frame",
+    ) -> None:
+        self.stats = SubscriberStats()
+        self._topic_of = topic_of
+        self._epoch_of = epoch_of
+        self._seqs = SeqTracker()
+        self._rl = rl
+        self._what = what
+
+    def receive(
+        self, endpoint: str, frames: Sequence[bytes]
+    ) -> tuple[bytes, int, WireMessage, Discontinuity | None, int] | None:
+        """``(topic, seq, message, discontinuity, lost)``, or None (counted, logged) if malformed.
+
+        Mutates the tracked seq/epoch and the counters; never raises on frame content.
+        """
         try:
-            topic, seq, msg = decode_numbered_frame(frames, _TOPIC_OF)
+            topic, seq, msg = decode_numbered_frame(frames, self._topic_of)
         except WireError as exc:
             self.stats.malformed[exc.reason] += 1
-            self._rl.warning(exc.reason, "skipping malformed frame from %s: %s", endpoint, exc)
+            self._rl.warning(exc.reason, "skipping malformed %s from %s: %s", self._what, endpoint, exc)
             return None
-        assert isinstance(msg, EventBatch | LoadReport | Heartbeat)
-        disc, lost = self._seqs.track(endpoint, msg.agent_epoch, seq)
+        disc, lost = self._seqs.track(endpoint, self._epoch_of(msg), seq)
         self.stats.frames[type(msg).__name__] += 1
         if disc is not None:
             self.stats.discontinuities[disc] += 1
             self.stats.lost_frames += lost
-        return Received(endpoint, topic, seq, msg, disc, lost)
+        return topic, seq, msg, disc, lost
 
 
 class SnapshotError(Exception):
