@@ -32,6 +32,7 @@ from typing import Any, Final
 from agents.engine.profiles import PROFILES
 from launch.sim.batch import Batch, Bisection, RunResult, RunSpec, bisect_rate, round_scale
 from launch.sim.cluster import SimConfig
+from launch.sim.run import add_ingest_arguments, check_ingest_arguments
 from launch.trace import TraceError
 from router.policies import POLICIES, PUBLISHED
 
@@ -83,6 +84,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--no-cache", action="store_true", help="neither read nor write the run cache")
     a("--seed", type=int, default=0, help="simulator and random policies' seed (default %(default)s)")
     a("--enable-mixed-chunk", action="store_true", help="engines batch decodes into prefill steps")
+    add_ingest_arguments(p)
     a("--json", type=Path, default=None, help="write every number here")
     a("--markdown", type=Path, default=None, help="write the tables (Markdown) here")
     a("--plot", type=Path, default=None, metavar="DIR", help="write TTFT/TPOT CDF plots (PNG) here")
@@ -205,6 +207,7 @@ def run_compare(args: argparse.Namespace) -> int:
             raise ValueError("--instances, --window and --jobs must be positive")
         if not args.trace.is_file():
             raise ValueError(f"trace file not found: {args.trace}")
+        check_ingest_arguments(args)
     except ValueError as exc:
         print(f"launch compare: error: {exc}", file=sys.stderr)
         return 2
@@ -213,6 +216,8 @@ def run_compare(args: argparse.Namespace) -> int:
         profile=args.profile,
         seed=args.seed,
         enable_mixed_chunk=args.enable_mixed_chunk,
+        ingest_delay=args.ingest_delay,
+        ingest_per_token=args.ingest_per_token,
     )
     title = f"{args.trace.name}, first {args.window:g} s, {cfg.instances} x {cfg.profile}" + (
         ", mixed chunk" if cfg.enable_mixed_chunk else ""

@@ -40,7 +40,7 @@ from typing import Any
 
 import aiohttp
 
-from launch.replay import send_one
+from launch.replay import build_body, send_one
 from launch.summary import RequestRecord
 from launch.trace import DEFAULT_VOCAB_SIZE, TraceError, TraceRequest, load_trace, window
 
@@ -213,10 +213,11 @@ async def _run(
             start = time.perf_counter()
 
             async def timed(offset: float, req: TraceRequest) -> Sent:
+                body, prompt_len = build_body("generate", None, req, DEFAULT_VOCAB_SIZE)
                 delay = start + offset - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                rec = await send_one(session, url, "generate", None, req, DEFAULT_VOCAB_SIZE, 600.0)
+                rec = await send_one(session, url, "generate", body, req, prompt_len, 600.0)
                 return Sent(rec, time.time())
 
             async def killer() -> None:

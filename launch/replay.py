@@ -24,6 +24,9 @@ from tqdm import tqdm
 from launch.summary import RequestRecord, format_summary, summarize
 from launch.trace import DEFAULT_VOCAB_SIZE, TraceError, TraceRequest, load_trace, prompt_tokens, window
 
+_BUILD_AHEAD_S = 1.0
+"""Seconds before its send time that a request's body is made (bounds the bodies held in memory)."""
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``replay`` subcommand's flags."""
@@ -88,19 +91,26 @@ async def send_one(
     session: aiohttp.ClientSession,
     url: str,
     api: str,
-    model: str | None,
+    body: bytes,
     req: TraceRequest,
-    vocab: int,
+    prompt_len: int,
     timeout: float,
 ) -> RequestRecord:
-    """Send one streamed request and measure it. Never raises: failures are in ``status``."""
-    tokens = prompt_tokens(req, vocab)
-    rec = RequestRecord(start_time=time.time(), prompt_tokens=len(tokens), index=req.index)
+    """Send one streamed request (``body``: its JSON, from :func:`build_body`) and measure it from now.
+
+    Never raises: failures are in ``status``.
+    """
+    rec = RequestRecord(start_time=time.time(), prompt_tokens=prompt_len, index=req.index)
     t0 = time.perf_counter()
     path = "/generate" if api == "generate" else "/v1/completions"
     try:
         async with session.post(
-            url + path, json=_body(api, model, tokens, req), timeout=aiohttp.ClientTimeout(total=timeout)
+            url + path,
+            data=body,
+            # The trace index as the request id: the router's decision stream (``launch tail --type
+            # decision``) and the engines' logs can then be joined with ``--out``'s records.
+            headers={"Content-Type": "application/json", "X-Request-Id": f"replay-{req.index}"},
+            timeout=aiohttp.ClientTimeout(total=timeout),
         ) as resp:
             if resp.status != 200:
                 text = (await resp.text())[:300]
@@ -135,6 +145,16 @@ async def send_one(
     if rec.ttft is not None and rec.output_tokens >= 2:
         rec.tpot = (rec.e2e - rec.ttft) / (rec.output_tokens - 1)
     return rec
+
+
+def build_body(api: str, model: str | None, req: TraceRequest, vocab: int) -> tuple[bytes, int]:
+    """The request's JSON body and its prompt length in tokens.
+
+    Raises:
+        TraceError: the request has too few ``hash_ids`` for its ``input_length``.
+    """
+    tokens = prompt_tokens(req, vocab)
+    return json.dumps(_body(api, model, tokens, req)).encode(), len(tokens)
 
 
 def _absorb(api: str, chunk: dict[str, Any], rec: RequestRecord, now: float) -> None:
@@ -185,10 +205,17 @@ async def run_replay_async(args: argparse.Namespace) -> tuple[list[RequestRecord
 
         async def timed(offset: float, req: TraceRequest, start: float) -> RequestRecord:
             nonlocal failed
+            # Build the body ahead of its send time, so that making and serialising a long prompt does
+            # not delay its own send (or, within a burst of equal timestamps, the sends after it).
+            delay = start + offset - _BUILD_AHEAD_S - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            body, prompt_len = build_body(args.api, model, req, args.vocab_size)
             delay = start + offset - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            rec = await send_one(session, url, args.api, model, req, args.vocab_size, args.timeout)
+            rec = await send_one(session, url, args.api, body, req, prompt_len, args.timeout)
+            del body
             if rec.status != "ok":
                 failed += 1
                 bar.set_postfix(failed=failed)

@@ -11,7 +11,14 @@ from agents.engine.profiles import get_profile
 from kvindex.hashing import block_hashes
 from kvindex.wire import BlockStored, LoadStat
 from launch.__main__ import main
-from launch.sim.cluster import SimConfig, SimResult, _needed_ticks, simulate
+from launch.sim.cluster import (
+    INGEST_DELAY_S,
+    INGEST_PER_TOKEN_S,
+    SimConfig,
+    SimResult,
+    _needed_ticks,
+    simulate,
+)
 from launch.sim.prompts import PromptFactory
 from launch.sim.router_model import SimRouter
 from launch.summary import summarize
@@ -139,11 +146,31 @@ def test_prefix_hit_skips_prefill_on_the_virtual_clock() -> None:
     assert first.cached_tokens == 0 and second.cached_tokens == 16384 - 16  # the last page is recomputed
     p = get_profile(PROFILE)
     chunks = p.step_time([(8192, 0)]) + p.step_time([(8192, 8192)])
-    assert first.ttft == pytest.approx(chunks)  # arrival -> end of the step producing the first token
-    assert second.ttft == pytest.approx(p.step_time([(16, 16368)]))
+    ingest = INGEST_DELAY_S + INGEST_PER_TOKEN_S * 16384  # send -> routed
+    assert first.ttft == pytest.approx(ingest + chunks)  # send -> end of the step producing the first token
+    assert second.ttft == pytest.approx(ingest + p.step_time([(16, 16368)]))
     assert second.ttft is not None and first.ttft is not None and second.ttft < first.ttft / 10
     assert first.tpot is not None and first.e2e is not None
     assert first.tpot == pytest.approx((first.e2e - first.ttft) / 3)
+
+
+def test_ingest_time_orders_a_burst_and_counts_in_ttft() -> None:
+    """Requests sharing a timestamp are routed after their ingest time (shortest prompt first), and TTFT
+    runs from the send; with no ingest time they are routed at once, in trace order."""
+    plan = [req(0, 0.0, list(range(1, 17)), out=2), req(1, 0.0, [100], out=2)]  # 8192 then 512 tokens
+    p = get_profile(PROFILE)
+    long_ingest, short_ingest = 0.01 + 1e-5 * 8192, 0.01 + 1e-5 * 512
+    a, b = run(plan, "round_robin", instances=1, ingest_delay=0.01, ingest_per_token=1e-5).records
+    assert b.ttft == pytest.approx(short_ingest + p.step_time([(512, 0)]))  # routed first, prefilled alone
+    # The long prompt arrives after the short request has finished, and is prefilled alone.
+    assert b.e2e is not None and b.e2e < long_ingest
+    assert a.ttft == pytest.approx(long_ingest + p.step_time([(8192, 0)]))
+    assert a.start_time == b.start_time == 0.0
+    a0, b0 = run(plan, "round_robin", instances=1, ingest_delay=0.0, ingest_per_token=0.0).records
+    # Routed together in trace order: the long prompt fills the first step's 8192-token prefill budget
+    # and the short one waits behind it.
+    assert a0.ttft == pytest.approx(p.step_time([(8192, 0)]))
+    assert b0.ttft is not None and a0.ttft is not None and b0.ttft > a0.ttft > 5 * (b.ttft or 0.0)
 
 
 def test_batch_statistics_and_rejections() -> None:

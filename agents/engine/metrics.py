@@ -17,6 +17,7 @@ _ITL_BUCKETS = (0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.025, 0.03, 0.03
                 0.2, 0.4, 0.6, 0.8, 1.0, 2.0, 4.0, 6.0, 8.0)  # fmt: skip
 _E2E_BUCKETS = (0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 2.0, 4.0, 6.0, 8.0, 10.0, 20.0, 40.0, 60.0, 80.0, 100.0,
                 150.0, 200.0, 250.0, 300.0, 350.0, 500.0, 1000.0)  # fmt: skip
+_LATENESS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 
 class EngineMetrics:
@@ -62,6 +63,18 @@ class EngineMetrics:
             "sglang:e2e_request_latency_seconds",
             "Histogram of end-to-end request latency in seconds.",
             _E2E_BUCKETS,
+        )
+        # Not SGLang's: how faithfully this emulator kept its modelled pace on a busy host.
+        self.step_lateness = histogram(
+            "emulated_engine:step_lateness_seconds",
+            "Seconds each step's outputs were delivered after the modelled step end (event-loop wake-up"
+            " delay; later steps are shortened to catch up).",
+            _LATENESS_BUCKETS,
+        )
+        self.pace_resync = counter(
+            "emulated_engine:pace_resync_seconds",
+            "Modelled time given up because the event loop fell more than the catch-up window behind"
+            " (every later token is delivered that much later than the model says).",
         )
 
     def on_first_token(self, ttft_s: float, prompt_tokens: int, cached_tokens: int) -> None:

@@ -271,9 +271,12 @@ class EngineServer:
             start = loop.time()
             if start - self._deadline < _MAX_LAG:
                 start = min(start, self._deadline)
+            elif self._deadline > 0.0:
+                self.metrics.pace_resync.inc(start - self._deadline)
             self._deadline = start + step.duration * self.cfg.time_scale
             await asyncio.sleep(max(0.0, self._deadline - loop.time()))
             now = loop.time()
+            self.metrics.step_lateness.observe(max(0.0, now - self._deadline))
             outputs = core.complete(step, now)
             self._publish_events()
             for out in outputs:

@@ -9,13 +9,21 @@ first). Takes about ``duration + drain + start-up`` seconds per level; not part 
 
 The live side runs every engine, agent, the router and the client on this machine's CPUs: when they are
 saturated the live engines fall behind their modelled step times, which shows up here as a difference
-that is the live run's, not the model's (see ``docs/simulator.md``).
+that is the live run's, not the model's (see ``docs/simulator.md``). Before stopping each cluster the
+command scrapes its engines' pacing metrics (``emulated_engine:step_lateness_seconds``, ``...:pace_resync_
+seconds``) and prints how late the live engines delivered their steps.
+
+Means of TPOT over a 120 s window are dominated by a few requests whose decode waited behind other requests'
+long prefills, and which requests collide changes with small timing differences: one run is one sample.
+So the simulator runs ``--sim-seeds`` times (seeds 0..K-1: load-report phases and random tie-breaks) and
+the live side ``--live-runs`` times; the table compares the means over runs and shows each side's range.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -23,12 +31,17 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
 from agents.engine.profiles import DEFAULT_PROFILE, PROFILES
 from launch.sim.cluster import SimConfig, simulate
-from launch.sim.run import result_summary, seeded_policy
+from launch.sim.run import add_ingest_arguments, check_ingest_arguments, result_summary, seeded_policy
 from launch.trace import TraceError, load_trace, window
 
 __all__ = ["add_arguments", "run_fidelity"]
@@ -57,8 +70,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--max-running-requests", type=int, default=128, help="per-engine cap (default %(default)s)")
     a("--max-total-tokens", type=int, default=None, help="KV capacity per engine (default: profile's)")
     a("--event-delay", type=float, default=0.005, help="simulated event delay, s (default %(default)s)")
+    add_ingest_arguments(p)
     a("--ready-timeout", type=float, default=120.0, help="seconds for the cluster to come up")
-    a("--summary-json", type=Path, default=None, help="write both summaries per level as JSON here")
+    a(
+        "--sim-seeds",
+        type=int,
+        default=8,
+        help="simulator runs per level, seeds 0..K-1; the table shows their mean (default %(default)s)",
+    )
+    a(
+        "--live-runs",
+        type=int,
+        default=1,
+        help="live runs per level (about 2.5 min each at the defaults); mean shown (default %(default)s)",
+    )
+    a(
+        "--tolerance",
+        type=float,
+        default=0.15,
+        help="relative difference of mean TTFT and mean TPOT reported as agreement (default %(default)s)",
+    )
+    a("--summary-json", type=Path, default=None, help="write every run's summary per level as JSON here")
 
 
 def _wait_router(proc: subprocess.Popen[bytes], cluster_file: Path, timeout: float) -> str:
@@ -87,8 +119,79 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(timeout=10)
 
 
+def engine_pace(cluster_file: Path, timeout: float = 5.0) -> dict[str, float]:
+    """The live engines' pacing, summed over the engines named in ``cluster_file``.
+
+    Returns ``{"steps", "step_lateness_mean_s", "late_steps_over_10ms", "pace_resync_s"}``: steps run,
+    mean seconds a step's outputs came after its modelled end, the fraction of steps more than 10 ms late,
+    and modelled seconds given up to overload. Engines that cannot be scraped are left out.
+    """
+    steps = late_sum = within_10ms = resync = 0.0
+    for proc in json.loads(cluster_file.read_text()).get("processes", []):
+        url = (proc.get("endpoints") or {}).get("http")
+        if proc.get("role") != "engine" or not url:
+            continue
+        try:
+            with urllib.request.urlopen(url + "/metrics", timeout=timeout) as resp:
+                text = resp.read().decode()
+        except OSError:
+            continue
+        for fam in text_string_to_metric_families(text):
+            for sample in fam.samples:
+                name = sample.name.removeprefix("emulated_engine:")
+                if name == "step_lateness_seconds_count":
+                    steps += sample.value
+                elif name == "step_lateness_seconds_sum":
+                    late_sum += sample.value
+                elif name == "step_lateness_seconds_bucket" and float(sample.labels.get("le", "nan")) == 0.01:
+                    within_10ms += sample.value
+                elif name == "pace_resync_seconds_total":
+                    resync += sample.value
+    return {
+        "steps": steps,
+        "step_lateness_mean_s": late_sum / steps if steps else 0.0,
+        "late_steps_over_10ms": (steps - within_10ms) / steps if steps else 0.0,
+        "pace_resync_s": resync,
+    }
+
+
+def observed_arrivals(records_file: Path, decisions_file: Path) -> dict[str, Any]:
+    """When each replayed request was sent and when the router routed it, from ``launch replay --out``
+    records and ``launch tail --type decision --json`` lines (joined on the ``replay-N`` request id).
+
+    Returns ``{"requests": [[trace index, sent_s, routed_s or None], ...]}``, seconds since the first
+    send (wall clock; client and router share this machine's clock). A request whose decision was not
+    seen (the subscriber joined late, a frame was lost) has ``routed_s`` None. Unparseable lines are
+    skipped.
+    """
+    sent: dict[int, float] = {}
+    for line in records_file.read_text().splitlines():
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            r = json.loads(line)
+            sent[int(r["index"])] = float(r["start_time"])
+    routed: dict[int, float] = {}
+    for line in decisions_file.read_text().splitlines() if decisions_file.is_file() else []:
+        with contextlib.suppress(ValueError, KeyError, TypeError, IndexError):
+            d = json.loads(line)
+            rid = str(d.get("request_id") or "")
+            if d.get("event") == "RequestRouted" and rid.startswith("replay-"):
+                routed.setdefault(
+                    int(rid.split("-", 1)[1]), float(d["ts"])
+                )  # a retry re-routes: keep the first
+    if not sent:
+        return {"requests": []}
+    t0 = min(sent.values())
+    return {
+        "requests": [[i, sent[i] - t0, None if i not in routed else routed[i] - t0] for i in sorted(sent)]
+    }
+
+
 def run_live(args: argparse.Namespace, rate_scale: float, tmp: Path) -> dict[str, Any]:
-    """Start a cluster, replay the window against it, stop it; the replay's summary.
+    """Start a cluster, replay the window against it while recording the router's decisions, read its
+    engines' pacing, stop it.
+
+    Returns the replay's summary with ``engine_pace`` (:func:`engine_pace`) and ``observed``
+    (:func:`observed_arrivals`) added.
 
     Raises:
         RuntimeError: the cluster did not come up, or the replay wrote no summary.
@@ -108,75 +211,228 @@ def run_live(args: argparse.Namespace, rate_scale: float, tmp: Path) -> dict[str
         cmd += ["--max-total-tokens", str(args.max_total_tokens)]
     with (tmp / "cluster.out").open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ})
+    tail: subprocess.Popen[bytes] | None = None
     try:
         url = _wait_router(proc, cluster_file, args.ready_timeout)
-        summary_path = tmp / "live.json"
+        decisions = tmp / "decisions.jsonl"
+        with decisions.open("wb") as dout:
+            tail = subprocess.Popen(
+                [sys.executable, "-m", "launch", "tail", "--cluster", str(cluster_file), "--type", "decision",
+                 "--json"],
+                stdout=dout, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+        time.sleep(1.5)  # the subscriber connects before the first request (ZeroMQ drops until then)
+        summary_path, records = tmp / "live.json", tmp / "records.jsonl"
         replay = [
             sys.executable, "-m", "launch", "replay", "--trace", str(args.trace), "--url", url,
             "--rate-scale", str(rate_scale), "--duration", str(args.duration),
-            "--summary-json", str(summary_path), "--no-progress",
+            "--summary-json", str(summary_path), "--out", str(records), "--no-progress",
         ]  # fmt: skip
         subprocess.run(replay, check=False)
         if not summary_path.is_file():
             raise RuntimeError("launch replay wrote no summary")
         live: dict[str, Any] = json.loads(summary_path.read_text())
+        live["engine_pace"] = engine_pace(cluster_file)
+        time.sleep(0.5)  # the last RequestFinished frames reach the subscriber
+        _stop(tail)
+        live["observed"] = observed_arrivals(records, decisions)
         return live
     finally:
+        if tail is not None:
+            _stop(tail)
         _stop(proc)
 
 
-def run_sim(args: argparse.Namespace, rate_scale: float) -> dict[str, Any]:
-    """The simulator on the same window and settings; :func:`result_summary` of the run."""
-    plan = window(load_trace(args.trace), rate_scale, args.duration)
-    cfg = SimConfig(
+def fit_ingest(
+    live: Sequence[dict[str, Any]], prompt_tokens: dict[int, int]
+) -> tuple[float, float, int] | None:
+    """Least-squares fit of the live runs' send-to-route delays, ``delay = a + b * prompt tokens``.
+
+    ``prompt_tokens``: trace index -> prompt length. Returns ``(a seconds, b seconds per token, requests
+    fitted)``, or None with fewer than two distinct prompt lengths observed.
+    """
+    xs: list[float] = []
+    ys: list[float] = []
+    for run in live:
+        for i, sent, routed in (run.get("observed") or {}).get("requests", []):
+            if routed is not None and i in prompt_tokens:
+                xs.append(float(prompt_tokens[i]))
+                ys.append(routed - sent)
+    if len(set(xs)) < 2:
+        return None
+    b, a = np.polyfit(np.asarray(xs), np.asarray(ys), 1)
+    return float(a), float(b), len(xs)
+
+
+def _sim_config(args: argparse.Namespace, seed: int) -> SimConfig:
+    return SimConfig(
         instances=args.instances,
         profile=args.profile,
         page_size=args.page_size,
         max_running_requests=args.max_running_requests,
         max_total_tokens=args.max_total_tokens,
         event_delay=args.event_delay,
+        ingest_delay=args.ingest_delay,
+        ingest_per_token=args.ingest_per_token,
+        seed=seed,
     )
-    return result_summary(simulate(plan, seeded_policy(args.policy, cfg.seed), cfg))
 
 
-def _pct(live: float | None, sim: float | None) -> str:
-    if live is None or sim is None or live == 0:
-        return "-"
-    return f"{100 * (sim - live) / live:+.1f}%"
+def run_sim(args: argparse.Namespace, rate_scale: float, seed: int = 0) -> dict[str, Any]:
+    """The simulator on the same window and settings with ``seed``, requests arriving at their trace
+    times (as ``launch simulate`` runs them); :func:`result_summary` of the run."""
+    plan = window(load_trace(args.trace), rate_scale, args.duration)
+    return result_summary(simulate(plan, seeded_policy(args.policy, seed), _sim_config(args, seed)))
 
 
-def side_by_side(live: dict[str, Any], sim: dict[str, Any], title: str) -> str:
-    """A table of the two summaries with the simulator's relative difference."""
+def run_sim_observed(
+    args: argparse.Namespace, rate_scale: float, observed: dict[str, Any], seed: int = 0
+) -> dict[str, Any] | None:
+    """The simulator on the requests a live run sent, each arriving when the live router routed it.
 
-    def f(v: float | None, scale: float = 1.0) -> str:
-        return "-" if v is None else f"{v * scale:.4g}"
+    Within a burst of equal trace timestamps the live order is set by how long each request took to send
+    and parse (long prompts arrive last), and that order decides which requests share an instance; this
+    run takes the order and the times from the live run, so what is left to differ is the model. Each
+    request's TTFT and E2E also get its live send-to-route delay, so they span the same interval as the
+    client's. A request the decisions missed arrives at its send time plus the median delay. None when
+    ``observed`` is empty.
+    """
+    rows = observed.get("requests") or []
+    by_index = {r.index: r for _, r in window(load_trace(args.trace), rate_scale, args.duration)}
+    delays = [rt - st for _, st, rt in rows if rt is not None]
+    if not rows or not delays:
+        return None
+    median = float(np.median(delays))
+    ingest: dict[int, float] = {}
+    plan = []
+    for i, st, rt in rows:
+        if i in by_index:
+            arrival = rt if rt is not None else st + median
+            ingest[i] = arrival - st
+            plan.append((arrival, by_index[i]))
+    cfg = dataclasses.replace(_sim_config(args, seed), ingest_delay=0.0, ingest_per_token=0.0)
+    res = simulate(plan, seeded_policy(args.policy, seed), cfg)
+    for rec in res.records:
+        d = ingest.get(rec.index, 0.0)
+        rec.start_time -= d
+        if rec.ttft is not None:
+            rec.ttft += d
+        if rec.e2e is not None:
+            rec.e2e += d
+    return result_summary(res)
 
-    rows: list[tuple[str, float | None, float | None]] = [
-        ("TTFT mean (s)", live["ttft"]["mean"], sim["ttft"]["mean"]),
-        ("TPOT mean (s)", live["tpot"]["mean"], sim["tpot"]["mean"]),
+
+Getter = Callable[[dict[str, Any]], float | None]
+
+
+def _at(key: str, stat: str) -> Getter:
+    """Reads ``summary[key][stat]`` (e.g. ``"tpot"``, ``"p99"``)."""
+    return lambda s: s[key][stat]
+
+
+def _rows() -> list[tuple[str, Getter]]:
+    """The compared metrics: (label, how to read it from a summary); mean TTFT and mean TPOT first."""
+    rows: list[tuple[str, Getter]] = [
+        ("TTFT mean (s)", _at("ttft", "mean")),
+        ("TPOT mean (s)", _at("tpot", "mean")),
     ]
     for k in ("ttft", "tpot", "e2e"):
         for q in ("p50", "p90", "p99"):
-            rows.append((f"{k.upper()} {q} (s)", live[k][q], sim[k][q]))
-    rows.append(("E2E mean (s)", live["e2e"]["mean"], sim["e2e"]["mean"]))
-    rows.append(("hit ratio", live["hit_ratio"], sim["hit_ratio"]))
-    rows.append(("throughput (req/s)", live["throughput_rps"], sim["throughput_rps"]))
-    rows.append(("output tok/s", live["output_tokens_per_s"], sim["output_tokens_per_s"]))
-    lines = [
-        title,
-        f"requests: live {live['requests']} ({live['failed']} failed), sim {sim['requests']} ({sim['failed']} failed)",
-        f"{'metric':<20}{'live':>12}{'sim':>12}{'sim vs live':>13}",
+            rows.append((f"{k.upper()} {q} (s)", _at(k, q)))
+    rows += [
+        ("E2E mean (s)", _at("e2e", "mean")),
+        ("hit ratio", lambda s: s["hit_ratio"]),
+        ("throughput (req/s)", lambda s: s["throughput_rps"]),
+        ("output tok/s", lambda s: s["output_tokens_per_s"]),
     ]
-    lines += [f"{name:<20}{f(lv):>12}{f(sv):>12}{_pct(lv, sv):>13}" for name, lv, sv in rows]
+    return rows
+
+
+def spread(runs: Sequence[dict[str, Any]], get: Getter) -> tuple[float, float, float] | None:
+    """``(mean, min, max)`` of one metric over ``runs`` (runs lacking it are skipped; None if all do)."""
+    vals = [v for v in (get(r) for r in runs) if v is not None]
+    if not vals:
+        return None
+    return sum(vals) / len(vals), min(vals), max(vals)
+
+
+def relative(live: float | None, sim: float | None) -> float | None:
+    """``(sim - live) / live``, or None when either is missing or ``live`` is 0."""
+    if live is None or sim is None or live == 0:
+        return None
+    return (sim - live) / live
+
+
+def _mean(x: tuple[float, float, float] | None) -> float | None:
+    return None if x is None else x[0]
+
+
+def side_by_side(
+    live: Sequence[dict[str, Any]],
+    sims: Sequence[tuple[str, Sequence[dict[str, Any]]]],
+    title: str,
+) -> str:
+    """A table of the live runs against one or more sets of simulated runs (``(label, runs)``): each
+    set's mean over its runs and the simulator's relative difference to the live mean; then, for mean
+    TTFT and mean TPOT, each set's min..max over its runs; then the live engines' pacing."""
+
+    def f(v: float | None) -> str:
+        return "-" if v is None else f"{v:.4g}"
+
+    head = f"{'metric':<20}{'live':>11}"
+    for label, _ in sims:
+        head += f"{label:>16}{'vs live':>9}"
+    lines = [title, f"runs: live {len(live)}, " + ", ".join(f"{label} {len(runs)}" for label, runs in sims)]
+    lines.append(
+        f"requests: live {live[0]['requests']} ({sum(r['failed'] for r in live)} failed in all runs), "
+        + ", ".join(f"{label} {sum(r['failed'] for r in runs)} failed" for label, runs in sims)
+    )
+    lines.append(head)
+    for name, get in _rows():
+        lv = _mean(spread(live, get))
+        row = f"{name:<20}{f(lv):>11}"
+        for _, runs in sims:
+            sv = _mean(spread(runs, get))
+            d = relative(lv, sv)
+            row += f"{f(sv):>16}{'-' if d is None else f'{100 * d:+.1f}%':>9}"
+        lines.append(row)
+    for key in ("ttft", "tpot"):
+        parts = []
+        for label, runs in (("live", live), *sims):
+            x = spread(runs, _at(key, "mean"))
+            if x is not None:
+                parts.append(f"{label} {f(x[1])}..{f(x[2])}")
+        lines.append(f"{key.upper()} mean range over runs: " + ", ".join(parts))
+    for i, r in enumerate(live):
+        p = r.get("engine_pace")
+        if p:
+            lines.append(
+                f"live run {i + 1} engine pacing: {p['steps']:.0f} steps, outputs"
+                f" {1000 * p['step_lateness_mean_s']:.2f} ms late on average,"
+                f" {100 * p['late_steps_over_10ms']:.1f}% of steps > 10 ms late,"
+                f" {p['pace_resync_s']:.2f} s given up to overload"
+            )
     return "\n".join(lines)
 
 
+def agreement(live: Sequence[dict[str, Any]], sim: Sequence[dict[str, Any]]) -> dict[str, float | None]:
+    """``{"ttft_mean", "tpot_mean"}``: the simulator's relative difference of the means over runs."""
+    out: dict[str, float | None] = {}
+    for key in ("ttft", "tpot"):
+        lv, sv = spread(live, _at(key, "mean")), spread(sim, _at(key, "mean"))
+        out[f"{key}_mean"] = relative(_mean(lv), _mean(sv))
+    return out
+
+
 def run_fidelity(args: argparse.Namespace) -> int:
-    """Entry point of ``launch fidelity``; returns the exit code."""
+    """Entry point of ``launch fidelity``; returns the exit code (1 if a live run failed, 2 bad flags)."""
     try:
         scales = [float(x) for x in args.rate_scales.split(",") if x.strip()]
         if not scales or min(scales) <= 0:
             raise ValueError("--rate-scales needs positive numbers")
+        if args.sim_seeds < 1 or args.live_runs < 1:
+            raise ValueError("--sim-seeds and --live-runs need at least 1")
+        check_ingest_arguments(args)
         load_trace(args.trace)
     except (ValueError, TraceError) as exc:
         print(f"launch fidelity: error: {exc}", file=sys.stderr)
@@ -188,22 +444,74 @@ def run_fidelity(args: argparse.Namespace) -> int:
             f"== rate scale {x:g}: first {args.duration:g} s of {args.trace.name}, {args.instances} x "
             f"{args.profile}, policy {args.policy}"
         )
-        print(f"{title}: live run ...", file=sys.stderr, flush=True)
-        with tempfile.TemporaryDirectory(prefix="fidelity-") as d:
-            try:
-                live = run_live(args, x, Path(d))
-            except RuntimeError as exc:
-                print(f"launch fidelity: live run failed: {exc}", file=sys.stderr)
-                logs = Path(d) / "cluster.out"
-                if logs.is_file():
-                    sys.stderr.write(logs.read_text()[-3000:])
-                code = 1
-                continue
-        print(f"{title}: simulating ...", file=sys.stderr, flush=True)
-        sim = run_sim(args, x)
-        print(side_by_side(live, sim, title), flush=True)
-        print()
-        report[f"{x:g}"] = {"live": live, "sim": sim}
+        live: list[dict[str, Any]] = []
+        for k in range(args.live_runs):
+            print(f"{title}: live run {k + 1}/{args.live_runs} ...", file=sys.stderr, flush=True)
+            with tempfile.TemporaryDirectory(prefix="fidelity-") as d:
+                try:
+                    live.append(run_live(args, x, Path(d)))
+                except RuntimeError as exc:
+                    print(f"launch fidelity: live run failed: {exc}", file=sys.stderr)
+                    logs = Path(d) / "cluster.out"
+                    if logs.is_file():
+                        sys.stderr.write(logs.read_text()[-3000:])
+                    code = 1
+        if not live:
+            continue
+        print(
+            f"{title}: simulating {args.sim_seeds} seed(s) per arrival mode ...", file=sys.stderr, flush=True
+        )
+        seeds = range(args.sim_seeds)
+        sim_trace = [run_sim(args, x, seed) for seed in seeds]
+        sim_obs = [
+            s
+            for run in live
+            for seed in seeds
+            if (s := run_sim_observed(args, x, run.get("observed") or {}, seed)) is not None
+        ]
+        sims: list[tuple[str, list[dict[str, Any]]]] = [(_TRACE, sim_trace)]
+        if sim_obs:
+            sims.append((_OBSERVED, sim_obs))
+        print(side_by_side(live, sims, title), flush=True)
+        lengths = {r.index: r.input_length for _, r in window(load_trace(args.trace), x, args.duration)}
+        fit = fit_ingest(live, lengths)
+        if fit is not None:
+            print(
+                f"live send-to-route delay, fitted over {fit[2]} requests: {1000 * fit[0]:.1f} ms +"
+                f" {1e6 * fit[1]:.2f} us per prompt token; {_TRACE} uses {1000 * args.ingest_delay:.1f} ms +"
+                f" {1e6 * args.ingest_per_token:.2f} us (--ingest-delay, --ingest-per-token)",
+                flush=True,
+            )
+        agree = {label: agreement(live, runs) for label, runs in sims}
+        for label, a in agree.items():
+            print(f"{label}: " + format_agreement(a, args.tolerance), flush=True)
+        print(flush=True)
+        report[f"{x:g}"] = {
+            "live": live,
+            "sim": sim_trace,
+            "sim_live_arrivals": sim_obs,
+            "agreement": agree,
+            "ingest_fit": None
+            if fit is None
+            else {"delay_s": fit[0], "per_token_s": fit[1], "requests": fit[2]},
+        }
     if args.summary_json:
         args.summary_json.write_text(json.dumps(report, indent=2) + "\n")
     return code
+
+
+_TRACE = "sim trace-arr"
+_OBSERVED = "sim live-arr"
+
+
+def format_agreement(agree: dict[str, float | None], tolerance: float) -> str:
+    """One line: each compared mean's relative difference and whether it is within ``tolerance``."""
+    parts = []
+    for k, v in agree.items():
+        label = k.replace("_", " ").upper().replace(" MEAN", " mean")
+        if v is None:
+            parts.append(f"{label} -")
+        else:
+            within = "within" if abs(v) <= tolerance else "OUTSIDE"
+            parts.append(f"{label} {100 * v:+.1f}% ({within} {100 * tolerance:g}%)")
+    return "agreement: " + ", ".join(parts)

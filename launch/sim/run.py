@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from agents.engine.profiles import DEFAULT_PROFILE, PROFILES
-from launch.sim.cluster import SimConfig, SimResult, simulate
+from launch.sim.cluster import INGEST_DELAY_S, INGEST_PER_TOKEN_S, SimConfig, SimResult, simulate
 from launch.sim.prompts import PromptFactory
 from launch.summary import format_summary, summarize
 from launch.trace import DEFAULT_VOCAB_SIZE, TraceError, TraceRequest, load_trace, window
@@ -98,6 +98,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=d.load_period,
         help="seconds between an engine's load reports (default %(default)s)",
     )
+    add_ingest_arguments(p)
     a(
         "--linear-a",
         type=float,
@@ -126,6 +127,7 @@ def config_from_args(a: argparse.Namespace) -> SimConfig:
         raise ValueError("--max-total-tokens must be positive")
     if a.event_delay < 0 or a.load_period <= 0:
         raise ValueError("--event-delay must be >= 0 and --load-period > 0")
+    check_ingest_arguments(a)
     if a.rate_scale <= 0:
         raise ValueError("--rate-scale must be positive")
     return SimConfig(
@@ -138,6 +140,8 @@ def config_from_args(a: argparse.Namespace) -> SimConfig:
         enable_mixed_chunk=a.enable_mixed_chunk,
         event_delay=a.event_delay,
         load_period=a.load_period,
+        ingest_delay=a.ingest_delay,
+        ingest_per_token=a.ingest_per_token,
         vocab_size=a.vocab_size,
         seed=a.seed,
     )
@@ -152,6 +156,29 @@ def policy_names(spec: str) -> list[str]:
         if n not in POLICIES:
             raise ValueError(f"unknown policy {n!r}; known: {', '.join(sorted(POLICIES))}")
     return names
+
+
+def add_ingest_arguments(p: argparse.ArgumentParser) -> None:
+    """``--ingest-delay`` and ``--ingest-per-token`` (see :data:`launch.sim.cluster.INGEST_DELAY_S`)."""
+    p.add_argument(
+        "--ingest-delay",
+        type=float,
+        default=INGEST_DELAY_S,
+        help="seconds from a request's send to its routing, plus --ingest-per-token per prompt token;"
+        " measured on this project's live cluster, 0 and 0: routed at trace time (default %(default)s)",
+    )
+    p.add_argument(
+        "--ingest-per-token",
+        type=float,
+        default=INGEST_PER_TOKEN_S,
+        help="seconds of ingest per prompt token (default %(default)s)",
+    )
+
+
+def check_ingest_arguments(a: argparse.Namespace) -> None:
+    """Raises ValueError if an ingest flag is negative."""
+    if a.ingest_delay < 0 or a.ingest_per_token < 0:
+        raise ValueError("--ingest-delay and --ingest-per-token must be >= 0")
 
 
 def seeded_policy(name: str, seed: int, linear_a: float = LINEAR_A, linear_b: float = LINEAR_B) -> Policy:
