@@ -85,7 +85,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = Path(tempfile.mkdtemp()) / f"{a.case}.jsonl"
     out.write_text("".join(json.dumps(d) + "\n" for d in make_trace(a.case)))
     plan = window(load_trace(out), 1.0, None)
-    cfg = SimConfig(instances=a.instances, profile=a.profile, max_running_requests=a.max_running_requests)
+    # The scenarios place each arrival at an exact time; ingest time would reorder them.
+    cfg = SimConfig(
+        instances=a.instances,
+        profile=a.profile,
+        max_running_requests=a.max_running_requests,
+        ingest_delay=0.0,
+        ingest_per_token=0.0,
+    )
     print(f"== {a.case}: {len(plan)} requests ({out}), {cfg.instances} x {cfg.profile}, "
           f"max running {cfg.max_running_requests}")  # fmt: skip
     print(f"{'policy':<16}{'TTFT mean':>10}{'p99':>8}{'TPOT mean':>11}{'p99':>8}{'hit':>7}  failure cases")
