@@ -216,7 +216,7 @@ def run_compare(args: argparse.Namespace) -> int:
         profile=args.profile,
         seed=args.seed,
         enable_mixed_chunk=args.enable_mixed_chunk,
-        ingest_delay=args.ingest_delay,
+        ingest_overhead=args.ingest_overhead,
         ingest_per_token=args.ingest_per_token,
     )
     title = f"{args.trace.name}, first {args.window:g} s, {cfg.instances} x {cfg.profile}" + (

@@ -120,7 +120,7 @@ def test_sim_on_observed_arrivals_follows_the_live_order(tmp_path: Path) -> None
     args = argparse.Namespace(
         trace=trace, duration=None, instances=1, profile="h100-llama3.1-8b", page_size=16,
         max_running_requests=128, max_total_tokens=None, event_delay=0.005, policy="round_robin",
-        ingest_delay=0.0, ingest_per_token=0.0,
+        ingest_overhead=0.0, ingest_per_token=0.0,
     )  # fmt: skip
     # Request 1 (3,000 tokens) was routed last of the burst, 0.2 s after it was sent.
     observed = {

@@ -12,11 +12,12 @@ from kvindex.hashing import block_hashes
 from kvindex.wire import BlockStored, LoadStat
 from launch.__main__ import main
 from launch.sim.cluster import (
-    INGEST_DELAY_S,
+    INGEST_OVERHEAD_S,
     INGEST_PER_TOKEN_S,
     SimConfig,
     SimResult,
     _needed_ticks,
+    ingest_times,
     simulate,
 )
 from launch.sim.prompts import PromptFactory
@@ -146,7 +147,7 @@ def test_prefix_hit_skips_prefill_on_the_virtual_clock() -> None:
     assert first.cached_tokens == 0 and second.cached_tokens == 16384 - 16  # the last page is recomputed
     p = get_profile(PROFILE)
     chunks = p.step_time([(8192, 0)]) + p.step_time([(8192, 8192)])
-    ingest = INGEST_DELAY_S + INGEST_PER_TOKEN_S * 16384  # send -> routed
+    ingest = INGEST_OVERHEAD_S + INGEST_PER_TOKEN_S * 16384  # send -> routed
     assert first.ttft == pytest.approx(ingest + chunks)  # send -> end of the step producing the first token
     assert second.ttft == pytest.approx(ingest + p.step_time([(16, 16368)]))
     assert second.ttft is not None and first.ttft is not None and second.ttft < first.ttft / 10
@@ -154,19 +155,32 @@ def test_prefix_hit_skips_prefill_on_the_virtual_clock() -> None:
     assert first.tpot == pytest.approx((first.e2e - first.ttft) / 3)
 
 
+def test_ingest_times_is_processor_sharing() -> None:
+    # A lone request: its own work. Two sent together: the shorter done at twice its work, the longer
+    # after both; a later one shares the server only while the earlier one is still in it.
+    assert ingest_times([1.0], [1000], 0.001, 1e-6) == pytest.approx([1.002])
+    got = ingest_times([0.0, 0.0, 0.5], [9000, 1000, 1000], 0.0, 1e-5)
+    assert got == pytest.approx([0.1, 0.02, 0.51])
+    got = ingest_times([0.0, 0.005], [1000, 1000], 0.0, 1e-5)  # overlap 0.005 s: each half speed then
+    assert got == pytest.approx([0.015, 0.02])
+    assert ingest_times([0.3, 0.1], [5, 7], 0.0, 0.0) == [0.3, 0.1]
+    assert ingest_times([], [], 0.001, 1e-6) == []
+
+
 def test_ingest_time_orders_a_burst_and_counts_in_ttft() -> None:
-    """Requests sharing a timestamp are routed after their ingest time (shortest prompt first), and TTFT
-    runs from the send; with no ingest time they are routed at once, in trace order."""
+    """Requests sharing a timestamp are routed after the router's processor-shared ingest (shortest
+    prompt first), and TTFT runs from the send; with no ingest work they are routed at once, in trace
+    order."""
     plan = [req(0, 0.0, list(range(1, 17)), out=2), req(1, 0.0, [100], out=2)]  # 8192 then 512 tokens
     p = get_profile(PROFILE)
-    long_ingest, short_ingest = 0.01 + 1e-5 * 8192, 0.01 + 1e-5 * 512
-    a, b = run(plan, "round_robin", instances=1, ingest_delay=0.01, ingest_per_token=1e-5).records
-    assert b.ttft == pytest.approx(short_ingest + p.step_time([(512, 0)]))  # routed first, prefilled alone
-    # The long prompt arrives after the short request has finished, and is prefilled alone.
-    assert b.e2e is not None and b.e2e < long_ingest
-    assert a.ttft == pytest.approx(long_ingest + p.step_time([(8192, 0)]))
+    work_long, work_short = 0.01 + 1e-5 * 8192, 0.01 + 1e-5 * 512
+    a, b = run(plan, "round_robin", instances=1, ingest_overhead=0.01, ingest_per_token=1e-5).records
+    assert b.ttft == pytest.approx(2 * work_short + p.step_time([(512, 0)]))  # routed first, prefilled alone
+    # The long prompt is routed after the short request has finished, and is prefilled alone.
+    assert b.e2e is not None and b.e2e < work_short + work_long
+    assert a.ttft == pytest.approx(work_short + work_long + p.step_time([(8192, 0)]))
     assert a.start_time == b.start_time == 0.0
-    a0, b0 = run(plan, "round_robin", instances=1, ingest_delay=0.0, ingest_per_token=0.0).records
+    a0, b0 = run(plan, "round_robin", instances=1, ingest_overhead=0.0, ingest_per_token=0.0).records
     # Routed together in trace order: the long prompt fills the first step's 8192-token prefill budget
     # and the short one waits behind it.
     assert a0.ttft == pytest.approx(p.step_time([(8192, 0)]))

@@ -13,13 +13,14 @@ order, and ``seq`` (insertion order) makes the order total, so a run is a pure f
    (``Random(seed)``). Only the ticks whose report is the newest one delivered when some request
    arrives are computed: for an arrival at ``t`` that is the last tick ``T`` with ``T + delay <= t``.
    Ticks in between would be superseded before the router reads them, so skipping them changes nothing.
-2. ``ARRIVAL``: trace request ``k`` arrives (trace time / rate scale + its ingest time); the router routes it at once
+2. ``ARRIVAL``: trace request ``k`` arrives (sent at trace time / rate scale, then ingested by the
+   router: :func:`ingest_times`); the router routes it at once
    (:class:`SimRouter`) and it is queued in the chosen engine.
 3. ``KICK``: an idle engine that received requests schedules a step (after every arrival of that
    instant, so simultaneous arrivals can share a first step).
 
-A request is sent at its trace time and arrives (is routed) its ingest time later
-(``SimConfig.ingest_delay + ingest_per_token * prompt tokens``); it reaches the engine with no further
+A request is sent at its trace time and arrives (is routed) once the router has ingested it
+(``SimConfig.ingest_overhead + ingest_per_token * prompt tokens`` of processor-shared work); it reaches the engine with no further
 forwarding delay, and tokens reach the client when their step ends. Per request: TTFT = end of the step
 producing its first token - send; e2e = end of its last step - send; TPOT = (e2e - TTFT) / (output
 tokens - 1), as ``launch replay`` measures them.
@@ -46,19 +47,60 @@ from launch.summary import RequestRecord
 from launch.trace import DEFAULT_VOCAB_SIZE, TraceRequest
 from router.policies import Policy
 
-__all__ = ["INGEST_DELAY_S", "INGEST_PER_TOKEN_S", "SimConfig", "SimResult", "simulate"]
+__all__ = ["INGEST_OVERHEAD_S", "INGEST_PER_TOKEN_S", "SimConfig", "SimResult", "ingest_times", "simulate"]
 
 _DONE, _TICK, _ARRIVAL, _KICK = 0, 1, 2, 3
 
-INGEST_DELAY_S = 0.007
-INGEST_PER_TOKEN_S = 1.0e-6
-"""A request's ingest time, send to routing decision: ``INGEST_DELAY_S + INGEST_PER_TOKEN_S * prompt
-tokens`` seconds (client write, HTTP transfer, JSON parse of the token ids, block hashing). Fitted by
-least squares to 1,002 requests of four ``launch fidelity`` live runs (Mooncake, 4 emulated instances,
-rate scales 0.5 and 1.0, this project's router on a 2-vCPU host): 6.4-8.0 ms + 0.94-1.04 us per prompt
-token per run. It matters because the Mooncake trace's timestamps come in 3 s steps, so a dozen requests
-share one; routed in trace order instead (both 0), the simulator's mean TPOT was 26-32 % below the live
-one (docs/simulator.md)."""
+INGEST_OVERHEAD_S = 0.001
+INGEST_PER_TOKEN_S = 0.26e-6
+"""The router's ingest work per request, from send to routing decision (client write, HTTP transfer,
+JSON parse of the token ids, block hashing): ``INGEST_OVERHEAD_S + INGEST_PER_TOKEN_S * prompt tokens``
+seconds, served by one shared CPU, processor-sharing (:func:`ingest_times`). Measured on this project's
+live router (2-vCPU host) with ``launch fidelity``: on the Azure trace, where requests rarely overlap,
+send-to-route delays fit 1.0-1.1 ms + 0.25-0.27 us per token; with those constants the processor-sharing
+queue predicts the Mooncake trace's burst delays (mean 24-26 ms predicted, 19-22 ms observed). It matters
+because the Mooncake trace's timestamps come in 3 s steps, so a dozen requests share one and are routed
+shortest first; routed in trace order instead (both 0), the simulator's mean TPOT was 12-32 % below the
+live one (docs/simulator.md)."""
+
+
+def ingest_times(
+    sends: Sequence[float], sizes: Sequence[int], overhead: float, per_token: float
+) -> list[float]:
+    """When each request is routed: a processor-sharing server (the router's one event loop reads and
+    parses every request in flight at once) with ``overhead + per_token * size`` seconds of work per
+    request. ``sends`` in seconds, ``sizes`` in prompt tokens, same order; the result in that order.
+
+    A lone request is routed its work after its send; ``n`` requests sent together share the server, so
+    the shortest is routed first, and the longest only after all of them (``sum`` of their work). Both
+    constants 0: the send times.
+    """
+    n = len(sends)
+    if overhead == 0.0 and per_token == 0.0:
+        return [float(t) for t in sends]
+    order = sorted(range(n), key=lambda i: (sends[i], i))
+    out = [0.0] * n
+    heap: list[
+        tuple[float, int]
+    ] = []  # (virtual finish, request): virtual time runs at 1 / requests in service
+    t = v = 0.0
+    k = 0
+    while k < n or heap:
+        next_send = sends[order[k]] if k < n else math.inf
+        if heap:
+            vf, i = heap[0]
+            t_fin = t + (vf - v) * len(heap)
+            if t_fin <= next_send:
+                heapq.heappop(heap)
+                t, v = t_fin, vf
+                out[i] = t
+                continue
+            v += (next_send - t) / len(heap)
+        t = next_send
+        i = order[k]
+        k += 1
+        heapq.heappush(heap, (v + overhead + per_token * sizes[i], i))
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,9 +110,9 @@ class SimConfig:
     Engine fields mirror ``agents.engine.server.ServerConfig`` (SGLang's flag names); router fields
     mirror ``router.config.RouterConfig`` defaults. ``event_delay``: engine -> agent -> router latency
     of KV event batches and load reports; ``load_period``: seconds between an engine's load reports;
-    ``ingest_delay + ingest_per_token * prompt tokens``: seconds from a request's send (its trace time)
-    to its routing (see :data:`INGEST_DELAY_S`). Both 0: every request is routed at its trace time, and
-    equal timestamps in trace order.
+    ``ingest_overhead + ingest_per_token * prompt tokens``: seconds of the router's ingest work per
+    request, processor-shared (see :data:`INGEST_OVERHEAD_S`). Both 0: every request is routed at its
+    trace time, and equal timestamps in trace order.
     """
 
     instances: int = 16
@@ -83,7 +125,7 @@ class SimConfig:
     context_length: int = 131072
     event_delay: float = 0.005
     load_period: float = 0.1
-    ingest_delay: float = INGEST_DELAY_S
+    ingest_overhead: float = INGEST_OVERHEAD_S
     ingest_per_token: float = INGEST_PER_TOKEN_S
     load_coverage_margin: float = 0.02
     speculative_ttl: float = 5.0
@@ -172,14 +214,13 @@ def simulate(
         cfg.speculative_ttl,
         cfg.max_speculative_per_instance,
     )
-    # Each request reaches the router its ingest time after it was sent: bursts of equal timestamps are
-    # routed shortest prompt first, as the live router (which routes a request once its body is read
-    # and parsed) routes them.
+    # Each request is routed once the router has ingested it (:func:`ingest_times`): bursts of equal
+    # timestamps are routed shortest prompt first, as the live router routes them.
     sent_at = {req.index: t for t, req in plan}
-    plan = sorted(
-        ((t + cfg.ingest_delay + cfg.ingest_per_token * req.input_length, req) for t, req in plan),
-        key=lambda p: (p[0], p[1].index),
+    routed_at = ingest_times(
+        [t for t, _ in plan], [req.input_length for _, req in plan], cfg.ingest_overhead, cfg.ingest_per_token
     )
+    plan = sorted(zip(routed_at, (req for _, req in plan), strict=True), key=lambda p: (p[0], p[1].index))
     records: dict[int, RequestRecord] = {}
     bar = tqdm(total=len(plan), unit="req", desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
 

@@ -40,7 +40,7 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from agents.engine.profiles import DEFAULT_PROFILE, PROFILES
-from launch.sim.cluster import SimConfig, simulate
+from launch.sim.cluster import SimConfig, ingest_times, simulate
 from launch.sim.run import add_ingest_arguments, check_ingest_arguments, result_summary, seeded_policy
 from launch.trace import TraceError, load_trace, window
 
@@ -243,25 +243,38 @@ def run_live(args: argparse.Namespace, rate_scale: float, tmp: Path) -> dict[str
         _stop(proc)
 
 
-def fit_ingest(
-    live: Sequence[dict[str, Any]], prompt_tokens: dict[int, int]
-) -> tuple[float, float, int] | None:
-    """Least-squares fit of the live runs' send-to-route delays, ``delay = a + b * prompt tokens``.
+def ingest_check(
+    live: Sequence[dict[str, Any]], prompt_tokens: dict[int, int], overhead: float, per_token: float
+) -> dict[str, float] | None:
+    """The live runs' send-to-route delays against what the simulator's ingest model
+    (:func:`launch.sim.cluster.ingest_times`) predicts for the same sends.
 
-    ``prompt_tokens``: trace index -> prompt length. Returns ``(a seconds, b seconds per token, requests
-    fitted)``, or None with fewer than two distinct prompt lengths observed.
+    ``prompt_tokens``: trace index -> prompt length. Returns ``{"requests", "observed_mean_s",
+    "observed_p90_s", "observed_max_s", "predicted_mean_s", "predicted_p90_s", "predicted_max_s"}``, or
+    None when no request was both sent and seen routed.
     """
-    xs: list[float] = []
-    ys: list[float] = []
+    obs: list[float] = []
+    pred: list[float] = []
     for run in live:
-        for i, sent, routed in (run.get("observed") or {}).get("requests", []):
-            if routed is not None and i in prompt_tokens:
-                xs.append(float(prompt_tokens[i]))
-                ys.append(routed - sent)
-    if len(set(xs)) < 2:
+        rows = [r for r in (run.get("observed") or {}).get("requests", []) if r[0] in prompt_tokens]
+        sends = [r[1] for r in rows]
+        routed = ingest_times(sends, [prompt_tokens[r[0]] for r in rows], overhead, per_token)
+        for (_, sent, seen), model in zip(rows, routed, strict=True):
+            if seen is not None:
+                obs.append(seen - sent)
+                pred.append(model - sent)
+    if not obs:
         return None
-    b, a = np.polyfit(np.asarray(xs), np.asarray(ys), 1)
-    return float(a), float(b), len(xs)
+    o, m = np.asarray(obs), np.asarray(pred)
+    return {
+        "requests": float(len(o)),
+        "observed_mean_s": float(o.mean()),
+        "observed_p90_s": float(np.percentile(o, 90)),
+        "observed_max_s": float(o.max()),
+        "predicted_mean_s": float(m.mean()),
+        "predicted_p90_s": float(np.percentile(m, 90)),
+        "predicted_max_s": float(m.max()),
+    }
 
 
 def _sim_config(args: argparse.Namespace, seed: int) -> SimConfig:
@@ -272,7 +285,7 @@ def _sim_config(args: argparse.Namespace, seed: int) -> SimConfig:
         max_running_requests=args.max_running_requests,
         max_total_tokens=args.max_total_tokens,
         event_delay=args.event_delay,
-        ingest_delay=args.ingest_delay,
+        ingest_overhead=args.ingest_overhead,
         ingest_per_token=args.ingest_per_token,
         seed=seed,
     )
@@ -310,7 +323,7 @@ def run_sim_observed(
             arrival = rt if rt is not None else st + median
             ingest[i] = arrival - st
             plan.append((arrival, by_index[i]))
-    cfg = dataclasses.replace(_sim_config(args, seed), ingest_delay=0.0, ingest_per_token=0.0)
+    cfg = dataclasses.replace(_sim_config(args, seed), ingest_overhead=0.0, ingest_per_token=0.0)
     res = simulate(plan, seeded_policy(args.policy, seed), cfg)
     for rec in res.records:
         d = ingest.get(rec.index, 0.0)
@@ -474,12 +487,15 @@ def run_fidelity(args: argparse.Namespace) -> int:
             sims.append((_OBSERVED, sim_obs))
         print(side_by_side(live, sims, title), flush=True)
         lengths = {r.index: r.input_length for _, r in window(load_trace(args.trace), x, args.duration)}
-        fit = fit_ingest(live, lengths)
-        if fit is not None:
+        ing = ingest_check(live, lengths, args.ingest_overhead, args.ingest_per_token)
+        if ing is not None:
             print(
-                f"live send-to-route delay, fitted over {fit[2]} requests: {1000 * fit[0]:.1f} ms +"
-                f" {1e6 * fit[1]:.2f} us per prompt token; {_TRACE} uses {1000 * args.ingest_delay:.1f} ms +"
-                f" {1e6 * args.ingest_per_token:.2f} us (--ingest-delay, --ingest-per-token)",
+                f"send-to-route delay over {ing['requests']:.0f} live requests: mean"
+                f" {1000 * ing['observed_mean_s']:.1f} ms, p90 {1000 * ing['observed_p90_s']:.1f} ms, max"
+                f" {1000 * ing['observed_max_s']:.0f} ms; the ingest model ({1000 * args.ingest_overhead:g} ms +"
+                f" {1e6 * args.ingest_per_token:g} us/token, processor-shared) predicts"
+                f" {1000 * ing['predicted_mean_s']:.1f}, {1000 * ing['predicted_p90_s']:.1f},"
+                f" {1000 * ing['predicted_max_s']:.0f} ms",
                 flush=True,
             )
         agree = {label: agreement(live, runs) for label, runs in sims}
@@ -491,9 +507,7 @@ def run_fidelity(args: argparse.Namespace) -> int:
             "sim": sim_trace,
             "sim_live_arrivals": sim_obs,
             "agreement": agree,
-            "ingest_fit": None
-            if fit is None
-            else {"delay_s": fit[0], "per_token_s": fit[1], "requests": fit[2]},
+            "ingest": ing,
         }
     if args.summary_json:
         args.summary_json.write_text(json.dumps(report, indent=2) + "\n")

@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         instances=a.instances,
         profile=a.profile,
         max_running_requests=a.max_running_requests,
-        ingest_delay=0.0,
+        ingest_overhead=0.0,
         ingest_per_token=0.0,
     )
     print(f"== {a.case}: {len(plan)} requests ({out}), {cfg.instances} x {cfg.profile}, "

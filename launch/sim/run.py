@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from agents.engine.profiles import DEFAULT_PROFILE, PROFILES
-from launch.sim.cluster import INGEST_DELAY_S, INGEST_PER_TOKEN_S, SimConfig, SimResult, simulate
+from launch.sim.cluster import INGEST_OVERHEAD_S, INGEST_PER_TOKEN_S, SimConfig, SimResult, simulate
 from launch.sim.prompts import PromptFactory
 from launch.summary import format_summary, summarize
 from launch.trace import DEFAULT_VOCAB_SIZE, TraceError, TraceRequest, load_trace, window
@@ -140,7 +140,7 @@ def config_from_args(a: argparse.Namespace) -> SimConfig:
         enable_mixed_chunk=a.enable_mixed_chunk,
         event_delay=a.event_delay,
         load_period=a.load_period,
-        ingest_delay=a.ingest_delay,
+        ingest_overhead=a.ingest_overhead,
         ingest_per_token=a.ingest_per_token,
         vocab_size=a.vocab_size,
         seed=a.seed,
@@ -159,26 +159,27 @@ def policy_names(spec: str) -> list[str]:
 
 
 def add_ingest_arguments(p: argparse.ArgumentParser) -> None:
-    """``--ingest-delay`` and ``--ingest-per-token`` (see :data:`launch.sim.cluster.INGEST_DELAY_S`)."""
+    """``--ingest-overhead`` and ``--ingest-per-token`` (see :data:`launch.sim.cluster.INGEST_OVERHEAD_S`)."""
     p.add_argument(
-        "--ingest-delay",
+        "--ingest-overhead",
         type=float,
-        default=INGEST_DELAY_S,
-        help="seconds from a request's send to its routing, plus --ingest-per-token per prompt token;"
-        " measured on this project's live cluster, 0 and 0: routed at trace time (default %(default)s)",
+        default=INGEST_OVERHEAD_S,
+        help="router ingest work per request in seconds, plus --ingest-per-token per prompt token, shared"
+        " by the requests in flight; measured on this project's router. Both 0: every request is routed"
+        " at its trace time (default %(default)s)",
     )
     p.add_argument(
         "--ingest-per-token",
         type=float,
         default=INGEST_PER_TOKEN_S,
-        help="seconds of ingest per prompt token (default %(default)s)",
+        help="router ingest work per prompt token in seconds (default %(default)s)",
     )
 
 
 def check_ingest_arguments(a: argparse.Namespace) -> None:
     """Raises ValueError if an ingest flag is negative."""
-    if a.ingest_delay < 0 or a.ingest_per_token < 0:
-        raise ValueError("--ingest-delay and --ingest-per-token must be >= 0")
+    if a.ingest_overhead < 0 or a.ingest_per_token < 0:
+        raise ValueError("--ingest-overhead and --ingest-per-token must be >= 0")
 
 
 def seeded_policy(name: str, seed: int, linear_a: float = LINEAR_A, linear_b: float = LINEAR_B) -> Policy:
