@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 
 from agents.engine.server import EngineServer, ServerConfig
+from launch.__main__ import main
 from launch.sim.fidelity import (
     agreement,
     engine_pace,
@@ -175,3 +176,27 @@ async def test_engine_pace_counts_steps_and_stalls(engine: EngineServer, tmp_pat
     assert pace["steps"] >= 400
     assert pace["pace_resync_s"] >= 1.0
     assert 0.0 <= pace["late_steps_over_10ms"] <= 1.0 and pace["step_lateness_mean_s"] >= 0.0
+
+
+def test_reuse_live_resimulates_stored_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--reuse-live`` compares stored live runs with fresh simulations and starts no cluster; a file
+    that is not a fidelity summary is a usage error."""
+    trace = write_trace(tmp_path / "t.jsonl")
+    stored = dict(
+        run_summary(0.2, 0.01, n=6), observed={"requests": [[i, 0.0, 0.01 * (i + 1)] for i in range(6)]}
+    )
+    runs = tmp_path / "live.json"
+    runs.write_text(json.dumps({"1": {"live": [stored]}}))
+    out = tmp_path / "report.json"
+    argv = ["fidelity", "--trace", str(trace), "--rate-scales", "1", "--reuse-live", str(runs),
+            "--sim-seeds", "2", "--instances", "2", "--summary-json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "runs: live 1, sim trace-arr 2, sim live-arr 2" in text and "sim live-arr: agreement:" in text
+    report = json.loads(out.read_text())["1"]
+    assert len(report["live"]) == 1 and len(report["sim"]) == 2 and len(report["sim_live_arrivals"]) == 2
+    assert report["ingest"]["requests"] == 6
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"1": {"live": "nope"}}))
+    assert main(["fidelity", "--trace", str(trace), "--reuse-live", str(bad)]) == 2
+    assert "not a launch fidelity summary" in capsys.readouterr().err

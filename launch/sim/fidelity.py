@@ -81,8 +81,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a(
         "--live-runs",
         type=int,
-        default=1,
-        help="live runs per level (about 2.5 min each at the defaults); mean shown (default %(default)s)",
+        default=None,
+        help="new live runs per level (about 2.5 min each at the defaults); the table shows their mean"
+        " (default: 1, or 0 with --reuse-live)",
+    )
+    a(
+        "--reuse-live",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="JSON",
+        help="also compare against the live runs stored in this earlier --summary-json (same trace,"
+        " duration, instances, profile and policy; repeatable): re-simulate without re-running them",
     )
     a(
         "--tolerance",
@@ -437,14 +447,37 @@ def agreement(live: Sequence[dict[str, Any]], sim: Sequence[dict[str, Any]]) -> 
     return out
 
 
+def load_live_runs(paths: Sequence[Path]) -> dict[str, list[dict[str, Any]]]:
+    """The live runs stored in earlier ``--summary-json`` files, per load level (``"0.5"``, ``"1"``).
+
+    Raises:
+        ValueError: a file cannot be read or is not a fidelity summary.
+    """
+    out: dict[str, list[dict[str, Any]]] = {}
+    for path in paths:
+        try:
+            report = json.loads(path.read_text())
+            for level, entry in report.items():
+                runs = entry["live"]
+                if not isinstance(runs, list) or not all(isinstance(r, dict) and "ttft" in r for r in runs):
+                    raise TypeError("live is not a list of replay summaries")
+                out.setdefault(level, []).extend(runs)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{path}: not a launch fidelity summary ({exc})") from exc
+    return out
+
+
 def run_fidelity(args: argparse.Namespace) -> int:
     """Entry point of ``launch fidelity``; returns the exit code (1 if a live run failed, 2 bad flags)."""
     try:
         scales = [float(x) for x in args.rate_scales.split(",") if x.strip()]
         if not scales or min(scales) <= 0:
             raise ValueError("--rate-scales needs positive numbers")
-        if args.sim_seeds < 1 or args.live_runs < 1:
-            raise ValueError("--sim-seeds and --live-runs need at least 1")
+        if args.live_runs is None:
+            args.live_runs = 0 if args.reuse_live else 1
+        if args.sim_seeds < 1 or args.live_runs < 0 or (args.live_runs == 0 and not args.reuse_live):
+            raise ValueError("--sim-seeds needs at least 1, and --live-runs at least 1 without --reuse-live")
+        reused = load_live_runs(args.reuse_live)
         check_ingest_arguments(args)
         load_trace(args.trace)
     except (ValueError, TraceError) as exc:
@@ -457,7 +490,9 @@ def run_fidelity(args: argparse.Namespace) -> int:
             f"== rate scale {x:g}: first {args.duration:g} s of {args.trace.name}, {args.instances} x "
             f"{args.profile}, policy {args.policy}"
         )
-        live: list[dict[str, Any]] = []
+        live: list[dict[str, Any]] = list(reused.get(f"{x:g}", []))
+        if reused:
+            print(f"{title}: {len(live)} stored live run(s)", file=sys.stderr, flush=True)
         for k in range(args.live_runs):
             print(f"{title}: live run {k + 1}/{args.live_runs} ...", file=sys.stderr, flush=True)
             with tempfile.TemporaryDirectory(prefix="fidelity-") as d:
