@@ -26,6 +26,7 @@ from launch.sim.fidelity import (
     spread,
 )
 from launch.summary import RequestRecord, summarize
+from launch.trace import load_trace, window
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -129,13 +130,14 @@ def test_sim_on_observed_arrivals_follows_the_live_order(tmp_path: Path) -> None
             [0, 0.0, 0.01], [1, 0.0, 0.2], [2, 0.0, 0.02], [3, 0.0, 0.03], [4, 1.0, 1.01], [5, 1.0, None],
         ]
     }  # fmt: skip
-    got = run_sim_observed(args, 1.0, observed)
+    plan = window(load_trace(trace), 1.0, None)
+    got = run_sim_observed(args, plan, observed)
     assert got is not None and got["requests"] == 6 and got["failed"] == 0
-    as_traced = run_sim(args, 1.0)
+    as_traced = run_sim(args, plan)
     # On one instance, the long prompt routed last no longer delays the three short ones' first tokens.
     assert got["ttft"]["p50"] < as_traced["ttft"]["p50"]
-    assert run_sim_observed(args, 1.0, {"requests": []}) is None
-    assert run_sim_observed(args, 1.0, {"requests": [[0, 0.0, None]]}) is None
+    assert run_sim_observed(args, plan, {"requests": []}) is None
+    assert run_sim_observed(args, plan, {"requests": [[0, 0.0, None]]}) is None
 
 
 @pytest.fixture

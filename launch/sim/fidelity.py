@@ -42,7 +42,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from agents.engine.profiles import DEFAULT_PROFILE, PROFILES
 from launch.sim.cluster import SimConfig, ingest_times, simulate
 from launch.sim.run import add_ingest_arguments, check_ingest_arguments, result_summary, seeded_policy
-from launch.trace import TraceError, load_trace, window
+from launch.trace import TraceError, TraceRequest, load_trace, window
 
 __all__ = ["add_arguments", "run_fidelity"]
 
@@ -301,17 +301,21 @@ def _sim_config(args: argparse.Namespace, seed: int) -> SimConfig:
     )
 
 
-def run_sim(args: argparse.Namespace, rate_scale: float, seed: int = 0) -> dict[str, Any]:
-    """The simulator on the same window and settings with ``seed``, requests arriving at their trace
-    times (as ``launch simulate`` runs them); :func:`result_summary` of the run."""
-    plan = window(load_trace(args.trace), rate_scale, args.duration)
+Plan = Sequence[tuple[float, TraceRequest]]
+"""One level's window of the trace: ``(send offset in seconds, request)``, as :func:`window` gives."""
+
+
+def run_sim(args: argparse.Namespace, plan: Plan, seed: int = 0) -> dict[str, Any]:
+    """The simulator on ``plan`` with ``args``' settings and ``seed``, requests sent at their trace times
+    (as ``launch simulate`` runs them); :func:`result_summary` of the run."""
     return result_summary(simulate(plan, seeded_policy(args.policy, seed), _sim_config(args, seed)))
 
 
 def run_sim_observed(
-    args: argparse.Namespace, rate_scale: float, observed: dict[str, Any], seed: int = 0
+    args: argparse.Namespace, plan: Plan, observed: dict[str, Any], seed: int = 0
 ) -> dict[str, Any] | None:
-    """The simulator on the requests a live run sent, each arriving when the live router routed it.
+    """The simulator on the requests of ``plan`` a live run sent, each arriving when the live router
+    routed it.
 
     Within a burst of equal trace timestamps the live order is set by how long each request took to send
     and parse (long prompts arrive last), and that order decides which requests share an instance; this
@@ -321,20 +325,20 @@ def run_sim_observed(
     ``observed`` is empty.
     """
     rows = observed.get("requests") or []
-    by_index = {r.index: r for _, r in window(load_trace(args.trace), rate_scale, args.duration)}
+    by_index = {r.index: r for _, r in plan}
     delays = [rt - st for _, st, rt in rows if rt is not None]
     if not rows or not delays:
         return None
     median = float(np.median(delays))
     ingest: dict[int, float] = {}
-    plan = []
+    routed = []
     for i, st, rt in rows:
         if i in by_index:
             arrival = rt if rt is not None else st + median
             ingest[i] = arrival - st
-            plan.append((arrival, by_index[i]))
+            routed.append((arrival, by_index[i]))
     cfg = dataclasses.replace(_sim_config(args, seed), ingest_overhead=0.0, ingest_per_token=0.0)
-    res = simulate(plan, seeded_policy(args.policy, seed), cfg)
+    res = simulate(routed, seeded_policy(args.policy, seed), cfg)
     for rec in res.records:
         d = ingest.get(rec.index, 0.0)
         rec.start_time -= d
@@ -479,7 +483,7 @@ def run_fidelity(args: argparse.Namespace) -> int:
             raise ValueError("--sim-seeds needs at least 1, and --live-runs at least 1 without --reuse-live")
         reused = load_live_runs(args.reuse_live)
         check_ingest_arguments(args)
-        load_trace(args.trace)
+        trace = load_trace(args.trace)
     except (ValueError, TraceError) as exc:
         print(f"launch fidelity: error: {exc}", file=sys.stderr)
         return 2
@@ -510,18 +514,19 @@ def run_fidelity(args: argparse.Namespace) -> int:
             f"{title}: simulating {args.sim_seeds} seed(s) per arrival mode ...", file=sys.stderr, flush=True
         )
         seeds = range(args.sim_seeds)
-        sim_trace = [run_sim(args, x, seed) for seed in seeds]
+        plan = window(trace, x, args.duration)
+        sim_trace = [run_sim(args, plan, seed) for seed in seeds]
         sim_obs = [
             s
             for run in live
             for seed in seeds
-            if (s := run_sim_observed(args, x, run.get("observed") or {}, seed)) is not None
+            if (s := run_sim_observed(args, plan, run.get("observed") or {}, seed)) is not None
         ]
         sims: list[tuple[str, list[dict[str, Any]]]] = [(_TRACE, sim_trace)]
         if sim_obs:
             sims.append((_OBSERVED, sim_obs))
         print(side_by_side(live, sims, title), flush=True)
-        lengths = {r.index: r.input_length for _, r in window(load_trace(args.trace), x, args.duration)}
+        lengths = {r.index: r.input_length for _, r in plan}
         ing = ingest_check(live, lengths, args.ingest_overhead, args.ingest_per_token)
         if ing is not None:
             print(
