@@ -108,7 +108,7 @@ async def send_one(
             url + path,
             data=body,
             # The trace index as the request id: the router's decision stream (``launch tail --type
-            # decision``) and the engines' logs can then be joined with ``--out``'s records.
+            # decision``) can then be joined with ``--out``'s records.
             headers={"Content-Type": "application/json", "X-Request-Id": f"replay-{req.index}"},
             timeout=aiohttp.ClientTimeout(total=timeout),
         ) as resp:
@@ -215,7 +215,6 @@ async def run_replay_async(args: argparse.Namespace) -> tuple[list[RequestRecord
             if delay > 0:
                 await asyncio.sleep(delay)
             rec = await send_one(session, url, args.api, body, req, prompt_len, args.timeout)
-            del body
             if rec.status != "ok":
                 failed += 1
                 bar.set_postfix(failed=failed)

@@ -20,8 +20,8 @@ order, and ``seq`` (insertion order) makes the order total, so a run is a pure f
    instant, so simultaneous arrivals can share a first step).
 
 A request is sent at its trace time and arrives (is routed) once the router has ingested it
-(``SimConfig.ingest_overhead + ingest_per_token * prompt tokens`` of processor-shared work); it reaches the engine with no further
-forwarding delay, and tokens reach the client when their step ends. Per request: TTFT = end of the step
+(``SimConfig.ingest_overhead + ingest_per_token * prompt tokens`` of processor-shared work); it reaches
+the engine with no further forwarding delay, and tokens reach the client when their step ends. Per request: TTFT = end of the step
 producing its first token - send; e2e = end of its last step - send; TPOT = (e2e - TTFT) / (output
 tokens - 1), as ``launch replay`` measures them.
 """
@@ -61,7 +61,7 @@ send-to-route delays fit 1.0-1.1 ms + 0.25-0.27 us per token; with those constan
 queue predicts the Mooncake trace's burst delays (mean 24-26 ms predicted, 19-22 ms observed). It matters
 because the Mooncake trace's timestamps come in 3 s steps, so a dozen requests share one and are routed
 shortest first; routed in trace order instead (both 0), the simulator's mean TPOT was 12-32 % below the
-live one (docs/simulator.md)."""
+live one in seven of eight level runs (docs/simulator.md)."""
 
 
 def ingest_times(
@@ -80,9 +80,8 @@ def ingest_times(
         return [float(t) for t in sends]
     order = sorted(range(n), key=lambda i: (sends[i], i))
     out = [0.0] * n
-    heap: list[
-        tuple[float, int]
-    ] = []  # (virtual finish, request): virtual time runs at 1 / requests in service
+    # (virtual finish, request); virtual time advances at 1 / (requests in service) per second
+    heap: list[tuple[float, int]] = []
     t = v = 0.0
     k = 0
     while k < n or heap:
