@@ -15,6 +15,8 @@ those the index said were cached on the chosen instance: their ratio is the rout
 Per instance, read at scrape time: up, routable, the router's effective batch size and queued prefill
 tokens (last load report plus its own not-yet-reported dispatches), requests in flight, pending
 dispatches and speculative blocks. HA metrics (role, takeovers, mirroring) come from :mod:`router.ha`.
+Staleness of the agents' streams: ``router_kv_event_age_seconds`` (engine publish to router receipt of a
+KV event batch) and ``router_load_report_age_seconds`` (agent receipt to router receipt of a load report).
 """
 
 from __future__ import annotations
@@ -27,12 +29,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from kvindex.wire import EventBatch, LoadReport
 from router.policies import FAILURE_KINDS, Decision
 
 if TYPE_CHECKING:
     from router.core import RouterCore
     from router.subscriber import Subscriber
 
+_AGE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0)
 _LATENCY_BUCKETS = (*Histogram.DEFAULT_BUCKETS[:-1], 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1, 2.5)
 SCORE_BUCKETS = (0.0, *(m * 10.0**e for e in range(2, 10) for m in (1.0, 2.5, 5.0)), 1e10)
@@ -92,6 +96,19 @@ class RouterMetrics:
             "Prompt tokens the index expected cached on the chosen instance (every attempt)",
             registry=r,
         )
+        self.event_age = Histogram(
+            "router_kv_event_age_seconds",
+            "Engine publish to router receipt of each KV event batch (router clock minus the engine's"
+            " KVEventBatch ts; assumes synchronised clocks): how stale the index is",
+            buckets=_AGE_BUCKETS,
+            registry=r,
+        )
+        self.load_age = Histogram(
+            "router_load_report_age_seconds",
+            "Agent receipt to router receipt of each load report (router clock minus the LoadReport ts)",
+            buckets=_AGE_BUCKETS,
+            registry=r,
+        )
         r.register(_StateCollector(core, subscriber))
 
     def observe_decision(self, decision: Decision, prompt_tokens: int) -> None:
@@ -99,6 +116,14 @@ class RouterMetrics:
         self.score.labels(decision.policy).observe(decision.score)
         self.prompt_tokens.inc(prompt_tokens)
         self.matched_tokens.inc(decision.cached_tokens)
+
+    def observe_stream_age(self, msg: object, now: float) -> None:
+        """Observe ``now`` (Unix seconds) minus the ``ts`` of an agent's EventBatch or LoadReport; other
+        messages, and negative ages from skewed clocks (counted as 0), change nothing else."""
+        if isinstance(msg, EventBatch):
+            self.event_age.observe(max(0.0, now - msg.ts))
+        elif isinstance(msg, LoadReport):
+            self.load_age.observe(max(0.0, now - msg.ts))
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

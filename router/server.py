@@ -37,7 +37,7 @@ from router.forward import ConnectFailed, Outcome, forward
 from router.ha import HANode
 from router.metrics import RouterMetrics
 from router.protocol import PARSERS, PATHS, GenerationRequest, RequestError, error_body
-from router.subscriber import SnapshotError, Subscriber, fetch_snapshot
+from router.subscriber import Received, SnapshotError, Subscriber, fetch_snapshot
 from router.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class RouterServer:
         self.cfg = cfg
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
         self.core = RouterCore(cfg, self._request_snapshot)
-        self.subscriber = Subscriber(cfg.agents, self.core.on_message)
+        self.subscriber = Subscriber(cfg.agents, self._on_agent_message)
         self.metrics = RouterMetrics(self.core, self.subscriber)
         self.port = 0
         self._started_at = int(time.time())
@@ -79,6 +79,11 @@ class RouterServer:
         """Where decisions and request ends are published (set by :class:`router.ha.HANode`)."""
         self.extra_state: Callable[[], dict[str, Any]] | None = None
         """Adds the ``ha`` section to ``GET /router/state``."""
+
+    def _on_agent_message(self, rec: Received) -> None:
+        """Record how stale the stream is, then hand the frame to the core."""
+        self.metrics.observe_stream_age(rec.msg, time.time())
+        self.core.on_message(rec)
 
     @property
     def url(self) -> str:

@@ -177,7 +177,7 @@ async def test_engine_pace_counts_steps_and_stalls(engine: EngineServer, tmp_pat
     pace = await asyncio.to_thread(engine_pace, cluster, 2.0)
     assert pace["steps"] >= 400
     assert pace["pace_resync_s"] >= 1.0
-    assert 0.0 <= pace["late_steps_over_10ms"] <= 1.0 and pace["step_lateness_mean_s"] >= 0.0
+    assert 0.0 <= pace["late_steps_over_10ms"] < 0.5 and pace["step_lateness_mean_s"] >= 0.0
 
 
 def test_reuse_live_resimulates_stored_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -594,6 +594,21 @@ async def test_routes_to_prefix_learned_from_event_batches() -> None:
         ]
 
 
+async def test_stream_age_histograms() -> None:
+    """The router measures how old each KV event batch (engine ts) and load report (agent ts) is."""
+    async with cluster(1) as c:
+        await wait_until(lambda: c.inst("i0").load is not None, "a load report")
+        a = c.agents[0]
+        await a.publish(
+            TOPIC_EVENTS, EventBatch(a.name, a.epoch, a.seq, time.time() - 0.3, (stored(PROMPT),))
+        )
+        await wait_until(lambda: c.router.core.index.blocks_of("i0") == 12, "events applied")  # type: ignore[union-attr]
+        assert await c.metric("router_kv_event_age_seconds_count") == 1
+        assert await c.metric("router_kv_event_age_seconds_sum") >= 0.3
+        assert await c.metric('router_kv_event_age_seconds_bucket{le="0.2"}') == 0
+        assert await c.metric("router_load_report_age_seconds_count") >= 1
+
+
 async def test_load_based_choice_when_nothing_is_cached() -> None:
     async with cluster(2) as c:
         c.agents[0].load = (8, 4, 5000, 0)

@@ -129,6 +129,33 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(timeout=10)
 
 
+def _scrape(url: str, timeout: float) -> dict[str, float]:
+    """``{sample name or name{le=...}: value}`` of a Prometheus endpoint (labels other than ``le``
+    summed); empty if it cannot be read."""
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=timeout) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return {}
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for sample in fam.samples:
+            le = sample.labels.get("le")
+            key = sample.name if le is None else f"{sample.name}{{le={float(le):g}}}"
+            out[key] = out.get(key, 0.0) + sample.value
+    return out
+
+
+def _endpoints(cluster_file: Path, role: str) -> list[str]:
+    """The HTTP endpoints of the processes of ``role`` in a ``launch cluster`` cluster file."""
+    procs = json.loads(cluster_file.read_text()).get("processes", [])
+    return [
+        p["endpoints"]["http"]
+        for p in procs
+        if p.get("role") == role and (p.get("endpoints") or {}).get("http")
+    ]
+
+
 def engine_pace(cluster_file: Path, timeout: float = 5.0) -> dict[str, float]:
     """The live engines' pacing, summed over the engines named in ``cluster_file``.
 
@@ -137,32 +164,42 @@ def engine_pace(cluster_file: Path, timeout: float = 5.0) -> dict[str, float]:
     and modelled seconds given up to overload. Engines that cannot be scraped are left out.
     """
     steps = late_sum = within_10ms = resync = 0.0
-    for proc in json.loads(cluster_file.read_text()).get("processes", []):
-        url = (proc.get("endpoints") or {}).get("http")
-        if proc.get("role") != "engine" or not url:
-            continue
-        try:
-            with urllib.request.urlopen(url + "/metrics", timeout=timeout) as resp:
-                text = resp.read().decode()
-        except OSError:
-            continue
-        for fam in text_string_to_metric_families(text):
-            for sample in fam.samples:
-                name = sample.name.removeprefix("emulated_engine:")
-                if name == "step_lateness_seconds_count":
-                    steps += sample.value
-                elif name == "step_lateness_seconds_sum":
-                    late_sum += sample.value
-                elif name == "step_lateness_seconds_bucket" and float(sample.labels.get("le", "nan")) == 0.01:
-                    within_10ms += sample.value
-                elif name == "pace_resync_seconds_total":
-                    resync += sample.value
+    for url in _endpoints(cluster_file, "engine"):
+        m = _scrape(url, timeout)
+        steps += m.get("emulated_engine:step_lateness_seconds_count", 0.0)
+        late_sum += m.get("emulated_engine:step_lateness_seconds_sum", 0.0)
+        within_10ms += m.get("emulated_engine:step_lateness_seconds_bucket{le=0.01}", 0.0)
+        resync += m.get("emulated_engine:pace_resync_seconds_total", 0.0)
     return {
         "steps": steps,
         "step_lateness_mean_s": late_sum / steps if steps else 0.0,
         "late_steps_over_10ms": (steps - within_10ms) / steps if steps else 0.0,
         "pace_resync_s": resync,
     }
+
+
+def stream_age(cluster_file: Path, timeout: float = 5.0) -> dict[str, float]:
+    """How old the primary router's inputs were when it received them (what ``--event-delay`` models).
+
+    Returns ``{"kv_event_age_mean_s", "kv_event_batches", "load_report_age_mean_s", "load_reports"}``
+    (zeros if the router cannot be scraped).
+    """
+    out = {
+        "kv_event_age_mean_s": 0.0,
+        "kv_event_batches": 0.0,
+        "load_report_age_mean_s": 0.0,
+        "load_reports": 0.0,
+    }
+    for url in _endpoints(cluster_file, "router-primary")[:1]:
+        m = _scrape(url, timeout)
+        for name, mean_key, n_key in (
+            ("router_kv_event_age_seconds", "kv_event_age_mean_s", "kv_event_batches"),
+            ("router_load_report_age_seconds", "load_report_age_mean_s", "load_reports"),
+        ):
+            n = m.get(f"{name}_count", 0.0)
+            out[n_key] = n
+            out[mean_key] = m.get(f"{name}_sum", 0.0) / n if n else 0.0
+    return out
 
 
 def observed_arrivals(records_file: Path, decisions_file: Path) -> dict[str, Any]:
@@ -243,6 +280,7 @@ def run_live(args: argparse.Namespace, rate_scale: float, tmp: Path) -> dict[str
             raise RuntimeError("launch replay wrote no summary")
         live: dict[str, Any] = json.loads(summary_path.read_text())
         live["engine_pace"] = engine_pace(cluster_file)
+        live["stream_age"] = stream_age(cluster_file)
         time.sleep(0.5)  # the last RequestFinished frames reach the subscriber
         _stop(tail)
         live["observed"] = observed_arrivals(records, decisions)
@@ -438,6 +476,13 @@ def side_by_side(
                 f" {1000 * p['step_lateness_mean_s']:.2f} ms late on average,"
                 f" {100 * p['late_steps_over_10ms']:.1f}% of steps > 10 ms late,"
                 f" {p['pace_resync_s']:.2f} s given up to overload"
+            )
+        a = r.get("stream_age")
+        if a and a["kv_event_batches"]:
+            lines.append(
+                f"live run {i + 1} router inputs: KV event batches {1000 * a['kv_event_age_mean_s']:.2f} ms old on"
+                f" average ({a['kv_event_batches']:.0f}), load reports {1000 * a['load_report_age_mean_s']:.2f} ms"
+                f" ({a['load_reports']:.0f})"
             )
     return "\n".join(lines)
 
