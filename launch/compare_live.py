@@ -33,7 +33,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from launch.sim.fidelity import _stop, _wait_router
+from launch.sim.live_run import stop_process, wait_router
 from router.policies import POLICIES
 
 __all__ = ["add_arguments", "run_compare_live"]
@@ -157,7 +157,7 @@ def _one(
     except RuntimeError as exc:
         return {"error": str(exc)}
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 def _fmt(name: str, s: dict[str, Any]) -> str:
@@ -202,7 +202,7 @@ def run_compare_live(args: argparse.Namespace) -> int:
     results: dict[str, dict[str, Any]] = {}
     try:
         try:
-            _wait_router(cluster, cluster_file, args.ready_timeout)
+            wait_router(cluster, cluster_file, args.ready_timeout)
         except RuntimeError as exc:
             print(f"launch compare-live: {exc} (logs in {tmp})", file=sys.stderr)
             return 1
@@ -215,7 +215,7 @@ def run_compare_live(args: argparse.Namespace) -> int:
             print(f"  {n}: " + ("error: " + results[n]["error"] if "error" in results[n] else
                   f"mean TTFT {results[n]['ttft']['mean']:.3f} s"), flush=True)  # fmt: skip
     finally:
-        _stop(cluster)
+        stop_process(cluster)
     print(
         f"\n{args.trace.name}, first {args.duration:g} s at rate scale {args.rate_scale:g}, "
         f"{args.instances} x {args.profile} (live, emulated engines)\n"

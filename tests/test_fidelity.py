@@ -1,4 +1,5 @@
-"""``launch fidelity``'s comparison logic (pure) and its scrape of a real emulated engine's pacing metrics."""
+"""``launch fidelity``: its comparison logic (pure), re-simulation of stored live runs, and the live side's
+join of records with decisions and scrape of a real emulated engine's pacing metrics."""
 
 from __future__ import annotations
 
@@ -16,15 +17,14 @@ from agents.engine.server import EngineServer, ServerConfig
 from launch.__main__ import main
 from launch.sim.fidelity import (
     agreement,
-    engine_pace,
     format_agreement,
-    observed_arrivals,
     relative,
     run_sim,
     run_sim_observed,
     side_by_side,
     spread,
 )
+from launch.sim.live_run import engine_pace, observed_arrivals
 from launch.summary import RequestRecord, summarize
 from launch.trace import load_trace, window
 
