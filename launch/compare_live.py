@@ -33,7 +33,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from launch.sim.live_run import stop_process, wait_router
+from launch.sim.live_run import cluster_endpoints, stop_process, wait_router
 from router.policies import POLICIES
 
 __all__ = ["add_arguments", "run_compare_live"]
@@ -206,9 +206,8 @@ def run_compare_live(args: argparse.Namespace) -> int:
         except RuntimeError as exc:
             print(f"launch compare-live: {exc} (logs in {tmp})", file=sys.stderr)
             return 1
-        procs = json.loads(cluster_file.read_text())["processes"]
-        engines = [p["endpoints"]["http"] for p in procs if p["role"] == "engine"]
-        agents = [p["endpoints"]["pub"] for p in procs if p["role"] == "agent"]
+        engines = cluster_endpoints(cluster_file, "engine")
+        agents = cluster_endpoints(cluster_file, "agent", "pub")
         print(f"cluster: {len(engines)} x {args.profile} (logs in {tmp})", flush=True)
         for n in names:
             results[n] = _one(args, n, agents, engines, tmp)

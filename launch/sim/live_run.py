@@ -23,7 +23,15 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-__all__ = ["engine_pace", "observed_arrivals", "run_live", "stop_process", "stream_age", "wait_router"]
+__all__ = [
+    "cluster_endpoints",
+    "engine_pace",
+    "observed_arrivals",
+    "run_live",
+    "stop_process",
+    "stream_age",
+    "wait_router",
+]
 
 
 def wait_router(proc: subprocess.Popen[bytes], cluster_file: Path, timeout: float) -> str:
@@ -69,13 +77,12 @@ def _scrape(url: str, timeout: float) -> dict[str, float]:
     return out
 
 
-def _endpoints(cluster_file: Path, role: str) -> list[str]:
-    """The HTTP endpoints of the processes of ``role`` in a ``launch cluster`` cluster file."""
+def cluster_endpoints(cluster_file: Path, role: str, kind: str = "http") -> list[str]:
+    """The ``kind`` endpoints (``"http"``, ``"pub"``, ...) of the processes of ``role`` (``"engine"``,
+    ``"agent"``, ``"router-primary"``) in a ``launch cluster`` cluster file, in file order."""
     procs = json.loads(cluster_file.read_text()).get("processes", [])
     return [
-        p["endpoints"]["http"]
-        for p in procs
-        if p.get("role") == role and (p.get("endpoints") or {}).get("http")
+        p["endpoints"][kind] for p in procs if p.get("role") == role and (p.get("endpoints") or {}).get(kind)
     ]
 
 
@@ -87,7 +94,7 @@ def engine_pace(cluster_file: Path, timeout: float = 5.0) -> dict[str, float]:
     and modelled seconds given up to overload. Engines that cannot be scraped are left out.
     """
     steps = late_sum = within_10ms = resync = 0.0
-    for url in _endpoints(cluster_file, "engine"):
+    for url in cluster_endpoints(cluster_file, "engine"):
         m = _scrape(url, timeout)
         steps += m.get("emulated_engine:step_lateness_seconds_count", 0.0)
         late_sum += m.get("emulated_engine:step_lateness_seconds_sum", 0.0)
@@ -113,7 +120,7 @@ def stream_age(cluster_file: Path, timeout: float = 5.0) -> dict[str, float]:
         "load_report_age_mean_s": 0.0,
         "load_reports": 0.0,
     }
-    for url in _endpoints(cluster_file, "router-primary")[:1]:
+    for url in cluster_endpoints(cluster_file, "router-primary")[:1]:
         m = _scrape(url, timeout)
         for name, mean_key, n_key in (
             ("router_kv_event_age_seconds", "kv_event_age_mean_s", "kv_event_batches"),
@@ -145,9 +152,8 @@ def observed_arrivals(records_file: Path, decisions_file: Path) -> dict[str, Any
             d = json.loads(line)
             rid = str(d.get("request_id") or "")
             if d.get("event") == "RequestRouted" and rid.startswith("replay-"):
-                routed.setdefault(
-                    int(rid.split("-", 1)[1]), float(d["ts"])
-                )  # a retry re-routes: keep the first
+                # A retry routes the request again: its first decision is when it arrived.
+                routed.setdefault(int(rid.split("-", 1)[1]), float(d["ts"]))
     if not sent:
         return {"requests": []}
     t0 = min(sent.values())
@@ -158,10 +164,10 @@ def observed_arrivals(records_file: Path, decisions_file: Path) -> dict[str, Any
 
 def run_live(args: argparse.Namespace, rate_scale: float, tmp: Path) -> dict[str, Any]:
     """Start a cluster, replay the window against it while recording the router's decisions, read its
-    engines' pacing, stop it.
+    engines' pacing and its router's input ages, stop it.
 
-    Returns the replay's summary with ``engine_pace`` (:func:`engine_pace`) and ``observed``
-    (:func:`observed_arrivals`) added.
+    Returns the replay's summary with ``engine_pace`` (:func:`engine_pace`), ``stream_age``
+    (:func:`stream_age`) and ``observed`` (:func:`observed_arrivals`) added.
 
     Raises:
         RuntimeError: the cluster did not come up, or the replay wrote no summary.
