@@ -187,6 +187,19 @@ def test_ingest_time_orders_a_burst_and_counts_in_ttft() -> None:
     assert b0.ttft is not None and a0.ttft is not None and b0.ttft > a0.ttft > 5 * (b.ttft or 0.0)
 
 
+def test_given_routing_times_replace_the_ingest_model() -> None:
+    plan = [req(0, 0.0, list(range(1, 17)), out=2), req(1, 0.0, [100], out=2)]
+    cfg = SimConfig(instances=1, profile=PROFILE)
+    sends = [(r.arrival, r) for r in plan]
+    a, b = simulate(sends, make_policy("round_robin"), cfg, routed_at=[0.5, 0.0]).records
+    p = get_profile(PROFILE)
+    assert b.ttft == pytest.approx(p.step_time([(512, 0)]))  # routed at its send
+    assert b.e2e is not None and b.e2e < 0.5
+    assert a.ttft == pytest.approx(0.5 + p.step_time([(8192, 0)]))  # routed 0.5 s after its send
+    with pytest.raises(ValueError, match="routed_at"):
+        simulate(sends, make_policy("round_robin"), cfg, routed_at=[0.0])
+
+
 def test_batch_statistics_and_rejections() -> None:
     plan = [req(k, 0.0, [k + 1], 400, out=50) for k in range(6)] + [req(6, 0.1, [99, 98, 97], 1500)]
     res = run(plan, "round_robin", instances=2, max_total_tokens=1024)

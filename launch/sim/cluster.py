@@ -189,16 +189,21 @@ def simulate(
     prompts: PromptFactory | None = None,
     progress: bool = False,
     desc: str = "",
+    routed_at: Sequence[float] | None = None,
 ) -> SimResult:
-    """Replay ``plan`` (``(arrival seconds, request)`` pairs, as :func:`launch.trace.window` gives) through
+    """Replay ``plan`` (``(send seconds, request)`` pairs, as :func:`launch.trace.window` gives) through
     ``cfg.instances`` simulated engines routed by ``policy``; runs until every request has finished.
 
+    Each request is routed at :func:`ingest_times` of the sends, or at ``routed_at`` (seconds, one per
+    ``plan`` entry, e.g. a live run's routing times) when given; latencies run from the send either way.
     ``prompts`` may be shared between runs of the same page size (it only memoises). Raises
     :class:`launch.trace.TraceError` if a request has too few ``hash_ids``, ``ValueError`` for an unknown
-    profile or a bad config.
+    profile, a bad config or a ``routed_at`` of another length than ``plan``.
     """
     if cfg.instances < 1 or cfg.load_period <= 0 or cfg.event_delay < 0:
         raise ValueError("need instances >= 1, load_period > 0 and event_delay >= 0")
+    if routed_at is not None and len(routed_at) != len(plan):
+        raise ValueError(f"routed_at has {len(routed_at)} times for {len(plan)} requests")
     wall0 = time.perf_counter()
     profile = get_profile(cfg.profile)
     if prompts is None or prompts.page_size != cfg.page_size:
@@ -216,9 +221,13 @@ def simulate(
     # Each request is routed once the router has ingested it (:func:`ingest_times`): bursts of equal
     # timestamps are routed shortest prompt first, as the live router routes them.
     sent_at = {req.index: t for t, req in plan}
-    routed_at = ingest_times(
-        [t for t, _ in plan], [req.input_length for _, req in plan], cfg.ingest_overhead, cfg.ingest_per_token
-    )
+    if routed_at is None:
+        routed_at = ingest_times(
+            [t for t, _ in plan],
+            [req.input_length for _, req in plan],
+            cfg.ingest_overhead,
+            cfg.ingest_per_token,
+        )
     plan = sorted(zip(routed_at, (req for _, req in plan), strict=True), key=lambda p: (p[0], p[1].index))
     records: dict[int, RequestRecord] = {}
     bar = tqdm(total=len(plan), unit="req", desc=desc, disable=not progress, dynamic_ncols=True, leave=False)

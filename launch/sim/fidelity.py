@@ -22,7 +22,6 @@ the live side ``--live-runs`` times; the table compares the means over runs and 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import tempfile
@@ -158,8 +157,8 @@ def run_sim(args: argparse.Namespace, plan: Plan, seed: int = 0) -> dict[str, An
 def run_sim_observed(
     args: argparse.Namespace, plan: Plan, observed: dict[str, Any], seed: int = 0
 ) -> dict[str, Any] | None:
-    """The simulator on the requests of ``plan`` a live run sent, each arriving when the live router
-    routed it.
+    """The simulator on the requests of ``plan`` a live run sent, each routed when the live router routed
+    it (``simulate(..., routed_at=...)``).
 
     Within a burst of equal trace timestamps the live order is set by how long each request took to send
     and parse (long prompts arrive last), and that order decides which requests share an instance; this
@@ -174,22 +173,9 @@ def run_sim_observed(
     if not rows or not delays:
         return None
     median = float(np.median(delays))
-    ingest: dict[int, float] = {}
-    routed = []
-    for i, st, rt in rows:
-        if i in by_index:
-            arrival = rt if rt is not None else st + median
-            ingest[i] = arrival - st
-            routed.append((arrival, by_index[i]))
-    cfg = dataclasses.replace(_sim_config(args, seed), ingest_overhead=0.0, ingest_per_token=0.0)
-    res = simulate(routed, seeded_policy(args.policy, seed), cfg)
-    for rec in res.records:
-        d = ingest.get(rec.index, 0.0)
-        rec.start_time -= d
-        if rec.ttft is not None:
-            rec.ttft += d
-        if rec.e2e is not None:
-            rec.e2e += d
+    sent = [(st, by_index[i]) for i, st, _ in rows if i in by_index]
+    routes = [st + median if rt is None else rt for i, st, rt in rows if i in by_index]
+    res = simulate(sent, seeded_policy(args.policy, seed), _sim_config(args, seed), routed_at=routes)
     return result_summary(res)
 
 
