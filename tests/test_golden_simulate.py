@@ -1,0 +1,66 @@
+"""The simulator's output is pinned: the routing model may be restructured, its decisions may not change.
+
+``tests/golden/simulate_mooncake_300s_8x.json`` was written by ``launch simulate`` before the router, the
+standby and the simulator were moved onto one routing model (issue 11), with::
+
+    python -m launch simulate --trace launch/traces/mooncake/conversation_trace.jsonl --instances 8 \
+        --duration 300 --seed 0 --summary-json OUT --no-progress \
+        --policies bailian,dynamo,linear,lmetric,lmetric_plain,power_of_two,random,round_robin,sglang_cache_aware,vllm_v1
+
+and this test runs the same command and compares every field but the wall-clock ones (``sim_wall_s`` and
+the trace's path). A change in any routing decision moves some latency, hit ratio or decision count.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = ROOT / "tests/golden/simulate_mooncake_300s_8x.json"
+TRACE = ROOT / "launch/traces/mooncake/conversation_trace.jsonl"
+POLICIES = (
+    "bailian,dynamo,linear,lmetric,lmetric_plain,power_of_two,random,round_robin,sglang_cache_aware,vllm_v1"
+)
+
+
+def _strip(d: dict[str, Any]) -> dict[str, Any]:
+    for run in d["runs"].values():
+        run.pop("sim_wall_s", None)
+    d["config"].pop("trace", None)
+    return d
+
+
+@pytest.mark.timeout(300)
+def test_simulate_matches_golden(tmp_path: Path) -> None:
+    out = tmp_path / "summary.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "launch",
+        "simulate",
+        "--trace",
+        str(TRACE),
+        "--instances",
+        "8",
+        "--duration",
+        "300",
+        "--seed",
+        "0",
+        "--policies",
+        POLICIES,
+        "--summary-json",
+        str(out),
+        "--no-progress",
+    ]
+    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, timeout=280)
+    got = _strip(json.loads(out.read_text()))
+    want = json.loads(GOLDEN.read_text())
+    for policy in want["runs"]:
+        assert got["runs"][policy] == want["runs"][policy], policy
+    assert got == want
