@@ -45,7 +45,7 @@ import zmq
 import zmq.asyncio
 
 from agents.config import AgentConfig, parse_args
-from agents.counters import AgentCounters, RateLimitedLog
+from agents.counters import AgentCounters
 from agents.engine_link import (
     EngineDiscoveryError,
     EngineInfo,
@@ -57,6 +57,7 @@ from agents.engine_link import (
 )
 from agents.kv_follower import KvFollower
 from kvindex import wire
+from kvindex.logutil import RateLimitedLog
 from kvindex.mirror import BlockMirror
 from launch.ready import announce_ready
 
@@ -404,17 +405,7 @@ class Agent:
         self._load_seq = seq
         if suspect and self._follower is not None:
             await self._follower.verify()
-        report = wire.LoadReport(
-            instance=self.instance,
-            agent_epoch=self.epoch,
-            ts=time.time(),
-            running=stat.num_running_reqs,
-            waiting=stat.num_waiting_reqs,
-            queued_prefill_tokens=stat.num_waiting_uncached_tokens,
-            kv_used_tokens=stat.num_tokens,
-            kv_capacity_tokens=stat.max_total_num_tokens,
-            max_running_requests=stat.max_running_requests,
-        )
+        report = wire.LoadReport.of_stat(stat, self.instance, self.epoch, time.time())
         await self._publish(wire.TOPIC_LOAD, report)
 
     async def _on_snapshot_request(self, frames: list[bytes]) -> None:

@@ -6,8 +6,6 @@ reader in the same event loop may read them at any time (no locking needed, no a
 
 from __future__ import annotations
 
-import logging
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -44,27 +42,3 @@ class AgentCounters:
     def total_malformed(self) -> int:
         """Sum of ``malformed`` over every stream and reason."""
         return sum(self.malformed.values())
-
-
-class RateLimitedLog:
-    """Logs a warning per key at most once per ``period`` seconds, reporting how many were suppressed."""
-
-    def __init__(self, logger: logging.Logger, period: float = 5.0) -> None:
-        self._log = logger
-        self._period = period
-        self._last: dict[str, float] = {}
-        self._suppressed: Counter[str] = Counter()
-
-    def warning(self, key: str, msg: str, *args: object) -> None:
-        """Log ``msg % args`` unless ``key`` was logged less than ``period`` seconds ago."""
-        now = time.monotonic()
-        last = self._last.get(key)
-        if last is not None and now - last < self._period:
-            self._suppressed[key] += 1
-            return
-        self._last[key] = now
-        n = self._suppressed.pop(key, 0)
-        if n:
-            self._log.warning(msg + " (%d similar suppressed)", *args, n)
-        else:
-            self._log.warning(msg, *args)

@@ -47,9 +47,10 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from agents.counters import AgentCounters, RateLimitedLog
+from agents.counters import AgentCounters
 from agents.engine_link import ReplayClient, ReplayError
 from kvindex import wire
+from kvindex.logutil import RateLimitedLog
 from kvindex.mirror import BlockMirror
 
 log = logging.getLogger(__name__)

@@ -645,6 +645,23 @@ class LoadReport:
         """Running plus waiting requests (LMetric's ``bs``)."""
         return self.running + self.waiting
 
+    @classmethod
+    def of_stat(cls, stat: LoadStat, instance: str, agent_epoch: int, ts: float) -> LoadReport:
+        """The report of engine LoadStat ``stat`` (the one mapping, used by the agent and the simulator):
+        ``running``/``waiting`` = its running/waiting requests, ``queued_prefill_tokens`` = its waiting
+        requests' uncached tokens, ``kv_used_tokens``/``kv_capacity_tokens`` = its used/total KV tokens."""
+        return cls(
+            instance=instance,
+            agent_epoch=agent_epoch,
+            ts=ts,
+            running=stat.num_running_reqs,
+            waiting=stat.num_waiting_reqs,
+            queued_prefill_tokens=stat.num_waiting_uncached_tokens,
+            kv_used_tokens=stat.num_tokens,
+            kv_capacity_tokens=stat.max_total_num_tokens,
+            max_running_requests=stat.max_running_requests,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Heartbeat:

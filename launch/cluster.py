@@ -40,7 +40,7 @@ import aiohttp
 
 from launch.procs import Child, ChildFailed, stop_all
 from launch.sglang_engines import SGLANG_MODULE, allocate_ports, parse_gpus, server_args
-from router.policies import POLICIES
+from router.model.policies import POLICIES
 
 log = logging.getLogger("launch.cluster")
 
@@ -89,7 +89,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--policy",
         default=d.policy,
-        help="routing policy, one of router.policies.POLICIES (default %(default)s)",
+        help="routing policy, one of router.model.policies.POLICIES (default %(default)s)",
     )
     p.add_argument(
         "--cluster-file",

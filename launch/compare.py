@@ -34,7 +34,7 @@ from launch.sim.batch import Batch, Bisection, RunResult, RunSpec, bisect_rate, 
 from launch.sim.cluster import SimConfig
 from launch.sim.run import add_ingest_arguments, check_ingest_arguments
 from launch.trace import TraceError
-from router.policies import POLICIES, PUBLISHED
+from router.model.policies import POLICIES, PUBLISHED
 
 __all__ = ["add_arguments", "run_compare"]
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from launch.sim.live_run import cluster_endpoints, stop_process, wait_router
-from router.policies import POLICIES
+from router.model.policies import POLICIES
 
 __all__ = ["add_arguments", "run_compare_live"]
 

@@ -6,6 +6,8 @@ import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from router.model.config import DEFAULTS, ModelConfig
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 ROLES = ("primary", "standby")
 TAKEOVER_MODES = ("auto", "external")
@@ -32,18 +34,18 @@ class RouterConfig:
     host: str = "127.0.0.1"
     port: int = 30000
     agents: tuple[str, ...] = ()
-    policy: str = "lmetric"
+    policy: str = DEFAULTS.policy
     tokenizer: str | None = None
-    block_size: int | None = None
-    heartbeat_timeout: float = 1.0
-    speculative_ttl: float = 5.0
-    load_coverage_margin: float = 0.02
+    block_size: int | None = DEFAULTS.block_size
+    heartbeat_timeout: float = DEFAULTS.heartbeat_timeout
+    speculative_ttl: float = DEFAULTS.speculative_ttl
+    load_coverage_margin: float = DEFAULTS.load_coverage_margin
     request_timeout: float = 3600.0
     max_retries: int = 1
-    suspect_cooldown: float = 0.5
+    suspect_cooldown: float = DEFAULTS.suspect_cooldown
     snapshot_timeout: float = 2.0
     warmup_timeout: float = 5.0
-    max_speculative_per_instance: int = 65536
+    max_speculative_per_instance: int = DEFAULTS.max_speculative_per_instance
     log_level: str = "INFO"
     role: str = "primary"
     primary_decisions: str | None = None
@@ -51,24 +53,36 @@ class RouterConfig:
     primary_timeout: float = 0.4
     admin_port: int | None = None
     takeover: str = "auto"
-    linear_a: float = 1.0
-    linear_b: float = 1000.0
+    linear_a: float = DEFAULTS.linear_a
+    linear_b: float = DEFAULTS.linear_b
 
     def __post_init__(self) -> None:
-        if self.block_size is not None and self.block_size <= 0:
-            raise ValueError(f"block_size must be positive, got {self.block_size}")
-        for name in ("heartbeat_timeout", "speculative_ttl", "request_timeout", "snapshot_timeout"):
+        self.model  # noqa: B018 (validates the routing model's settings)
+        for name in ("request_timeout", "snapshot_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if min(self.load_coverage_margin, self.suspect_cooldown, self.warmup_timeout) < 0:
-            raise ValueError("load_coverage_margin, suspect_cooldown and warmup_timeout must be >= 0")
+        if self.warmup_timeout < 0:
+            raise ValueError(f"warmup_timeout must be >= 0, got {self.warmup_timeout}")
         if self.max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port out of range: {self.port}")
-        if min(self.linear_a, self.linear_b) < 0 or self.linear_a + self.linear_b <= 0:
-            raise ValueError(f"linear weights must be >= 0, not both 0: {self.linear_a}, {self.linear_b}")
         self._check_ha()
+
+    @property
+    def model(self) -> ModelConfig:
+        """The routing model's settings. Raises ``ValueError`` for a value out of range."""
+        return ModelConfig(
+            policy=self.policy,
+            block_size=self.block_size,
+            heartbeat_timeout=self.heartbeat_timeout,
+            speculative_ttl=self.speculative_ttl,
+            max_speculative_per_instance=self.max_speculative_per_instance,
+            load_coverage_margin=self.load_coverage_margin,
+            suspect_cooldown=self.suspect_cooldown,
+            linear_a=self.linear_a,
+            linear_b=self.linear_b,
+        )
 
     def _check_ha(self) -> None:
         if self.role not in ROLES:
@@ -130,8 +144,11 @@ def _optional_port(text: str) -> int | None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m router`` argument parser (every flag documented for ``--help``)."""
-    from router.policies import POLICIES  # late import: policies are pure and cheap, but keep config leaf
+    from router.model.policies import (
+        POLICIES,  # late import: policies are pure and cheap, but keep config leaf
+    )
 
+    _D = RouterConfig()  # every default below is the dataclass's (itself the routing model's where shared)
     p = argparse.ArgumentParser(
         prog="python -m router",
         description="KV-cache-aware request router for SGLang clusters: subscribes to every agent's "
@@ -139,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
         "with LMetric and forwards the request (streamed or not) to it.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--host", default="127.0.0.1", help="HTTP address to bind")
-    p.add_argument("--port", type=int, default=30000, help="HTTP port to bind (0 = OS-assigned)")
+    p.add_argument("--host", default=_D.host, help="HTTP address to bind")
+    p.add_argument("--port", type=int, default=_D.port, help="HTTP port to bind (0 = OS-assigned)")
     p.add_argument(
         "--agent",
         dest="agents",
@@ -152,20 +169,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--policy",
         choices=sorted(POLICIES),
-        default="lmetric",
+        default=_D.policy,
         help="routing policy: lmetric = argmin (queued prefill + new tokens) x (batch size + 1); "
         "round_robin = rotation over live instances; the others are the published baselines "
         "(docs/results.md) and linear = argmin a x (queued prefill + new tokens) + b x batch size",
     )
     p.add_argument(
-        "--linear-a", type=_non_negative_float, default=1.0, help="linear: weight of prefill tokens"
+        "--linear-a", type=_non_negative_float, default=_D.linear_a, help="linear: weight of prefill tokens"
     )
     p.add_argument(
-        "--linear-b", type=_non_negative_float, default=1000.0, help="linear: weight of batch size"
+        "--linear-b", type=_non_negative_float, default=_D.linear_b, help="linear: weight of batch size"
     )
     p.add_argument(
         "--tokenizer",
-        default=None,
+        default=_D.tokenizer,
         metavar="PATH",
         help="Hugging Face tokenizer.json or a directory holding one (never downloaded); "
         "default: the built-in byte tokenizer",
@@ -173,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--block-size",
         type=_positive_int,
-        default=None,
+        default=_D.block_size,
         metavar="N",
         help="KV block size in tokens; default: learned from the first heartbeat. An instance reporting "
         "another size is refused (logged error, never routed to)",
@@ -181,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--heartbeat-timeout",
         type=_positive_float,
-        default=1.0,
+        default=_D.heartbeat_timeout,
         metavar="S",
         help="seconds without a heartbeat after which an instance is DOWN (not routed to, its blocks "
         "dropped from the index); a heartbeat with engine_healthy false takes it down at once",
@@ -189,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--speculative-ttl",
         type=_positive_float,
-        default=5.0,
+        default=_D.speculative_ttl,
         metavar="S",
         help="seconds a routed request's blocks count as cached on the chosen instance before the "
         "engine's own KV events confirm them",
@@ -197,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--load-coverage-margin",
         type=_non_negative_float,
-        default=0.02,
+        default=_D.load_coverage_margin,
         metavar="S",
         help="a dispatched request stays in the router's own load accounting until a load report "
         "stamped at least this many seconds after the dispatch arrives",
@@ -205,21 +222,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--request-timeout",
         type=_positive_float,
-        default=3600.0,
+        default=_D.request_timeout,
         metavar="S",
         help="total seconds allowed for one forwarded request (including streaming)",
     )
     p.add_argument(
         "--max-retries",
         type=_non_negative_int,
-        default=1,
+        default=_D.max_retries,
         metavar="N",
         help="extra attempts on another instance when connecting to the chosen engine fails",
     )
     p.add_argument(
         "--suspect-cooldown",
         type=_non_negative_float,
-        default=0.5,
+        default=_D.suspect_cooldown,
         metavar="S",
         help="an engine that refused a connection is not routed to until a healthy heartbeat "
         "received at least this many seconds later",
@@ -227,14 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--snapshot-timeout",
         type=_positive_float,
-        default=2.0,
+        default=_D.snapshot_timeout,
         metavar="S",
         help="seconds to wait for an agent's snapshot reply before retrying",
     )
     p.add_argument(
         "--warmup-timeout",
         type=_non_negative_float,
-        default=5.0,
+        default=_D.warmup_timeout,
         metavar="S",
         help="after binding the port, wait up to this long for every agent's instance to be routable "
         "before announcing readiness (0 = announce at once)",
@@ -242,11 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-speculative-per-instance",
         type=_non_negative_int,
-        default=65536,
+        default=_D.max_speculative_per_instance,
         metavar="N",
         help="cap on speculative blocks per instance (oldest evicted first)",
     )
-    p.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS, help="log level")
+    p.add_argument("--log-level", default=_D.log_level, type=str.upper, choices=LOG_LEVELS, help="log level")
     ha = p.add_argument_group("high availability (see docs/ha.md)")
     ha.add_argument(
         "--role",

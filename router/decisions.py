@@ -35,39 +35,29 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final
 
 import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from kvindex.logutil import RateLimitedLog
+from kvindex.protocol.numbered import DECISION_TOPICS, DecisionReceived, NumberedStream, router_epoch
 from kvindex.wire import (
     TOPIC_DECISIONS,
-    TOPIC_ROUTER_HEARTBEAT,
     DecisionMessage,
     RequestFinished,
     RequestRouted,
     RouterHeartbeat,
-    WireMessage,
     encode_message,
     make_frame,
 )
-from router.core import Routed, RouterCore
-from router.subscriber import NumberedStream, RateLimitedLog
+from router.model.model import Routed, RoutingModel
 
 log = logging.getLogger(__name__)
 
 ROUTER_HEARTBEAT_INTERVAL: Final = 0.1
 """Seconds between two heartbeats of a router on its decision stream."""
-
-Discontinuity = Literal["first", "gap", "epoch", "seq_back"]
-
-_TOPIC_OF: dict[type, bytes] = {
-    RequestRouted: TOPIC_DECISIONS,
-    RequestFinished: TOPIC_DECISIONS,
-    RouterHeartbeat: TOPIC_ROUTER_HEARTBEAT,
-}
 
 
 # ------------------------------------------------------------------------------------------ publisher
@@ -161,7 +151,7 @@ def finished_message(
     return RequestFinished(router_epoch, rid, r.ticket, r.instance, status, time.time())
 
 
-def heartbeat_of(core: RouterCore, router_epoch: int, role: str, http: str, pid: int) -> RouterHeartbeat:
+def heartbeat_of(core: RoutingModel, router_epoch: int, role: str, http: str, pid: int) -> RouterHeartbeat:
     """A :class:`RouterHeartbeat` describing ``core`` now. Does not mutate."""
     idx = core.index
     tickets = tuple(sorted(t for st in core.table for t in st.open_tickets))
@@ -181,23 +171,6 @@ def heartbeat_of(core: RouterCore, router_epoch: int, role: str, http: str, pid:
 
 
 # ----------------------------------------------------------------------------------------- subscriber
-
-
-@dataclass(frozen=True, slots=True)
-class DecisionReceived:
-    """One decoded frame of the decision stream at ``endpoint`` (see :class:`router.subscriber.Received`)."""
-
-    endpoint: str
-    topic: bytes
-    seq: int
-    msg: DecisionMessage
-    discontinuity: Discontinuity | None = None
-    lost: int = 0
-
-
-def _router_epoch(msg: WireMessage) -> int:
-    assert isinstance(msg, RequestRouted | RequestFinished | RouterHeartbeat)  # only these pass _TOPIC_OF
-    return msg.router_epoch
 
 
 class DecisionSubscriber:
@@ -226,7 +199,7 @@ class DecisionSubscriber:
         self._tasks: list[asyncio.Task[None]] = []
         self._up: dict[str, bool] = {}
         self._rl = RateLimitedLog(log)
-        self._stream = NumberedStream(_TOPIC_OF, _router_epoch, self._rl, "decision frame")
+        self._stream = NumberedStream(DECISION_TOPICS, router_epoch, self._rl, "decision frame")
         self.stats = self._stream.stats
         self._closed = False
 
@@ -322,94 +295,3 @@ class DecisionSubscriber:
         topic, seq, msg, disc, lost = got
         assert isinstance(msg, RequestRouted | RequestFinished | RouterHeartbeat)
         return DecisionReceived(endpoint, topic, seq, msg, disc, lost)
-
-
-# ---------------------------------------------------------------------------------------------- mirror
-
-
-@dataclass
-class MirrorStats:
-    """Monotonic counters of what the mirror applied."""
-
-    routed: int = 0
-    """RequestRouted applied (speculative insert + pending dispatch)."""
-    finished: int = 0
-    """RequestFinished that closed a mirrored ticket."""
-    unknown_finished: int = 0
-    """RequestFinished for a ticket never mirrored (its RequestRouted was lost, or came before we joined)."""
-    reconciled: int = 0
-    """Mirrored tickets closed because the primary's heartbeat no longer listed them."""
-    released: int = 0
-    """Mirrored tickets closed at once because the primary went away (takeover or a new primary)."""
-
-
-class DecisionMirror:
-    """Applies a primary's decision stream to a standby's :class:`RouterCore`. Single owner: the loop.
-
-    ``mono`` is the clock speculative entries are stamped with (the core's monotonic clock).
-    """
-
-    def __init__(self, core: RouterCore, mono: Callable[[], float] = time.monotonic) -> None:
-        self.core = core
-        self._mono = mono
-        self._tickets: dict[tuple[int, int], tuple[str, int]] = {}  # (epoch, primary ticket) -> ours
-        self.stats = MirrorStats()
-        self.primary: RouterHeartbeat | None = None
-        """The last heartbeat of the followed router."""
-        self.heartbeat_at: float | None = None
-        """When it arrived (``mono``)."""
-
-    @property
-    def open_tickets(self) -> int:
-        """Mirrored requests still open."""
-        return len(self._tickets)
-
-    def on_message(self, rec: DecisionReceived) -> None:
-        """Apply one frame. Mutates the core; never raises on content."""
-        msg = rec.msg
-        if rec.discontinuity == "epoch":  # a different primary process: its tickets are not ours to keep
-            self.release(keep_epoch=msg.router_epoch)
-        if isinstance(msg, RouterHeartbeat):
-            self.primary = msg
-            self.heartbeat_at = self._mono()
-            self._reconcile(msg)
-        elif isinstance(msg, RequestRouted):
-            self._routed(msg)
-        else:
-            self._finished(msg)
-
-    def _routed(self, msg: RequestRouted) -> None:
-        core = self.core
-        if core.index is not None and msg.block_hashes:
-            core.index.insert_speculative(msg.instance, msg.block_hashes, self._mono())
-        ours = core.table.add_pending(msg.instance, msg.new_tokens, msg.ts)
-        st = core.table.get(msg.instance)
-        if st is not None and st.load is not None:
-            core.table.on_load(st.load)  # a report that overtook the decision already covers it
-        self._tickets[(msg.router_epoch, msg.ticket)] = (msg.instance, ours)
-        self.stats.routed += 1
-
-    def _finished(self, msg: RequestFinished) -> None:
-        got = self._tickets.pop((msg.router_epoch, msg.ticket), None)
-        if got is None:
-            self.stats.unknown_finished += 1
-            return
-        self.core.finish(*got)
-        self.stats.finished += 1
-
-    def _reconcile(self, hb: RouterHeartbeat) -> None:
-        if not self._tickets:
-            return
-        open_now = set(hb.open_tickets)
-        for key in [k for k in self._tickets if k[0] != hb.router_epoch or k[1] not in open_now]:
-            self.core.finish(*self._tickets.pop(key))
-            self.stats.reconciled += 1
-
-    def release(self, keep_epoch: int | None = None) -> int:
-        """Close every mirrored ticket (except those of ``keep_epoch``): their requests died with the
-        router that routed them. Mutates; returns how many."""
-        keys = [k for k in self._tickets if k[0] != keep_epoch]
-        for key in keys:
-            self.core.finish(*self._tickets.pop(key))
-        self.stats.released += len(keys)
-        return len(keys)

@@ -45,11 +45,11 @@ from prometheus_client.registry import Collector
 from kvindex.wire import TOPIC_ROUTER_HEARTBEAT
 from router.decisions import (
     ROUTER_HEARTBEAT_INTERVAL,
-    DecisionMirror,
     DecisionPublisher,
     DecisionSubscriber,
     heartbeat_of,
 )
+from router.model.mirror import DecisionMirror
 
 if TYPE_CHECKING:
     from router.server import RouterServer

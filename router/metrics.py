@@ -30,10 +30,10 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from kvindex.wire import EventBatch, LoadReport
-from router.policies import FAILURE_KINDS, Decision
+from router.model.policies import FAILURE_KINDS, Decision
 
 if TYPE_CHECKING:
-    from router.core import RouterCore
+    from router.model.model import RoutingModel
     from router.subscriber import Subscriber
 
 _AGE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0)
@@ -49,7 +49,7 @@ class RouterMetrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, core: RouterCore, subscriber: Subscriber | None) -> None:
+    def __init__(self, core: RoutingModel, subscriber: Subscriber | None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -133,7 +133,7 @@ class RouterMetrics:
 class _StateCollector(Collector):
     """Reads the core's and the subscriber's counters and gauges at scrape time."""
 
-    def __init__(self, core: RouterCore, subscriber: Subscriber | None) -> None:
+    def __init__(self, core: RoutingModel, subscriber: Subscriber | None) -> None:
         self._core = core
         self._sub = subscriber
 
@@ -240,7 +240,7 @@ _INSTANCE_GAUGES = (
 )
 
 
-def _instance_gauges(core: RouterCore) -> Iterator[Metric]:
+def _instance_gauges(core: RoutingModel) -> Iterator[Metric]:
     fams = {name: GaugeMetricFamily(name, doc, labels=["instance"]) for name, doc in _INSTANCE_GAUGES}
     idx = core.index
     for st in sorted(core.table, key=lambda s: s.name):

@@ -48,6 +48,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from kvindex.protocol.numbered import DecisionReceived, Received
 from kvindex.wire import (
     BlockRemoved,
     BlockStored,
@@ -59,9 +60,9 @@ from kvindex.wire import (
     RouterHeartbeat,
 )
 from launch.ready import announce_ready
-from router.decisions import DecisionReceived, DecisionSubscriber
+from router.decisions import DecisionSubscriber
 from router.metrics import SCORE_BUCKETS
-from router.subscriber import Received, Subscriber
+from router.subscriber import Subscriber
 
 log = logging.getLogger("router.metricsd")
 

@@ -1,4 +1,4 @@
-"""The router process: HTTP front end (aiohttp on uvloop) around :class:`router.core.RouterCore`.
+"""The router process: HTTP front end (aiohttp on uvloop) around :class:`router.model.model.RoutingModel`.
 
 ``RouterServer`` holds the runtime state and has ``start()`` / ``stop()``; :func:`serve` runs one until
 SIGINT/SIGTERM (or a given event) and is embeddable; :func:`main` is ``python -m router``.
@@ -31,11 +31,11 @@ from aiohttp import web
 from kvindex.hashing import BlockHash, block_hashes
 from launch.ready import announce_ready
 from router.config import RouterConfig, parse_args
-from router.core import NoLiveInstance, RouterCore, SnapshotJob
 from router.decisions import DecisionPublisher
 from router.forward import ConnectFailed, Outcome, forward
 from router.ha import HANode
 from router.metrics import RouterMetrics
+from router.model.model import NoLiveInstance, RoutingModel, SnapshotJob
 from router.protocol import PARSERS, PATHS, GenerationRequest, RequestError, error_body
 from router.subscriber import Received, SnapshotError, Subscriber, fetch_snapshot
 from router.tokenizer import Tokenizer, TokenizerError, load_tokenizer
@@ -66,7 +66,7 @@ class RouterServer:
     def __init__(self, cfg: RouterConfig, tokenizer: Tokenizer | None = None) -> None:
         self.cfg = cfg
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
-        self.core = RouterCore(cfg, self._request_snapshot)
+        self.core = RoutingModel(cfg.model, self._request_snapshot)
         self.subscriber = Subscriber(cfg.agents, self._on_agent_message)
         self.metrics = RouterMetrics(self.core, self.subscriber)
         self.port = 0

@@ -29,7 +29,7 @@ from agents.config import AgentConfig
 from agents.engine.server import EngineServer, ServerConfig
 from kvindex import wire
 from router.config import RouterConfig
-from router.core import RouterCore
+from router.model.model import RoutingModel
 
 PAGE = 16
 
@@ -343,7 +343,7 @@ def router_config(agents: Sequence[str], **overrides: Any) -> RouterConfig:
     return replace(base, **overrides)
 
 
-def index_blocks(core: RouterCore, name: str) -> set[int]:
+def index_blocks(core: RoutingModel, name: str) -> set[int]:
     """The blocks ``name`` really holds in the router's index (speculative entries excluded)."""
     idx = core.index
     if idx is None:
@@ -354,7 +354,7 @@ def index_blocks(core: RouterCore, name: str) -> set[int]:
     return out
 
 
-def synced_past(core: RouterCore, name: str, seq: int) -> bool:
+def synced_past(core: RoutingModel, name: str, seq: int) -> bool:
     """Whether ``name`` is synced and the router has applied its agent's frames through ``seq``."""
     st = core.table.get(name)
     return st is not None and st.sync == "synced" and st.last_seq is not None and st.last_seq >= seq

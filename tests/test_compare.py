@@ -13,7 +13,7 @@ from launch.__main__ import main
 from launch.sim.batch import Batch, bisect_rate
 from launch.sim.cluster import SimConfig, simulate
 from launch.trace import TraceRequest, load_trace, window
-from router.policies import make_policy
+from router.model.policies import make_policy
 
 PROFILE = "h100-llama3.1-8b"
 
@@ -173,14 +173,14 @@ def test_provoke_traces_and_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 def test_router_takes_every_policy_and_the_linear_weights() -> None:
     from router.config import RouterConfig, parse_args
-    from router.core import RouterCore
-    from router.policies import POLICIES, Linear
+    from router.model.model import RoutingModel
+    from router.model.policies import POLICIES, Linear
 
     cfg = parse_args(["--policy", "linear", "--linear-a", "2", "--linear-b", "0"])
     assert (cfg.policy, cfg.linear_a, cfg.linear_b) == ("linear", 2.0, 0.0)
-    core = RouterCore(cfg, lambda job: None)
+    core = RoutingModel(cfg.model, lambda job: None)
     assert isinstance(core.policy, Linear) and (core.policy.a, core.policy.b) == (2.0, 0.0)
     for name in POLICIES:
-        assert RouterCore(RouterConfig(policy=name), lambda job: None).policy.name == name
+        assert RoutingModel(RouterConfig(policy=name).model, lambda job: None).policy.name == name
     with pytest.raises(ValueError):
         RouterConfig(linear_a=0, linear_b=0)

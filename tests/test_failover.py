@@ -1,6 +1,6 @@
 """Hot standby: the decision mirror on bare cores, then a real cluster whose primary router is SIGKILLed.
 
-The first tests feed two :class:`RouterCore` objects (primary and standby) the same agent frames without
+The first tests feed two :class:`RoutingModel` objects (primary and standby) the same agent frames without
 sockets, route on the primary and pass its decision stream through a real
 :class:`DecisionSubscriber` (``handle_frames``) into the standby's :class:`DecisionMirror`: the standby's
 index, speculative entries and per-instance dispatch accounting must equal the primary's.
@@ -46,15 +46,15 @@ from kvindex.wire import (
     make_frame,
 )
 from router.config import RouterConfig
-from router.core import Routed, RouterCore, SnapshotJob
 from router.decisions import (
-    DecisionMirror,
     DecisionSubscriber,
     finished_message,
     heartbeat_of,
     routed_message,
 )
 from router.ha import HANode
+from router.model.mirror import DecisionMirror
+from router.model.model import Routed, RoutingModel, SnapshotJob
 from router.server import RouterServer
 from router.subscriber import Subscriber
 
@@ -92,8 +92,11 @@ class Pair:
         ctx = zmq.asyncio.Context.instance()
         self.jobs: list[list[SnapshotJob]] = [[], []]
         self.cores = [
-            RouterCore(
-                RouterConfig(block_size=BS), self.jobs[i].append, mono=self.clock.mono, wall=self.clock.wall
+            RoutingModel(
+                RouterConfig(block_size=BS).model,
+                self.jobs[i].append,
+                mono=self.clock.mono,
+                wall=self.clock.wall,
             )
             for i in range(2)
         ]
@@ -104,11 +107,11 @@ class Pair:
         self.dseq = 0
 
     @property
-    def primary(self) -> RouterCore:
+    def primary(self) -> RoutingModel:
         return self.cores[0]
 
     @property
-    def standby(self) -> RouterCore:
+    def standby(self) -> RoutingModel:
         return self.cores[1]
 
     def agent(self, topic: bytes, msg: Any) -> None:
@@ -152,7 +155,7 @@ class Pair:
             heartbeat_of(self.primary, self.epoch, "primary", "http://x", 1), TOPIC_ROUTER_HEARTBEAT
         )
 
-    def views(self, core: RouterCore) -> list[tuple[Any, ...]]:
+    def views(self, core: RoutingModel) -> list[tuple[Any, ...]]:
         idx = core.index
         assert idx is not None
         return [

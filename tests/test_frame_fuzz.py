@@ -3,7 +3,7 @@
 Two layers. Hypothesis feeds random frames (random multipart counts, random bytes, valid-looking msgpack)
 to the pure frame handlers of every receiving side -- the agent's decoders for the engine's KV, load and
 replay-reply frames and for snapshot requests, its :class:`KvFollower`, the router's
-:meth:`Subscriber.handle_frames`, :class:`RouterCore` and :func:`parse_snapshot_reply` -- and checks that
+:meth:`Subscriber.handle_frames`, :class:`RoutingModel` and :func:`parse_snapshot_reply` -- and checks that
 they raise nothing but their documented error, keep their invariants, and still process a valid frame
 afterwards. Then one real-socket smoke test per socket mangles a live stream (junk, duplicates, swaps) or
 throws junk at a ROUTER, and checks the counters and that the state is still exact or served.
@@ -34,11 +34,12 @@ from agents.engine_link import ReplayClient, ReplayError
 from agents.kv_follower import KvFollower
 from kvindex import wire
 from kvindex.mirror import BlockMirror
-from router import core as router_core
+from kvindex.protocol.numbered import SnapshotError, parse_snapshot_reply
 from router.config import RouterConfig
-from router.core import RouterCore, SnapshotJob
+from router.model import sync as router_sync
+from router.model.model import RoutingModel, SnapshotJob
 from router.server import RouterServer
-from router.subscriber import SnapshotError, Subscriber, parse_snapshot_reply
+from router.subscriber import Subscriber
 from tests.live_rig import (
     AgentRunner,
     ManglingRelay,
@@ -462,7 +463,7 @@ def test_router_core_survives_any_frames_and_snapshots_and_resyncs_exactly(
 ) -> None:
     clock = Clock()
     jobs: list[SnapshotJob] = []
-    core = RouterCore(RouterConfig(port=0), jobs.append, mono=clock.mono, wall=clock.mono)
+    core = RoutingModel(RouterConfig(port=0).model, jobs.append, mono=clock.mono, wall=clock.mono)
     sub = Subscriber([], core.on_message, ctx=zmq.asyncio.Context.instance())
     seq = 0
 
@@ -776,7 +777,7 @@ async def test_junk_snapshot_replies_are_counted_and_the_instance_still_syncs(
             await rtr.send_multipart([ident, *reply])
             await rtr.send_multipart([ident, *reply])  # duplicated: the fetch's DEALER is gone by then
 
-    monkeypatch.setattr(router_core, "SNAPSHOT_RETRY_DELAY", 0.05)  # retry junk answers quickly
+    monkeypatch.setattr(router_sync, "SNAPSHOT_RETRY_DELAY", 0.05)  # retry junk answers quickly
     tasks = [asyncio.create_task(beat()), asyncio.create_task(serve())]
     router = RouterServer(router_config([pub.getsockopt_string(zmq.LAST_ENDPOINT)]))
     try:

@@ -23,7 +23,7 @@ import zmq.asyncio
 from agents.engine.server import EngineServer
 from kvindex.hashing import block_hashes
 from router.config import RouterConfig
-from router.core import Routed, RouterCore
+from router.model.model import Routed, RoutingModel
 from router.server import RouterServer, serve
 from tests.live_rig import (
     PAGE,
@@ -81,7 +81,7 @@ class Rig:
     router: RouterServer | None = None
 
     @property
-    def core(self) -> RouterCore:
+    def core(self) -> RoutingModel:
         assert self.router is not None
         return self.router.core
 
@@ -154,13 +154,13 @@ async def settle(node: Node, http: aiohttp.ClientSession | None = None) -> None:
         assert status == 200
 
 
-async def settle_router(core: RouterCore, node: Node) -> None:
+async def settle_router(core: RoutingModel, node: Node) -> None:
     """Wait until the router is synced past every frame ``node``'s agent has published so far."""
     last = node.runner.published() - 1
     await wait_until(lambda: synced_past(core, node.name, last), f"router synced on {node.name}")
 
 
-def exact(core: RouterCore, node: Node) -> bool:
+def exact(core: RoutingModel, node: Node) -> bool:
     """Index == mirror == engine cache for ``node``."""
     cache = engine_blocks(node.srv)
     return index_blocks(core, node.name) == mirror_blocks(node.runner) == cache
@@ -169,7 +169,7 @@ def exact(core: RouterCore, node: Node) -> bool:
 class RouteLog:
     """Wraps ``core.route`` to record, per decision, the instance and what held at that moment."""
 
-    def __init__(self, core: RouterCore, probe: Callable[[str], Any] = lambda name: None) -> None:
+    def __init__(self, core: RoutingModel, probe: Callable[[str], Any] = lambda name: None) -> None:
         self.entries: list[tuple[str, str, Any]] = []  # (instance, its sync status, probe(instance))
         orig = core.route
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from router.policies import (
+from router.model.policies import (
     ALL_AT_MAX_RUNNING,
     AT_MAX_RUNNING,
     FULLY_CACHED,
@@ -193,7 +193,7 @@ def test_vllm_v1_tie_goes_to_the_first_in_name_order() -> None:
 
 
 def test_bailian_weights_follow_the_formula() -> None:
-    from router.baselines import bailian_weights
+    from router.model.baselines import bailian_weights
 
     views = [
         lv("a", batch_size=4, kv_used_tokens=1000, queued_prefill_tokens=1000),
@@ -209,7 +209,7 @@ def test_bailian_weights_follow_the_formula() -> None:
 
 
 def test_bailian_samples_proportionally_to_its_weights_and_is_seeded() -> None:
-    from router.baselines import Bailian, bailian_weights
+    from router.model.baselines import Bailian, bailian_weights
 
     views = [lv("a", batch_size=4, kv_used_tokens=2000), lv("b", batch_size=2, kv_used_tokens=500), lv("c")]
     cached = {"a": 100}
@@ -236,7 +236,7 @@ def test_bailian_zero_weights_fall_back_to_uniform() -> None:
 
 
 def test_dynamo_logit_and_argmin() -> None:
-    from router.baselines import dynamo_logit
+    from router.model.baselines import dynamo_logit
 
     a = lv("a", block_size=16, queued_prefill_tokens=160, kv_used_tokens=320)
     # prefill blocks (160 + 100 - 64) / 16 = 12.25; active ceil(480 / 16) = 30; request blocks ceil(100/16)
@@ -319,7 +319,7 @@ def test_power_of_two_tie_keeps_the_first_drawn() -> None:
 
 
 def test_linear_is_a_times_prefill_plus_b_times_batch() -> None:
-    from router.policies import Linear
+    from router.model.policies import Linear
 
     views = [
         lv("a", batch_size=10, queued_prefill_tokens=0),
@@ -410,7 +410,7 @@ def test_every_policy_on_random_states_returns_a_candidate() -> None:
 
 
 def test_batch_over_prefill_fires_when_the_product_buys_a_smaller_batch_with_prefill() -> None:
-    from router.policies import BATCH_OVER_PREFILL
+    from router.model.policies import BATCH_OVER_PREFILL
 
     # a: (2000 + 1000) * 1 = 3000 beats b: (0 + 500) * 9 = 4500, although b has less prefill work
     views = [view("a", bs=0, queued=2000), view("b", bs=8, queued=0)]

@@ -40,8 +40,8 @@ from kvindex.wire import (
     make_frame,
 )
 from router.config import RouterConfig, parse_args
-from router.core import NoLiveInstance, RouterCore, SnapshotJob
 from router.forward import SseEventCounter
+from router.model.model import NoLiveInstance, RoutingModel, SnapshotJob
 from router.server import RouterServer
 from router.subscriber import Subscriber
 
@@ -84,7 +84,7 @@ class Clock:
 class Feed:
     """Frames of one fake agent, decoded by a real Subscriber (no sockets) and fed to the core."""
 
-    def __init__(self, core: RouterCore, sub: Subscriber, name: str, clock: Clock) -> None:
+    def __init__(self, core: RoutingModel, sub: Subscriber, name: str, clock: Clock) -> None:
         self.core, self.sub, self.name, self.clock = core, sub, name, clock
         self.endpoint = f"tcp://agent-{name}"
         self.epoch = 1
@@ -118,7 +118,7 @@ class Feed:
 
 @dataclass
 class CoreRig:
-    core: RouterCore
+    core: RoutingModel
     clock: Clock
     jobs: list[SnapshotJob] = field(default_factory=list)
 
@@ -135,7 +135,7 @@ class CoreRig:
 def make_rig(**cfg: Any) -> CoreRig:
     clock = Clock()
     jobs: list[SnapshotJob] = []
-    core = RouterCore(RouterConfig(**cfg), jobs.append, mono=clock.mono, wall=clock.wall)
+    core = RoutingModel(RouterConfig(**cfg).model, jobs.append, mono=clock.mono, wall=clock.wall)
     return CoreRig(core, clock, jobs)
 
 

@@ -24,7 +24,7 @@ from launch.sim.prompts import PromptFactory
 from launch.sim.router_model import SimRouter
 from launch.summary import summarize
 from launch.trace import TraceRequest, load_trace, prompt_tokens, window
-from router.policies import make_policy
+from router.model.policies import make_policy
 
 PROFILE = "h100-llama3.1-8b"
 
@@ -126,14 +126,15 @@ def test_router_sees_kv_events_and_load_reports_only_after_the_delay() -> None:
     stat = LoadStat(1, 0, 10, 100, 0, 1, 10, 128, 0, 0)
     r.load_report(0, 1.61, stat)  # ts 1.61 < 1.6 + 0.02: does not cover it
     r.load_report(0, 1.7, stat)  # covers it, delivered at 2.2
-    view = {v.name: v for v in (st.view() for st in r._inst)}
-    assert view["a"].batch_size == 1 and view["a"].queued_prefill_tokens == 1
+    a = r.model.table.get("a")
+    assert a is not None
+    assert a.view().batch_size == 1 and a.view().queued_prefill_tokens == 1
     r._deliver(2.15)
-    assert len(r._inst[0].pending) == 1 and r._inst[0].report is not None
-    assert r._inst[0].report.ts == 1.61
+    assert len(a.pending) == 1 and a.load is not None
+    assert a.load.ts == 1.61
     r._deliver(2.2)
-    assert not r._inst[0].pending and r._inst[0].view().batch_size == 1  # from the report now
-    assert r._inst[0].report is not None and r._inst[0].report.ts == 1.7
+    assert not a.pending and a.view().batch_size == 1  # from the report now
+    assert a.load is not None and a.load.ts == 1.7
 
 
 # ---------------------------------------------------------------------------------------- engine model

@@ -45,7 +45,8 @@ from launch.sim.prompts import PromptFactory
 from launch.sim.router_model import SimRouter
 from launch.summary import RequestRecord
 from launch.trace import DEFAULT_VOCAB_SIZE, TraceRequest
-from router.policies import Policy
+from router.model.config import DEFAULTS, ModelConfig
+from router.model.policies import Policy
 
 __all__ = ["INGEST_OVERHEAD_S", "INGEST_PER_TOKEN_S", "SimConfig", "SimResult", "ingest_times", "simulate"]
 
@@ -126,9 +127,9 @@ class SimConfig:
     load_period: float = 0.1
     ingest_overhead: float = INGEST_OVERHEAD_S
     ingest_per_token: float = INGEST_PER_TOKEN_S
-    load_coverage_margin: float = 0.02
-    speculative_ttl: float = 5.0
-    max_speculative_per_instance: int = 65536
+    load_coverage_margin: float = DEFAULTS.load_coverage_margin
+    speculative_ttl: float = DEFAULTS.speculative_ttl
+    max_speculative_per_instance: int = DEFAULTS.max_speculative_per_instance
     vocab_size: int = DEFAULT_VOCAB_SIZE
     seed: int = 0
 
@@ -214,9 +215,12 @@ def simulate(
         policy,
         cfg.page_size,
         cfg.event_delay,
-        cfg.load_coverage_margin,
-        cfg.speculative_ttl,
-        cfg.max_speculative_per_instance,
+        ModelConfig(
+            policy=policy.name,
+            load_coverage_margin=cfg.load_coverage_margin,
+            speculative_ttl=cfg.speculative_ttl,
+            max_speculative_per_instance=cfg.max_speculative_per_instance,
+        ),
     )
     # Each request is routed once the router has ingested it (:func:`ingest_times`): bursts of equal
     # timestamps are routed shortest prompt first, as the live router routes them.

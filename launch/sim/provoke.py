@@ -30,7 +30,7 @@ from pathlib import Path
 from launch.sim.cluster import SimConfig, simulate
 from launch.sim.run import result_summary
 from launch.trace import TRACE_BLOCK_TOKENS, load_trace, window
-from router.policies import make_policy
+from router.model.policies import make_policy
 
 CASES = ("at_max_running", "zero_product", "batch_over_prefill")
 

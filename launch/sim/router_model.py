@@ -1,24 +1,20 @@
-"""The simulated router: the real :class:`GlobalIndex` and :class:`Policy` fed by delayed, stale inputs.
+"""The simulated router: delay queues and a virtual clock in front of the live router's own model.
 
 Theory of operation
 -------------------
-The live router decides from what reached it: KV events and load reports that left the engines some time
-ago, plus its own dispatches not yet covered by a report (``router/state.py``). This class keeps exactly
-that, with the delays made explicit on the simulator's virtual clock (seconds):
+The decisions are :class:`router.model.model.RoutingModel`'s, the very object the live router and its
+standby run; this module adds only what the simulator must make explicit, the delays, on a virtual clock
+(seconds):
 
+* the engines are declared static instances of the model (up and synced for the whole run: no agent,
+  no heartbeat, no snapshot);
 * a step's KV events are queued with ``arrive = step end + event_delay``; a load report produced at ``T``
   (``ts = T``, as the agent stamps it on receipt) arrives at ``T + event_delay``;
-* nothing is applied until the router next needs it: :meth:`SimRouter.route` at time ``t`` first applies,
-  instance by instance and in order, every queued batch and report with ``arrive <= t``, then expires
-  speculative entries older than the TTL, then decides. The router reads its state only when it routes,
-  so applying lazily gives the same decisions as applying at each arrival instant;
-* the decision inserts the request's block hashes speculatively on the chosen instance and records a
-  pending dispatch ``(new_tokens, dispatched_at)``; a report with ``ts >= dispatched_at + margin`` covers
-  it (it is dropped), as does the request's end (:meth:`SimRouter.finish`).
-
-The policy's view of instance ``i`` is the ``router/state.py`` one: ``batch_size = running + waiting +
-pending``, ``queued_prefill_tokens = reported + sum(pending new tokens)``, ``inflight`` = open requests,
-``routed_tokens`` = uncached prompt tokens routed there so far, ``block_size`` = the index's.
+* nothing is applied until the router next needs it: :meth:`SimRouter.route` at time ``t`` first hands
+  the model, instance by instance and in order, every queued batch with ``arrive <= t`` and the latest
+  report with ``arrive <= t`` (a later report supersedes and covers more), then expires speculative
+  entries older than the TTL, then routes. The router reads its state only when it routes, so applying
+  lazily gives the same decisions as applying at each arrival instant.
 """
 
 from __future__ import annotations
@@ -28,79 +24,39 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kvindex.index import GlobalIndex
-from kvindex.wire import KVEvent, LoadStat
-from router.policies import Decision, InstanceView, Policy
+from kvindex.wire import KVEvent, LoadReport, LoadStat
+from router.model.config import ModelConfig
+from router.model.model import RoutingModel
+from router.model.policies import Decision, Policy
+from router.model.sync import SnapshotJob
 
 __all__ = ["SimRouter"]
 
 
-@dataclass(frozen=True, slots=True)
-class _Report:
-    """A load report as the router stores it. ``ts`` = production time, ``arrive`` = delivery time."""
-
-    ts: float
-    arrive: float
-    running: int
-    waiting: int
-    queued_prefill_tokens: int
-    kv_used_tokens: int
-    kv_capacity_tokens: int
-    max_running_requests: int
-
-
 @dataclass(slots=True)
-class _Instance:
-    """The router's knowledge of one instance."""
+class _Inbox:
+    """What has left one engine for the router and not yet reached it."""
 
     name: str
-    report: _Report | None = None
-    pending: dict[int, tuple[int, float]] = field(default_factory=dict)  # ticket -> (new tokens, at)
-    pending_tokens: int = 0
-    routed_tokens: int = 0
-    block_size: int = 0
-    open: set[int] = field(default_factory=set)
-    kv_queue: deque[tuple[float, list[KVEvent]]] = field(default_factory=deque)
-    reports: deque[_Report] = field(default_factory=deque)
+    kv: deque[tuple[float, list[KVEvent]]] = field(default_factory=deque)  # (arrive, events)
+    reports: deque[tuple[float, LoadReport]] = field(default_factory=deque)  # (arrive, report)
 
-    def view(self) -> InstanceView:
-        r = self.report
-        n = len(self.pending)
-        if r is None:
-            return InstanceView(
-                self.name,
-                n,
-                self.pending_tokens,
-                inflight=len(self.open),
-                block_size=self.block_size,
-                routed_tokens=self.routed_tokens,
-            )
-        return InstanceView(
-            name=self.name,
-            batch_size=r.running + r.waiting + n,
-            queued_prefill_tokens=r.queued_prefill_tokens + self.pending_tokens,
-            running=r.running,
-            waiting=r.waiting,
-            inflight=len(self.open),
-            max_running_requests=r.max_running_requests,
-            kv_used_tokens=r.kv_used_tokens,
-            kv_capacity_tokens=r.kv_capacity_tokens,
-            block_size=self.block_size,
-            routed_tokens=self.routed_tokens,
-        )
+
+def _no_snapshot(job: SnapshotJob) -> None:
+    raise AssertionError(f"static instance {job.instance} asked for a snapshot")
 
 
 class SimRouter:
-    """Index + policy + per-instance stale views on a virtual clock. Single owner; never raises on events.
+    """The routing model on a virtual clock, fed by delayed inputs. Single owner; never raises on events.
 
     Args:
         names: instance names (all routable for the whole run).
-        policy: the routing policy object (from :func:`router.policies.make_policy`).
+        policy: the routing policy object (from :func:`router.model.policies.make_policy`).
         block_size: the index's block size in tokens (the engines' page size).
         event_delay: seconds from an engine producing a KV event batch or load report to the router
             applying it.
-        load_coverage_margin: a report stamped at least this many seconds after a dispatch covers it
-            (``router.config.RouterConfig.load_coverage_margin``, default 0.02).
-        speculative_ttl: lifetime of unconfirmed speculative index entries in seconds (router default 5).
+        cfg: the model's other settings (coverage margin, speculative TTL and cap); defaults are the
+            live router's.
     """
 
     def __init__(
@@ -109,88 +65,80 @@ class SimRouter:
         policy: Policy,
         block_size: int,
         event_delay: float,
-        load_coverage_margin: float = 0.02,
-        speculative_ttl: float = 5.0,
-        max_speculative_per_instance: int = 65536,
+        cfg: ModelConfig | None = None,
     ) -> None:
-        self.policy = policy
-        self.index = GlobalIndex(block_size, speculative_ttl, max_speculative_per_instance)
-        self.event_delay = event_delay
-        self.margin = load_coverage_margin
-        self._inst = [_Instance(n, block_size=block_size) for n in names]
-        self._by_name = {n: i for i, n in enumerate(names)}
+        self.now = 0.0
+        self.model = RoutingModel(
+            cfg or ModelConfig(), _no_snapshot, policy=policy, mono=self._clock, wall=self._clock
+        )
         for n in names:
-            self.index.add_instance(n)
-        self._tickets = 0
-        self.failure_cases: Counter[str] = Counter()
-        self.decisions: Counter[str] = Counter()
+            self.model.add_static(n, block_size)
+        self.event_delay = event_delay
+        self._inbox = [_Inbox(n) for n in names]
+        self._by_name = {n: i for i, n in enumerate(names)}
+
+    def _clock(self) -> float:
+        return self.now
+
+    @property
+    def index(self) -> GlobalIndex:
+        """The model's global index."""
+        assert self.model.index is not None  # made by the first add_static
+        return self.model.index
+
+    @property
+    def failure_cases(self) -> Counter[str]:
+        """Requests where each policy failure kind was detected."""
+        return self.model.stats.failure_cases
+
+    @property
+    def decisions(self) -> Counter[str]:
+        """Routing decisions per instance."""
+        out: Counter[str] = Counter()
+        for (_, name), n in self.model.stats.decisions.items():
+            out[name] += n
+        return out
 
     # ---------------------------------------------------------------------------------- engine inputs
 
     def kv_events(self, instance: int, produced_at: float, events: list[KVEvent]) -> None:
         """Queue ``events`` of ``instance`` produced at ``produced_at``; applied ``event_delay`` later."""
-        self._inst[instance].kv_queue.append((produced_at + self.event_delay, events))
+        self._inbox[instance].kv.append((produced_at + self.event_delay, events))
 
     def load_report(self, instance: int, produced_at: float, stat: LoadStat) -> None:
         """Queue ``instance``'s LoadStat taken at ``produced_at``; applied ``event_delay`` later."""
-        self._inst[instance].reports.append(
-            _Report(
-                ts=produced_at,
-                arrive=produced_at + self.event_delay,
-                running=stat.num_running_reqs,
-                waiting=stat.num_waiting_reqs,
-                queued_prefill_tokens=stat.num_waiting_uncached_tokens,
-                kv_used_tokens=stat.num_tokens,
-                kv_capacity_tokens=stat.max_total_num_tokens,
-                max_running_requests=stat.max_running_requests,
-            )
-        )
+        box = self._inbox[instance]
+        report = LoadReport.of_stat(stat, box.name, 0, produced_at)
+        box.reports.append((produced_at + self.event_delay, report))
 
     def _deliver(self, now: float) -> None:
-        index, margin = self.index, self.margin
-        for st in self._inst:
-            q = st.kv_queue
+        model = self.model
+        for box in self._inbox:
+            q = box.kv
             while q and q[0][0] <= now:
-                index.apply_batch(st.name, q.popleft()[1])
-            reps = st.reports
-            if reps and reps[0].arrive <= now:
-                rep = reps.popleft()
-                while reps and reps[0].arrive <= now:  # later reports supersede (and cover more)
-                    rep = reps.popleft()
-                st.report = rep
-                if st.pending:
-                    for t in [t for t, (_, at) in st.pending.items() if rep.ts >= at + margin]:
-                        st.pending_tokens -= st.pending.pop(t)[0]
+                model.on_events(box.name, q.popleft()[1])
+            reps = box.reports
+            if reps and reps[0][0] <= now:
+                rep = reps.popleft()[1]
+                while reps and reps[0][0] <= now:  # later reports supersede (and cover more)
+                    rep = reps.popleft()[1]
+                model.on_load(rep)
 
     # --------------------------------------------------------------------------------------- routing
 
     def route(self, now: float, hashes: Sequence[int], prompt_tokens: int) -> tuple[int, int, Decision]:
         """Decide where a request arriving at ``now`` goes; returns ``(instance, ticket, decision)``.
 
-        Mutates: applies due inputs, expires speculative entries, inserts the request's ``hashes``
-        speculatively on the chosen instance and records a pending dispatch.
+        Mutates: applies due inputs, expires speculative entries, then routes through the model (which
+        inserts the request's ``hashes`` speculatively on the chosen instance and records a pending
+        dispatch).
         """
+        self.now = now
         self._deliver(now)
-        self.index.expire_speculative(now)
-        match = self.index.match_hashes(hashes, prompt_tokens)
-        d = self.policy.choose([st.view() for st in self._inst], prompt_tokens, match.cached_tokens)
-        i = self._by_name[d.instance]
-        self.index.insert_speculative(d.instance, match.hashes, now)
-        self._tickets += 1
-        st = self._inst[i]
-        st.pending[self._tickets] = (d.new_tokens, now)
-        st.pending_tokens += d.new_tokens
-        st.routed_tokens += d.new_tokens
-        st.open.add(self._tickets)
-        self.decisions[d.instance] += 1
-        for kind in d.failure_cases:
-            self.failure_cases[kind] += 1
-        return i, self._tickets, d
+        self.model.expire_speculative()
+        r = self.model.route_hashes(prompt_tokens, hashes)
+        return self._by_name[r.instance], r.ticket, r.decision
 
     def finish(self, instance: int, ticket: int) -> None:
         """The request of ``ticket`` ended (or failed): forget its dispatch. Idempotent; mutates."""
-        st = self._inst[instance]
-        p = st.pending.pop(ticket, None)
-        if p is not None:
-            st.pending_tokens -= p[0]
-        st.open.discard(ticket)
+        self.model.finish(self._inbox[instance].name, ticket)

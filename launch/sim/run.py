@@ -26,7 +26,7 @@ from launch.sim.cluster import INGEST_OVERHEAD_S, INGEST_PER_TOKEN_S, SimConfig,
 from launch.sim.prompts import PromptFactory
 from launch.summary import format_summary, summarize
 from launch.trace import DEFAULT_VOCAB_SIZE, TraceError, TraceRequest, load_trace, window
-from router.policies import LINEAR_A, LINEAR_B, POLICIES, Policy, make_policy
+from router.model.policies import LINEAR_A, LINEAR_B, POLICIES, Policy, make_policy
 
 __all__ = ["add_arguments", "config_from_args", "result_summary", "run_policies", "run_simulate"]
 

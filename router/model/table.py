@@ -14,9 +14,9 @@ Report stamps are the agent's wall clock, dispatch times the router's (same host
 hosts: a skew larger than the margin makes entries linger until the request ends, never vanish early
 unless the agent's clock is ahead).
 
-Up/down and sync transitions are decided by :class:`router.core.RouterCore`; this module only holds the
-facts and answers questions about them (``is_routable``, ``heartbeat_expired``). Synchronous, single
-owner (the event loop), no locks.
+Up/down and sync transitions are decided by :class:`router.model.model.RoutingModel`; this module only holds
+the facts and answers questions about them (``is_routable``, ``heartbeat_expired``). Synchronous, single
+owner (the event loop, or the simulator's virtual clock), no locks.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from kvindex.wire import Heartbeat, LoadReport
-from router.policies import InstanceView
+from router.model.policy_base import InstanceView
 
 SyncStatus = Literal["unsynced", "resyncing", "synced"]
 
@@ -53,6 +53,9 @@ class InstanceState:
     engine failed at that time; cleared by a healthy heartbeat received ``suspect_cooldown`` later.
     ``open_tickets``: requests the router has open to it (``inflight``), a superset of ``pending``.
     ``routed_tokens``: uncached prompt tokens dispatched to it so far (cumulative; see InstanceView).
+    ``block_size``: its engine's page size in tokens (from heartbeats; 0 before the first one).
+    ``static``: declared by configuration (the simulator, a router without agents): always up, never
+    expires, synced from the start; ``static_url`` its engine URL.
     """
 
     name: str
@@ -71,6 +74,9 @@ class InstanceState:
     pending: dict[int, PendingDispatch] = field(default_factory=dict)
     open_tickets: set[int] = field(default_factory=set)
     routed_tokens: int = 0
+    block_size: int = 0
+    static: bool = False
+    static_url: str = ""
 
     @property
     def inflight(self) -> int:
@@ -90,13 +96,13 @@ class InstanceState:
     @property
     def engine_url(self) -> str:
         """Engine base URL as last heartbeated ('' if unknown), without a trailing slash."""
-        return self.heartbeat.engine_url.rstrip("/") if self.heartbeat is not None else ""
+        return self.heartbeat.engine_url.rstrip("/") if self.heartbeat is not None else self.static_url
 
     def view(self) -> InstanceView:
         """The policy's view: last report plus pending dispatches (zeros before the first report)."""
         rep = self.load
         pend_tokens = sum(p.new_tokens for p in self.pending.values())
-        block_size = self.heartbeat.block_size if self.heartbeat is not None else 0
+        block_size = self.block_size
         if rep is None:
             return InstanceView(
                 name=self.name,
@@ -123,7 +129,6 @@ class InstanceState:
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready summary (for ``GET /router/state``)."""
         v = self.view()
-        hb = self.heartbeat
         return {
             "name": self.name,
             "up": self.up,
@@ -135,7 +140,7 @@ class InstanceState:
             "suspect": self.suspect_since is not None,
             "engine_url": self.engine_url,
             "model": self.model,
-            "block_size": hb.block_size if hb is not None else None,
+            "block_size": self.block_size or None,
             "agent_endpoint": self.endpoint,
             "agent_epoch": self.agent_epoch,
             "last_seq": self.last_seq,
@@ -159,6 +164,7 @@ class InstanceTable:
 
     def __init__(self, load_coverage_margin: float = 0.02, suspect_cooldown: float = 0.5) -> None:
         self._by_name: dict[str, InstanceState] = {}
+        self._ordered: list[InstanceState] = []  # by name: the order policies see instances in
         self._margin = load_coverage_margin
         self._cooldown = suspect_cooldown
         self._next_ticket = 0
@@ -181,6 +187,7 @@ class InstanceTable:
         st = self._by_name.get(name)
         if st is None:
             st = self._by_name[name] = InstanceState(name)
+            self._ordered = sorted(self._by_name.values(), key=lambda s: s.name)
         return st
 
     # ----------------------------------------------------------------------------------------- reports
@@ -200,13 +207,14 @@ class InstanceTable:
         st = self.ensure(hb.instance)
         st.heartbeat = hb
         st.heartbeat_at = now
+        st.block_size = hb.block_size
         if hb.engine_healthy and st.suspect_since is not None and now >= st.suspect_since + self._cooldown:
             st.suspect_since = None
 
     def heartbeat_expired(self, name: str, now: float, timeout: float) -> bool:
         """Whether ``name`` is up but its last heartbeat is more than ``timeout`` s older than ``now``."""
         st = self._by_name.get(name)
-        return st is not None and st.up and now - st.heartbeat_at > timeout
+        return st is not None and st.up and not st.static and now - st.heartbeat_at > timeout
 
     # ------------------------------------------------------------------------------------ dispatching
 
@@ -247,16 +255,12 @@ class InstanceTable:
 
     def views(self, names: set[str] | None = None) -> list[InstanceView]:
         """Views of the routable instances (restricted to ``names`` if given), in name order."""
-        return [
-            st.view()
-            for st in sorted(self._by_name.values(), key=lambda s: s.name)
-            if st.is_routable and (names is None or st.name in names)
-        ]
+        return [st.view() for st in self._ordered if st.is_routable and (names is None or st.name in names)]
 
     def routable(self) -> list[InstanceState]:
         """Routable instances, in name order."""
-        return [st for st in sorted(self._by_name.values(), key=lambda s: s.name) if st.is_routable]
+        return [st for st in self._ordered if st.is_routable]
 
     def up(self) -> list[InstanceState]:
         """Instances that are up (routable or not), in name order."""
-        return [st for st in sorted(self._by_name.values(), key=lambda s: s.name) if st.up]
+        return [st for st in self._ordered if st.up]

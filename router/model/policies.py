@@ -3,7 +3,7 @@
 Shared by the live router and the simulator: a policy sees only :class:`InstanceView` values (built by the
 caller from load reports plus the caller's own not-yet-reported dispatches) and the cached prefix of the
 request on each instance (from the global index), and returns a frozen :class:`Decision`
-(:mod:`router.policy_base`). The peers' policies are in :mod:`router.baselines`; this module holds
+(:mod:`router.model.policy_base`). The peers' policies are in :mod:`router.model.baselines`; this module holds
 LMetric, the tunable ``linear`` combination it is measured against, round robin and the registry.
 
 LMetric (blitz-serving/blitz-router, ``router/src/policies/lmetric.rs``)::
@@ -45,8 +45,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
-from router.baselines import Bailian, Dynamo, PowerOfTwo, RandomChoice, SglangCacheAware, VllmV1
-from router.policy_base import Decision, InstanceView, Policy, by_name, new_tokens
+from router.model.baselines import Bailian, Dynamo, PowerOfTwo, RandomChoice, SglangCacheAware, VllmV1
+from router.model.policy_base import Decision, InstanceView, Policy, by_name, new_tokens
 
 __all__ = [
     "ALL_AT_MAX_RUNNING",

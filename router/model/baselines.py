@@ -28,7 +28,7 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping, Sequence
 
-from router.policy_base import Decision, InstanceView, Policy, argmin_first, by_name, decide, new_tokens
+from router.model.policy_base import Decision, InstanceView, Policy, argmin_first, by_name, decide, new_tokens
 
 __all__ = ["Bailian", "Dynamo", "PowerOfTwo", "RandomChoice", "SglangCacheAware", "VllmV1"]
 

@@ -1,7 +1,7 @@
 """What every routing policy sees and returns: :class:`InstanceView`, :class:`Decision`, :class:`Policy`. Pure.
 
 A policy is a function of a snapshot: the views of the candidate instances (built by the caller, the live
-router in ``router/state.py`` or the simulator in ``launch/sim/router_model.py``, from the last load
+router in ``router/model/table.py`` or the simulator in ``launch/sim/router_model.py``, from the last load
 reports plus the caller's own dispatches not yet reported) and the request's cached prefix on each
 instance (from the global index). Its only state is a tie-breaking rotation counter or a seeded
 ``random.Random``, so two runs fed the same inputs (and seed) decide the same.
@@ -61,7 +61,7 @@ class Decision:
     ``score``, a tie-break (``batch_size``, ``new_tokens``, ``rotation``, ``first``, ``random``), or a
     policy's own branch (``imbalanced``, ``cache_match``, ``smallest_tree``, ``sampled``,
     ``two_choices``). ``failure_cases`` holds the failure kinds detected for this request
-    (:data:`router.policies.FAILURE_KINDS`); ``skipped`` the instances a mitigation excluded.
+    (:data:`router.model.policies.FAILURE_KINDS`); ``skipped`` the instances a mitigation excluded.
     """
 
     instance: str

@@ -1,9 +1,12 @@
-"""The router's core: owner of the global index and the instance table. Synchronous, no I/O.
+"""What the routing model learns from the agents' streams: instances up and down, the index kept exact.
+
+Pure (no I/O, no asyncio, no zmq). :class:`StreamSync` is the base of
+:class:`router.model.model.RoutingModel`; this module holds the half that follows the agents.
 
 Theory of operation
 -------------------
 Every method is called from the event loop only (frames from the subscriber, routing from request
-handlers, a periodic :meth:`RouterCore.tick`), so nothing here needs a lock. The only I/O the core needs,
+handlers, a periodic :meth:`RoutingModel.tick`), so nothing here needs a lock. The only I/O the core needs,
 fetching a snapshot, is delegated: it calls ``request_snapshot(job)`` and the shell answers later with
 :meth:`on_snapshot` or :meth:`on_snapshot_failed`, quoting ``job.generation`` so a stale answer (from
 before a newer resync started) is ignored.
@@ -28,16 +31,16 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Final
 
 from kvindex.index import GlobalIndex
-from kvindex.wire import EventBatch, Heartbeat, LoadReport, Snapshot
-from router.config import RouterConfig
-from router.policies import Decision, Policy, make_policy
-from router.state import InstanceState, InstanceTable
-from router.subscriber import RateLimitedLog, Received
+from kvindex.logutil import RateLimitedLog
+from kvindex.protocol.numbered import Received
+from kvindex.wire import EventBatch, Heartbeat, KVEvent, LoadReport, Snapshot
+from router.model.config import ModelConfig
+from router.model.table import InstanceState, InstanceTable
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +48,6 @@ SNAPSHOT_RETRY_DELAY: Final = 0.5
 """Seconds before a failed snapshot fetch is retried."""
 MAX_RESYNC_BUFFER: Final = 200_000
 """Frames buffered per resyncing instance before the resync restarts from a fresh snapshot."""
-
-
-class NoLiveInstance(LookupError):
-    """No routable instance (for the requested model, excluding the ones already tried)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,34 +59,14 @@ class SnapshotJob:
     generation: int
 
 
-@dataclass(frozen=True, slots=True)
-class Routed:
-    """A routing decision with what the shell needs to forward and account for the request.
-
-    ``ticket`` identifies the pending dispatch: pass it to :meth:`RouterCore.finish`. ``engine_url`` is
-    the chosen engine's base URL (no trailing slash). ``block_hashes`` is the request's full-page count,
-    ``hashes`` those pages' hashes (inserted speculatively on the chosen instance).
-    """
-
-    decision: Decision
-    ticket: int
-    engine_url: str
-    block_hashes: int
-    hashes: tuple[int, ...] = ()
-
-    @property
-    def instance(self) -> str:
-        return self.decision.instance
-
-
 @dataclass
-class CoreStats:
+class ModelStats:
     """Monotonic counters for the metrics endpoint."""
 
     decisions: Counter[tuple[str, str]] = field(default_factory=Counter)
     """(policy, instance) -> routing decisions."""
     failure_cases: Counter[str] = field(default_factory=Counter)
-    """Policy failure kind (see :mod:`router.policies`) -> requests where it was detected."""
+    """Policy failure kind (see :mod:`router.model.policies`) -> requests where it was detected."""
     resyncs: Counter[tuple[str, str]] = field(default_factory=Counter)
     """(instance, reason) -> snapshot resyncs started."""
     snapshot_failures: Counter[str] = field(default_factory=Counter)
@@ -109,34 +88,27 @@ class _Resync:
     retry_at: float | None = None
 
 
-class RouterCore:
-    """Index + instance table + policy. See the module docstring for the state machine.
+class StreamSync:
+    """Index + instance table, following the agents' streams. See the module docstring.
 
     Args:
-        cfg: the router's configuration (block size, timeouts, TTL, policy name).
+        cfg: the model's settings (block size, timeouts, TTLs).
         request_snapshot: called with a :class:`SnapshotJob` whenever a snapshot is needed; must not
             block; the answer comes back through :meth:`on_snapshot` / :meth:`on_snapshot_failed`.
-        policy: overrides ``cfg.policy``.
-        mono, wall: clocks (monotonic seconds; Unix seconds), injectable for tests.
+        mono, wall: clocks (monotonic seconds; Unix seconds). The simulator passes its virtual clock.
     """
 
     def __init__(
         self,
-        cfg: RouterConfig,
+        cfg: ModelConfig,
         request_snapshot: Callable[[SnapshotJob], None],
         *,
-        policy: Policy | None = None,
         mono: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.cfg = cfg
-        self.policy = (
-            policy
-            if policy is not None
-            else make_policy(cfg.policy, linear_a=cfg.linear_a, linear_b=cfg.linear_b)
-        )
         self.table = InstanceTable(cfg.load_coverage_margin, cfg.suspect_cooldown)
-        self.stats = CoreStats()
+        self.stats = ModelStats()
         self.index: GlobalIndex | None = None
         self.block_size: int | None = None
         self._request_snapshot = request_snapshot
@@ -174,17 +146,27 @@ class RouterCore:
         if isinstance(msg, Heartbeat):
             self._on_heartbeat(st, msg)
         elif isinstance(msg, LoadReport):
-            self.table.on_load(msg)
+            self.on_load(msg)
         if st.sync == "resyncing":
             r = self._resyncs[st.name]
             r.buffer.append((rec.seq, msg.agent_epoch, msg if isinstance(msg, EventBatch) else None))
             if len(r.buffer) > MAX_RESYNC_BUFFER:
                 self._start_resync(st, "buffer_overflow")
         elif isinstance(msg, EventBatch):
-            if st.sync == "synced" and self.index is not None:
-                self.index.apply_batch(st.name, msg.events)
-            else:
-                self.stats.batches_dropped += 1
+            self.on_events(st.name, msg.events)
+
+    def on_events(self, instance: str, events: Sequence[KVEvent]) -> None:
+        """Apply ``instance``'s KV ``events`` to the index if its entry is synced; else count them as
+        dropped (the snapshot that syncs it covers them). Mutates; never raises on content."""
+        st = self.table.get(instance)
+        if st is not None and st.sync == "synced" and self.index is not None:
+            self.index.apply_batch(instance, events)
+        else:
+            self.stats.batches_dropped += 1
+
+    def on_load(self, report: LoadReport) -> None:
+        """Store ``report`` as its instance's load and drop the pending dispatches it covers. Mutates."""
+        self.table.on_load(report)
 
     def _on_heartbeat(self, st: InstanceState, hb: Heartbeat) -> None:
         self.table.on_heartbeat(hb, self._mono())
@@ -335,96 +317,3 @@ class RouterCore:
                 self._issue(inst, r)
         if self.index is not None:
             self.index.expire_speculative(now)
-
-    # --------------------------------------------------------------------------------------- routing
-
-    def route(
-        self,
-        token_ids: Sequence[int],
-        *,
-        hashes: Sequence[int] | None = None,
-        model: str | None = None,
-        exclude: Collection[str] = (),
-    ) -> Routed:
-        """Choose an instance for a prompt of ``token_ids`` and account for the dispatch. Mutates.
-
-        ``hashes``: the prompt's block hashes at :attr:`block_size` if already computed (e.g. off the
-        event loop for a long prompt); computed here otherwise.
-
-        Only routable instances serving ``model`` (if given; an instance reporting no model serves any)
-        and not in ``exclude`` are candidates. The request's blocks are inserted speculatively on the
-        chosen instance and a pending dispatch is recorded: call :meth:`finish` when the request ends.
-
-        Raises:
-            NoLiveInstance: no candidate.
-        """
-        names = {
-            st.name
-            for st in self.table.routable()
-            if st.name not in exclude and (model is None or st.model in ("", model))
-        }
-        if not names or self.index is None:
-            raise NoLiveInstance("no live engine instance" + (f" serving model {model!r}" if model else ""))
-        views = self.table.views(names)
-        if hashes is None:
-            match = self.index.match(token_ids)
-        else:
-            match = self.index.match_hashes(hashes, len(token_ids))
-        decision = self.policy.choose(views, len(token_ids), match.cached_tokens)
-        self.index.insert_speculative(decision.instance, match.hashes, self._mono())
-        ticket = self.table.add_pending(decision.instance, decision.new_tokens, self._wall())
-        self.stats.decisions[(decision.policy, decision.instance)] += 1
-        for kind in decision.failure_cases:
-            self.stats.failure_cases[kind] += 1
-        st = self.table.get(decision.instance)
-        assert st is not None
-        return Routed(decision, ticket, st.engine_url, len(match.hashes), tuple(match.hashes))
-
-    def finish(self, instance: str, ticket: int) -> None:
-        """The request of ``ticket`` on ``instance`` ended (any outcome). Idempotent; mutates."""
-        self.table.finish(instance, ticket)
-
-    def mark_suspect(self, instance: str) -> None:
-        """Connecting to ``instance``'s engine failed: stop routing to it until a healthy heartbeat
-        arrives after ``cfg.suspect_cooldown``. Mutates."""
-        self.table.mark_suspect(instance, self._mono())
-        log.warning("instance %s is suspect: its engine refused a connection", instance)
-
-    # --------------------------------------------------------------------------------------- queries
-
-    def models(self) -> list[str]:
-        """Models served by instances that are up (non-empty names from heartbeats), sorted."""
-        return sorted({st.model for st in self.table.up() if st.model})
-
-    def serves_model(self, model: str) -> bool:
-        """Whether an up instance serves ``model`` (or reports no model name, i.e. serves any)."""
-        return any(st.model in ("", model) for st in self.table.up())
-
-    def instances_up(self) -> int:
-        """Number of instances that are up."""
-        return len(self.table.up())
-
-    def routable_count(self) -> int:
-        """Number of routable instances."""
-        return len(self.table.routable())
-
-    def state_json(self) -> dict[str, Any]:
-        """A JSON-ready dump of the instances and the index (for ``GET /router/state``)."""
-        idx = self.index
-        insts = []
-        for st in sorted(self.table, key=lambda s: s.name):
-            d = st.to_json()
-            d["blocks"] = idx.blocks_of(st.name) if idx is not None else 0
-            d["speculative_blocks"] = idx.speculative_blocks(st.name) if idx is not None else 0
-            insts.append(d)
-        return {
-            "policy": self.policy.name,
-            "block_size": self.block_size,
-            "instances": insts,
-            "index": {
-                "total_blocks": idx.total_blocks() if idx is not None else 0,
-                "speculative_blocks": idx.speculative_blocks() if idx is not None else 0,
-            },
-            "failure_cases": dict(self.stats.failure_cases),
-            "resyncs": [{"instance": i, "reason": r, "count": n} for (i, r), n in self.stats.resyncs.items()],
-        }
