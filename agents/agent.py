@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 Upstream the agent speaks SGLang's protocol (sglang 0.5.23, ``srt/disaggregation/kv_events.py``; codecs in
-:mod:`kvindex.wire`): a SUB on the engine's KV stream ``(topic, seq, KVEventBatch)``, a SUB on its load
+:mod:`kvindex.protocol`): a SUB on the engine's KV stream ``(topic, seq, KVEventBatch)``, a SUB on its load
 stream ``(b"load", seq, LoadStat)``, a DEALER on its replay ROUTER, and HTTP for ``/health`` and discovery.
 Downstream it speaks the cluster protocol: one PUB socket carrying ``EventBatch``, ``LoadReport`` and
 ``Heartbeat`` frames numbered by ONE counter across topics, and a ROUTER answering ``SnapshotRequest``
@@ -56,10 +56,10 @@ from agents.engine_link import (
     wait_until_healthy,
 )
 from agents.kv_follower import KvFollower
-from kvindex import wire
+from kvindex import protocol as wire
 from kvindex.logutil import RateLimitedLog
 from kvindex.mirror import BlockMirror
-from launch.ready import announce_ready
+from kvindex.protocol.ready import announce_ready
 
 __all__ = [
     "Agent",
@@ -123,8 +123,8 @@ def decode_kv_frame(frames: Sequence[bytes], topic: bytes) -> tuple[int, wire.KV
     ``topic`` empty accepts any topic (else an exact match: SUB filters by prefix only).
 
     Raises:
-        kvindex.wire.WireError: ``bad_frame_count``, ``bad_seq``, ``wrong_topic``, or a
-        :func:`kvindex.wire.decode_kv_batch` reason. Nothing else, whatever the bytes.
+        kvindex.protocol.WireError: ``bad_frame_count``, ``bad_seq``, ``wrong_topic``, or a
+        :func:`kvindex.protocol.decode_kv_batch` reason. Nothing else, whatever the bytes.
     """
     seq, payload = _seq_frame(frames, topic)
     return seq, wire.decode_kv_batch(payload)
@@ -134,7 +134,7 @@ def decode_load_frame(frames: Sequence[bytes], topic: bytes) -> tuple[int, wire.
     """An engine load frame ``[topic, seq, LoadStat]`` as ``(seq, stat)``. Pure.
 
     Raises:
-        kvindex.wire.WireError: as :func:`decode_kv_frame`, or ``bad_msgpack`` / ``bad_load``.
+        kvindex.protocol.WireError: as :func:`decode_kv_frame`, or ``bad_msgpack`` / ``bad_load``.
         Nothing else, whatever the bytes.
     """
     seq, payload = _seq_frame(frames, topic)
@@ -150,8 +150,8 @@ def decode_snapshot_request(frames: Sequence[bytes]) -> bytes:
     """The identity of a well-formed ``[identity, b"", SnapshotRequest]`` received by the ROUTER. Pure.
 
     Raises:
-        kvindex.wire.WireError: ``bad_frame_count``, ``unexpected_message`` or a
-        :func:`kvindex.wire.decode_message` reason. Nothing else, whatever the bytes.
+        kvindex.protocol.WireError: ``bad_frame_count``, ``unexpected_message`` or a
+        :func:`kvindex.protocol.decode_message` reason. Nothing else, whatever the bytes.
     """
     if len(frames) != 3 or frames[1] != b"":
         raise wire.WireError("bad_frame_count", f"expected [identity, b'', request], got {len(frames)}")

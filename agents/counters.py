@@ -15,7 +15,7 @@ class AgentCounters:
     """Monotonic counters since the agent started.
 
     Label keys: ``frames_in`` by stream (``kv``, ``load``, ``snapshot``, ``replay``); ``malformed`` by
-    ``(stream, reason)`` where reason is a :class:`kvindex.wire.WireError` reason or ``wrong_topic`` /
+    ``(stream, reason)`` where reason is a :class:`kvindex.protocol.WireError` reason or ``wrong_topic`` /
     ``unexpected_message``; ``events`` by SGLang event type; ``published`` by cluster topic.
 
     ``gaps``: live KV frames whose seq skipped ahead. ``replayed_batches``: batches applied from the

@@ -8,7 +8,7 @@ page size as ``page_size``, which is read as a fallback. An ``endpoint_host`` of
 empty means "the host of the engine's URL". Command-line overrides win over both.
 
 The replay client speaks SGLang's replay protocol (sglang 0.5.23, ``srt/disaggregation/kv_events.py``;
-codec in :mod:`kvindex.wire`): a DEALER sends ``[b"", start_seq]`` and reads replies until the end marker.
+codec in :mod:`kvindex.protocol`): a DEALER sends ``[b"", start_seq]`` and reads replies until the end marker.
 After a timeout (or cancellation) the DEALER is closed and a fresh one connected, so that late replies to
 an abandoned request can never be mistaken for replies to the next one. A malformed reply is skipped (and
 reported), not fatal: the others may still cover the range asked for, and the caller checks that they
@@ -29,7 +29,7 @@ import aiohttp
 import zmq
 import zmq.asyncio
 
-from kvindex import wire
+from kvindex import protocol as wire
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ async def discover(
 class ReplayClient:
     """A DEALER connected to an engine's replay ROUTER. Used by one task at a time (the agent's owner).
 
-    ``on_skipped(reason)`` is called for every reply skipped: a :class:`kvindex.wire.WireError` reason
+    ``on_skipped(reason)`` is called for every reply skipped: a :class:`kvindex.protocol.WireError` reason
     for a malformed one, ``stale_reply`` for one left over from an earlier request.
     """
 

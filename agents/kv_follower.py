@@ -49,7 +49,7 @@ from collections.abc import Awaitable, Callable
 
 from agents.counters import AgentCounters
 from agents.engine_link import ReplayClient, ReplayError
-from kvindex import wire
+from kvindex import protocol as wire
 from kvindex.logutil import RateLimitedLog
 from kvindex.mirror import BlockMirror
 

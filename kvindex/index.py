@@ -41,9 +41,7 @@ Invariants (tests check them; every mutation must keep them):
    only come late, never early).
 
 Events come from the network: nothing here raises on their content. Odd events are counted in
-:class:`IndexStats` and skipped (or applied, where skipping would lose more than it saves). The fast path
-:meth:`GlobalIndex.apply_payload` takes a raw SGLang ``KVEventBatch`` payload and applies it without
-building event objects (see :func:`kvindex.wire.scan_kv_batch`).
+:class:`IndexStats` and skipped (or applied, where skipping would lose more than it saves).
 """
 
 from __future__ import annotations
@@ -57,15 +55,7 @@ from itertools import repeat
 
 from kvindex.blocklog import BlockLog
 from kvindex.hashing import block_hashes
-from kvindex.wire import (
-    LEAN_REMOVED,
-    LEAN_STORED,
-    AllBlocksCleared,
-    BlockRemoved,
-    BlockStored,
-    KVEvent,
-    scan_kv_batch,
-)
+from kvindex.protocol.sglang import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 __all__ = ["COMPACT_STEP", "LOG_SLACK", "GlobalIndex", "IndexStats", "MatchResult", "prefix_chains"]
 
@@ -458,30 +448,6 @@ class GlobalIndex:
         i = self._intern(name)
         for ev in events:
             self._apply(i, ev)
-
-    def apply_payload(self, name: str, payload: bytes) -> int:
-        """Apply a raw SGLang ``KVEventBatch`` msgpack payload of instance ``name``: the fast ingest path.
-
-        Same effect as ``apply_batch(name, decode_kv_batch(payload).events)`` -- same state, same
-        counters, same ``WireError`` reasons -- without building event objects (see
-        :func:`kvindex.wire.scan_kv_batch`; its one leniency: the elements of ``token_ids`` are not
-        type-checked). A malformed payload changes nothing (``name`` is not even added). Returns the
-        number of events in the batch. Mutates.
-
-        Raises:
-            WireError: ``bad_msgpack``, ``bad_batch``, ``bad_event`` or ``unknown_event``; nothing else.
-        """
-        events = scan_kv_batch(payload)
-        i = self._intern(name)
-        for kind, hashes, parent, block_size in events:
-            if kind == LEAN_STORED:
-                self._store(i, hashes, parent, block_size)
-            elif kind == LEAN_REMOVED:
-                self._remove(i, hashes)
-            else:
-                self._drop_all(i)
-                self.stats.events_applied += 1
-        return len(events)
 
     def replace_instance(self, name: str, events: Iterable[KVEvent]) -> None:
         """Replace all that ``name`` holds with the state ``events`` build from empty (e.g. a snapshot).

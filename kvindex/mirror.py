@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from kvindex.index import prefix_chains
-from kvindex.wire import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from kvindex.protocol import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 __all__ = ["BlockMirror", "MirrorStats"]
 

@@ -12,12 +12,9 @@ launcher notices, relabels the processes in the cluster file (the old primary ``
 standby ``router-primary``) and starts a new standby following the new primary. A standby that exits is
 replaced too. ``--no-standby`` runs the primary alone, ``--no-metrics`` skips the daemon.
 
-The cluster file (``--cluster-file``, default ``cluster.json``) is JSON ``{"router": url, "metrics": url,
-"processes": [{"role", "instance", "pid", "endpoints": {...}, "log", "status"}]}``, roles ``engine``,
-``agent``, ``router-primary``, ``router-standby``, ``router-failed`` and ``metrics``; routers' endpoints
-are ``http``, ``decisions`` (their decision stream) and ``admin``. It is rewritten whenever a process
-changes state and removed on a clean shutdown; ``router`` is set once the whole cluster is ready.
-``launch tail`` and the metrics daemon read it.
+The cluster file (``--cluster-file``, default ``cluster.json``; its format and reader are
+:mod:`kvindex.protocol.cluster_file`) is rewritten whenever a process changes state and removed on a clean
+shutdown; ``router`` is set once the whole cluster is ready. ``launch tail`` and the metrics daemon read it.
 """
 
 from __future__ import annotations
@@ -38,6 +35,7 @@ from typing import Any
 
 import aiohttp
 
+from kvindex.protocol.cluster_file import ClusterFile, ProcessEntry
 from launch.procs import Child, ChildFailed, stop_all
 from launch.sglang_engines import SGLANG_MODULE, allocate_ports, parse_gpus, server_args
 from router.model.policies import POLICIES
@@ -430,26 +428,19 @@ class Cluster:
         self.write_cluster_file()
 
     def describe(self) -> dict[str, Any]:
-        """The cluster file's content."""
-        procs = []
-        for c in self.children:
-            status = "running" if c.alive and c.ready else ("starting" if c.alive else "exited")
-            procs.append(
-                {
-                    "role": c.role,
-                    "instance": c.instance,
-                    "pid": c.pid,
-                    "endpoints": dict(c.ready.endpoints) if c.ready else {},
-                    "log": str(c.log_path),
-                    "status": status,
-                }
+        """The cluster file's content (:mod:`kvindex.protocol.cluster_file`)."""
+        procs = tuple(
+            ProcessEntry(
+                role=c.role,
+                instance=c.instance,
+                pid=c.pid,
+                endpoints=dict(c.ready.endpoints) if c.ready else {},
+                log=str(c.log_path),
+                status="running" if c.alive and c.ready else ("starting" if c.alive else "exited"),
             )
-        return {
-            "router": self.router_url,
-            "metrics": self.metrics_url,
-            "updated_at": time.time(),
-            "processes": procs,
-        }
+            for c in self.children
+        )
+        return ClusterFile(self.router_url, self.metrics_url, procs, time.time()).to_json()
 
     def write_cluster_file(self) -> None:
         """Atomically (write + rename) rewrite the cluster file."""

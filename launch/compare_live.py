@@ -188,7 +188,7 @@ def run_compare_live(args: argparse.Namespace) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="compare-live-"))
     # A local tokenizer for SGLang's router (the engines' built-in byte tokenizer), so that it loads one
     # at start-up without asking Hugging Face.
-    from router.tokenizer import builtin_tokenizer
+    from kvindex.protocol.tokenizer import builtin_tokenizer
 
     args.tokenizer_dir = tmp / "tokenizer"
     args.tokenizer_dir.mkdir()

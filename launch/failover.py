@@ -40,6 +40,7 @@ from typing import Any
 
 import aiohttp
 
+from kvindex.protocol.cluster_file import ProcessEntry, read_cluster_file
 from launch.replay import build_body, send_one
 from launch.summary import RequestRecord
 from launch.trace import DEFAULT_VOCAB_SIZE, TraceError, TraceRequest, load_trace, window
@@ -172,15 +173,15 @@ async def _stop_cluster(proc: asyncio.subprocess.Process) -> None:
             await proc.wait()
 
 
-def _routers(cfile: Path) -> list[dict[str, Any]]:
-    info = json.loads(cfile.read_text())
-    return [p for p in info["processes"] if str(p["role"]).startswith("router")]
+def _routers(cfile: Path) -> list[ProcessEntry]:
+    return [p for p in read_cluster_file(cfile).processes if p.role.startswith("router")]
 
 
 async def _kill_primary(cfile: Path) -> float:
-    primary = next(p for p in _routers(cfile) if p["role"] == "router-primary" and p["status"] == "running")
+    primary = next(p for p in _routers(cfile) if p.role == "router-primary" and p.status == "running")
     t = time.time()
-    os.kill(int(primary["pid"]), signal.SIGKILL)
+    assert primary.pid is not None  # running
+    os.kill(primary.pid, signal.SIGKILL)
     return t
 
 
@@ -247,16 +248,16 @@ async def _settle(cfile: Path, result: RunResult, timeout: float = 30.0) -> None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         routers = _routers(cfile)
-        if any(p["role"] == "router-standby" and p["status"] == "running" for p in routers):
+        if any(p.role == "router-standby" and p.status == "running" for p in routers):
             break
         await asyncio.sleep(0.2)
-    result.routers_after = [{k: p[k] for k in ("role", "pid", "status")} for p in _routers(cfile)]
-    primary = next((p for p in _routers(cfile) if p["role"] == "router-primary"), None)
-    if primary is not None and "admin" in primary["endpoints"]:
+    result.routers_after = [{"role": p.role, "pid": p.pid, "status": p.status} for p in _routers(cfile)]
+    primary = next((p for p in _routers(cfile) if p.role == "router-primary"), None)
+    if primary is not None and "admin" in primary.endpoints:
         with contextlib.suppress(aiohttp.ClientError, TimeoutError, KeyError, ValueError):
             async with (
                 aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s,
-                s.get(primary["endpoints"]["admin"] + "/router/state") as r,
+                s.get(primary.endpoints["admin"] + "/router/state") as r,
             ):
                 result.ha = (await r.json())["ha"]
     if result.kill_at is not None:

@@ -3,7 +3,7 @@
 Each child runs ``python -m MODULE ARGS`` in its own process group (so a terminal's Ctrl-C reaches only
 the launcher, which then stops children in dependency order), with ``PR_SET_PDEATHSIG`` on Linux so that
 a launcher killed with SIGKILL still takes its children with it. stdout and stderr go to one log file
-per child; the launcher scans stdout for the ``READY`` line (:mod:`launch.ready`).
+per child; the launcher scans stdout for the ``READY`` line (:mod:`kvindex.protocol.ready`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from launch.ready import Ready, parse_ready
+from kvindex.protocol.ready import Ready, parse_ready
 
 log = logging.getLogger("launch")
 

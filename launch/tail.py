@@ -32,7 +32,8 @@ from typing import Any
 
 import zmq
 
-from kvindex import wire
+from kvindex import protocol as wire
+from kvindex.protocol.cluster_file import ClusterFile, ClusterFileError, read_cluster_file
 
 AGENT_TYPES = ("BlockStored", "BlockRemoved", "AllBlocksCleared", "load", "heartbeat")
 DECISION_TYPES = ("decision", "router_heartbeat")
@@ -72,39 +73,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=0.0, help="exit after this many seconds (0 = no limit)")
 
 
-def _read_cluster(path: Path) -> dict[str, Any]:
+def _read_cluster(path: Path) -> ClusterFile:
     try:
-        cluster: dict[str, Any] = json.loads(path.read_text())
+        return read_cluster_file(path)
     except FileNotFoundError:
         sys.exit(
             f"launch tail: no cluster file at {path}; start one with `python -m launch cluster` or pass --endpoint"
         )
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ClusterFileError) as exc:
         sys.exit(f"launch tail: cannot read {path}: {exc}")
-    return cluster
 
 
-def decision_endpoints_in(cluster: dict[str, Any]) -> list[str]:
+def decision_endpoints_in(cluster: ClusterFile) -> list[str]:
     """Decision streams of the routers a cluster file lists (running ones)."""
-    return [
-        p["endpoints"]["decisions"]
-        for p in cluster.get("processes", [])
-        if str(p.get("role", "")).startswith("router")
-        and "decisions" in p.get("endpoints", {})
-        and p.get("status") != "exited"
-    ]
+    return cluster.endpoints("router-", "decisions", running_only=True)
 
 
 def endpoints_from(args: argparse.Namespace) -> list[str]:
     """Agent PUB endpoints from ``--endpoint`` or the cluster file. Exits with a message if none."""
     if args.endpoint:
         return list(args.endpoint)
-    cluster = _read_cluster(args.cluster)
-    eps = [
-        p["endpoints"]["pub"]
-        for p in cluster.get("processes", [])
-        if p.get("role") == "agent" and "pub" in p.get("endpoints", {})
-    ]
+    eps = _read_cluster(args.cluster).endpoints("agent", "pub")
     if not eps:
         sys.exit(f"launch tail: {args.cluster} lists no agent endpoints")
     return eps
@@ -267,7 +256,7 @@ def run_tail(args: argparse.Namespace) -> int:
             if follow_file and time.monotonic() >= next_reread:  # a new standby after a failover
                 next_reread = time.monotonic() + 1.0
                 with contextlib.suppress(OSError, ValueError):
-                    for ep in decision_endpoints_in(json.loads(args.cluster.read_text())):
+                    for ep in decision_endpoints_in(read_cluster_file(args.cluster)):
                         if ep not in connected:
                             sub.connect(ep)
                             connected.add(ep)

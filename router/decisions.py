@@ -6,8 +6,8 @@ Every routing decision changes two things in the deciding router besides the cho
 blocks become speculative entries of the chosen instance in the index, and the request is added to that
 instance's pending dispatches (batch size + 1, queued prefill + its new tokens) until a load report
 covers it or it ends. Those are the only parts of a router's state that the agents' streams do not carry.
-So the primary publishes each decision (:class:`~kvindex.wire.RequestRouted`) and each end
-(:class:`~kvindex.wire.RequestFinished`), and a standby that also follows every agent applies them to its
+So the primary publishes each decision (:class:`~kvindex.protocol.RequestRouted`) and each end
+(:class:`~kvindex.protocol.RequestFinished`), and a standby that also follows every agent applies them to its
 own core (:class:`DecisionMirror`): same index, same speculative entries, same pending accounting, give
 or take the milliseconds the frames travel.
 
@@ -18,7 +18,7 @@ it: the mirror re-applies the instance's last report right after adding the entr
 The stream is PUB/SUB, at most once. A lost frame shows as a seq gap (counted). A lost ``RequestRouted``
 costs its speculative entries (the engine's own events follow within a step) and its pending entry (the
 next load report covers it anyway); a lost ``RequestFinished`` would leave a ticket open forever, so every
-:class:`~kvindex.wire.RouterHeartbeat` lists the primary's open tickets and the mirror forgets any other
+:class:`~kvindex.protocol.RouterHeartbeat` lists the primary's open tickets and the mirror forgets any other
 (frames of one stream arrive in publishing order, so every decision older than the heartbeat is in).
 
 :class:`DecisionPublisher` never blocks (a PUB socket drops at its high-water mark); it is called from
@@ -42,8 +42,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from kvindex.logutil import RateLimitedLog
-from kvindex.protocol.numbered import DECISION_TOPICS, DecisionReceived, NumberedStream, router_epoch
-from kvindex.wire import (
+from kvindex.protocol import (
     TOPIC_DECISIONS,
     DecisionMessage,
     RequestFinished,
@@ -52,6 +51,7 @@ from kvindex.wire import (
     encode_message,
     make_frame,
 )
+from kvindex.protocol.numbered import DECISION_TOPIC_OF, DecisionReceived, NumberedStream, router_epoch
 from router.model.model import Routed, RoutingModel
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,7 @@ class DecisionSubscriber:
         self._tasks: list[asyncio.Task[None]] = []
         self._up: dict[str, bool] = {}
         self._rl = RateLimitedLog(log)
-        self._stream = NumberedStream(DECISION_TOPICS, router_epoch, self._rl, "decision frame")
+        self._stream = NumberedStream(DECISION_TOPIC_OF, router_epoch, self._rl, "decision frame")
         self.stats = self._stream.stats
         self._closed = False
 

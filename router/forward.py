@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
-from router.protocol import error_body
+from kvindex.protocol.http import error_body
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _FORWARDED_HEADERS = ("Authorization", "X-Request-Id")

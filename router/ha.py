@@ -42,7 +42,7 @@ from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from kvindex.wire import TOPIC_ROUTER_HEARTBEAT
+from kvindex.protocol import TOPIC_ROUTER_HEARTBEAT
 from router.decisions import (
     ROUTER_HEARTBEAT_INTERVAL,
     DecisionPublisher,

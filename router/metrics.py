@@ -29,7 +29,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from kvindex.wire import EventBatch, LoadReport
+from kvindex.protocol import EventBatch, LoadReport
 from router.model.policies import FAILURE_KINDS, Decision
 
 if TYPE_CHECKING:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import signal
 import time
@@ -48,8 +47,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from kvindex.protocol.numbered import DecisionReceived, Received
-from kvindex.wire import (
+from kvindex.protocol import (
     BlockRemoved,
     BlockStored,
     EventBatch,
@@ -59,7 +57,9 @@ from kvindex.wire import (
     RequestRouted,
     RouterHeartbeat,
 )
-from launch.ready import announce_ready
+from kvindex.protocol.cluster_file import ClusterFileError, read_cluster_file
+from kvindex.protocol.numbered import DecisionReceived, Received
+from kvindex.protocol.ready import announce_ready
 from router.decisions import DecisionSubscriber
 from router.metrics import SCORE_BUCKETS
 from router.subscriber import Subscriber
@@ -291,16 +291,13 @@ class MetricsDaemon:
             mtime = path.stat().st_mtime
             if mtime == self._cluster_mtime:
                 return
-            info = json.loads(path.read_text())
+            info = read_cluster_file(path)
             self._cluster_mtime = mtime
-            for proc in info.get("processes", []):
-                eps = proc.get("endpoints") or {}
-                role = str(proc.get("role", ""))
-                if role == "agent" and "pub" in eps:
-                    self.agents.add_endpoint(str(eps["pub"]))
-                elif role.startswith("router") and "decisions" in eps and proc.get("status") != "exited":
-                    self.routers.add_endpoint(str(eps["decisions"]))
-        except (OSError, ValueError, AttributeError, zmq.ZMQError) as exc:
+            for ep in info.endpoints("agent", "pub"):
+                self.agents.add_endpoint(ep)
+            for ep in info.endpoints("router-", "decisions", running_only=True):
+                self.routers.add_endpoint(ep)
+        except (OSError, ClusterFileError, zmq.ZMQError) as exc:
             log.debug("cluster file %s not read: %s", path, exc)
 
     async def _watch(self) -> None:

@@ -1,7 +1,8 @@
-"""The router process: HTTP front end (aiohttp on uvloop) around :class:`router.model.model.RoutingModel`.
+"""The router's HTTP shell (aiohttp on uvloop) around :class:`router.model.model.RoutingModel`.
 
-``RouterServer`` holds the runtime state and has ``start()`` / ``stop()``; :func:`serve` runs one until
-SIGINT/SIGTERM (or a given event) and is embeddable; :func:`main` is ``python -m router``.
+``RouterServer`` holds the runtime state and has ``start()`` / ``stop()``; :func:`router.main.serve`
+runs one inside its HA node until SIGINT/SIGTERM and is embeddable; :func:`router.main.main` is
+``python -m router``.
 
 Tasks inside one event loop: one reader per agent SUB socket (frames go straight into the core), a ticker
 (heartbeat timeouts, snapshot retries, speculative expiry), a short-lived task per snapshot fetch, and
@@ -9,8 +10,8 @@ aiohttp's request handlers. All of them call the core synchronously, so the core
 loop.
 
 Endpoints: ``POST /generate``, ``/v1/completions``, ``/v1/chat/completions`` (parsed with
-:mod:`router.protocol`, tokenized, routed, forwarded by :mod:`router.forward`); ``GET /v1/models``,
-``/health``, ``/metrics``, ``/router/state``. Every error body is :func:`router.protocol.error_body`.
+:mod:`kvindex.protocol.http`, tokenized, routed, forwarded by :mod:`router.forward`); ``GET /v1/models``,
+``/health``, ``/metrics``, ``/router/state``. Every error body is :func:`kvindex.protocol.http.error_body`.
 """
 
 from __future__ import annotations
@@ -18,27 +19,23 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import signal
 import socket
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import aiohttp
-import zmq
 from aiohttp import web
 
 from kvindex.hashing import BlockHash, block_hashes
-from launch.ready import announce_ready
-from router.config import RouterConfig, parse_args
+from kvindex.protocol.http import PARSERS, PATHS, GenerationRequest, RequestError, error_body
+from kvindex.protocol.tokenizer import Tokenizer, load_tokenizer
+from router.config import RouterConfig
 from router.decisions import DecisionPublisher
 from router.forward import ConnectFailed, Outcome, forward
-from router.ha import HANode
 from router.metrics import RouterMetrics
 from router.model.model import NoLiveInstance, RoutingModel, SnapshotJob
-from router.protocol import PARSERS, PATHS, GenerationRequest, RequestError, error_body
 from router.subscriber import Received, SnapshotError, Subscriber, fetch_snapshot
-from router.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -345,77 +342,3 @@ class RouterServer:
         if self.extra_state is not None:
             state["ha"] = self.extra_state()
         return state
-
-
-async def serve(
-    cfg: RouterConfig,
-    *,
-    stop: asyncio.Event | None = None,
-    on_ready: Callable[[RouterServer], None] | None = None,
-) -> None:
-    """Run a router until SIGINT/SIGTERM or ``stop`` is set, then shut down cleanly.
-
-    Once the HTTP port is bound (a standby: once it follows its primary) and every agent's instance is
-    routable (or ``cfg.warmup_timeout`` passed), calls ``on_ready(server)``, or by default prints the
-    launcher's READY line (role ``router-primary`` or ``router-standby``, endpoints ``http``,
-    ``decisions`` and ``admin`` when on). Roles and takeover: :mod:`router.ha`. Signal handlers are
-    installed only where the loop allows it (the main thread). Raises what :class:`RouterServer` and
-    its ``start`` raise.
-    """
-    stop = stop if stop is not None else asyncio.Event()
-    loop = asyncio.get_running_loop()
-    installed: list[signal.Signals] = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-            installed.append(sig)
-        except (NotImplementedError, RuntimeError, ValueError):
-            pass
-    server = RouterServer(cfg)
-    node = HANode(server)
-    try:
-        await node.start()
-        if cfg.warmup_timeout > 0 and not await server.warm_up(cfg.warmup_timeout):
-            log.warning(
-                "only %d of %d agents' instances routable after %g s; serving anyway",
-                server.core.routable_count(),
-                len(set(cfg.agents)),
-                cfg.warmup_timeout,
-            )
-        if not await node.wait_for_primary(max(cfg.warmup_timeout, 1.0)):
-            log.warning("no heartbeat from the primary at %s yet; standing by anyway", cfg.primary_decisions)
-        if on_ready is not None:
-            on_ready(server)
-        else:
-            announce_ready(f"router-{cfg.role}", node.endpoints())
-        await stop.wait()
-        log.info("router shutting down")
-    finally:
-        await node.stop()
-        for sig in installed:
-            loop.remove_signal_handler(sig)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m router``: parse flags, run until SIGINT/SIGTERM. Returns the exit status."""
-    cfg = parse_args(argv)
-    logging.basicConfig(
-        level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
-    )
-    try:
-        import uvloop
-
-        runner: Callable[..., None] = uvloop.run
-    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
-        runner = asyncio.run
-    try:
-        runner(serve(cfg))
-    except TokenizerError as exc:
-        log.error("cannot load the tokenizer: %s", exc)
-        return 2
-    except (OSError, zmq.ZMQError) as exc:
-        log.error("cannot start the router: %s", exc)
-        return 1
-    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
-        pass
-    return 0

@@ -20,15 +20,15 @@ import zmq
 import zmq.asyncio
 
 from kvindex.logutil import RateLimitedLog
+from kvindex.protocol import EventBatch, Heartbeat, LoadReport, Snapshot, SnapshotRequest, encode_message
 from kvindex.protocol.numbered import (
-    AGENT_TOPICS,
+    AGENT_TOPIC_OF,
     NumberedStream,
     Received,
     SnapshotError,
     agent_epoch,
     parse_snapshot_reply,
 )
-from kvindex.wire import EventBatch, Heartbeat, LoadReport, Snapshot, SnapshotRequest, encode_message
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class Subscriber:
         self._sockets: dict[str, zmq.asyncio.Socket] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._rl = RateLimitedLog(log, log_interval)
-        self._stream = NumberedStream(AGENT_TOPICS, agent_epoch, self._rl)
+        self._stream = NumberedStream(AGENT_TOPIC_OF, agent_epoch, self._rl)
         self.stats = self._stream.stats
         self._closed = False
 

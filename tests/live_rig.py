@@ -27,7 +27,7 @@ import zmq.asyncio
 from agents.agent import Agent, serve
 from agents.config import AgentConfig
 from agents.engine.server import EngineServer, ServerConfig
-from kvindex import wire
+from kvindex import protocol as wire
 from router.config import RouterConfig
 from router.model.model import RoutingModel
 

@@ -31,10 +31,10 @@ from agents.config import AgentConfig, parse_args
 from agents.counters import AgentCounters
 from agents.engine_link import EngineUnavailableError
 from agents.kv_follower import DUPLICATE_WINDOW, KvFollower
-from kvindex import wire
+from kvindex import protocol as wire
 from kvindex.hashing import block_hashes
 from kvindex.mirror import BlockMirror
-from launch.ready import parse_ready
+from kvindex.protocol.ready import parse_ready
 
 pytestmark = pytest.mark.timeout(20)
 

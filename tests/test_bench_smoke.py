@@ -1,4 +1,4 @@
-"""kvindex.bench and its workload on a tiny synthetic Mooncake trace: the JSON it prints, and that the
+"""launch.bench.index_bench and its workload on a tiny synthetic Mooncake trace: the JSON it prints, and that the
 workload holds exactly what it says (no timing is asserted)."""
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from kvindex.bench import parse_args
-from kvindex.benchload import block_tokens, build_workload, eviction_payloads
 from kvindex.index import GlobalIndex
+from kvindex.protocol import decode_message
+from launch.bench.index_bench import parse_args
+from launch.bench.index_load import block_tokens, build_workload, eviction_payloads
 from launch.trace import TraceRequest, load_trace, prompt_tokens
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +58,11 @@ def test_bench_prints_figures_and_json_last(trace: Path) -> None:
     args = ["--trace", str(trace), "--blocks", "3000", "--instances", "8", "--queries", "60"]
     args += ["--prompt-tokens", "2048"]
     out = subprocess.run(
-        [sys.executable, "-m", "kvindex.bench", *args], cwd=REPO, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "launch.bench.index_bench", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
@@ -68,7 +73,7 @@ def test_bench_prints_figures_and_json_last(trace: Path) -> None:
     assert figures["match_hit_fraction"] == 1.0  # the prompts were stored: the walk went all the way
     assert set(figures["targets_met"]) == {"ingest_blocks_per_s", "route_p99_us", "bytes_per_block"}
     only = subprocess.run(
-        [sys.executable, "-m", "kvindex.bench", *args, "--json", "--queries", "10"],
+        [sys.executable, "-m", "launch.bench.index_bench", *args, "--json", "--queries", "10"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -106,7 +111,7 @@ def test_workload_holds_exactly_the_target_and_replays_tenants(trace: Path) -> N
     assert wl.residencies == 5000 and wl.tenants >= 2
     idx = GlobalIndex(16)
     for name, payload in wl.payloads:
-        idx.apply_payload(name, payload)
+        idx.apply_batch(name, decode_message(payload).events)  # type: ignore[union-attr]
     assert sum(idx.blocks_of(n) for n in wl.names) == 5000
     assert idx.stats.unknown_parent == 0  # every event's parent was stored on its instance before
     assert idx.total_blocks() < 5000  # block 0's pages are on several instances
@@ -115,7 +120,7 @@ def test_workload_holds_exactly_the_target_and_replays_tenants(trace: Path) -> N
         assert max(idx.match(toks).cached_tokens.values()) == len(toks) // 16 * 16
     evict, n = eviction_payloads(wl, 0.5)
     for name, payload in evict:
-        idx.apply_payload(name, payload)
+        idx.apply_batch(name, decode_message(payload).events)  # type: ignore[union-attr]
     assert sum(idx.blocks_of(name) for name in wl.names) == 5000 - n
     assert idx.stats.unknown_removed == 0
     idx.check_invariants()

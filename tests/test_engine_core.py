@@ -12,7 +12,7 @@ from agents.engine.core import EngineConfig, EngineCore, Request, RequestRejecte
 from agents.engine.profiles import PROFILES, get_profile
 from agents.engine.radix_cache import CacheBusyError, RadixCache
 from kvindex.hashing import block_hashes
-from kvindex.wire import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from kvindex.protocol import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 PROFILE = get_profile("h100-llama3.1-8b")
 

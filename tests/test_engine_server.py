@@ -18,7 +18,7 @@ import zmq.asyncio
 
 from agents.engine.server import EngineServer, ServerConfig, parse_args, serve
 from kvindex.hashing import block_hashes
-from kvindex.wire import (
+from kvindex.protocol import (
     AllBlocksCleared,
     BlockStored,
     decode_kv_batch,
@@ -27,7 +27,7 @@ from kvindex.wire import (
     replay_request,
     split_frame,
 )
-from launch.ready import parse_ready
+from kvindex.protocol.ready import parse_ready
 
 pytestmark = pytest.mark.timeout(20)
 MODEL = "emulated-llama-3.1-8b"

@@ -33,7 +33,7 @@ import zmq.asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvindex.hashing import block_hashes
-from kvindex.wire import (
+from kvindex.protocol import (
     TOPIC_DECISIONS,
     TOPIC_HEARTBEAT,
     TOPIC_LOAD,

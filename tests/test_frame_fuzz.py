@@ -32,7 +32,7 @@ from agents.agent import decode_kv_frame, decode_load_frame, decode_snapshot_req
 from agents.counters import AgentCounters
 from agents.engine_link import ReplayClient, ReplayError
 from agents.kv_follower import KvFollower
-from kvindex import wire
+from kvindex import protocol as wire
 from kvindex.mirror import BlockMirror
 from kvindex.protocol.numbered import SnapshotError, parse_snapshot_reply
 from router.config import RouterConfig

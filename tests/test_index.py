@@ -15,7 +15,7 @@ from kvindex import index as index_module
 from kvindex.blocklog import BlockLog
 from kvindex.hashing import block_hashes
 from kvindex.index import GlobalIndex, MatchResult, prefix_chains
-from kvindex.wire import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from kvindex.protocol import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 BS = 4
 

@@ -23,8 +23,9 @@ import zmq.asyncio
 from agents.engine.server import EngineServer
 from kvindex.hashing import block_hashes
 from router.config import RouterConfig
+from router.main import serve
 from router.model.model import Routed, RoutingModel
-from router.server import RouterServer, serve
+from router.server import RouterServer
 from tests.live_rig import (
     PAGE,
     AgentRunner,

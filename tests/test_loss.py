@@ -27,7 +27,7 @@ import zmq
 import zmq.asyncio
 
 from agents.engine.server import EngineServer
-from kvindex import wire
+from kvindex import protocol as wire
 from router.server import RouterServer
 from tests.live_rig import (
     AgentRunner,

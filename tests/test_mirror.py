@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from kvindex.hashing import block_hashes
 from kvindex.index import GlobalIndex
 from kvindex.mirror import BlockMirror
-from kvindex.wire import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from kvindex.protocol import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 BS = 4
 

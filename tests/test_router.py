@@ -1,6 +1,6 @@
 """The router: its core fed frames without sockets, then the whole process in-memory with fake peers.
 
-Fake agents are a ZeroMQ PUB (heartbeats, load reports, event batches made with :mod:`kvindex.wire`) and a
+Fake agents are a ZeroMQ PUB (heartbeats, load reports, event batches made with :mod:`kvindex.protocol`) and a
 ROUTER answering snapshot requests; fake engines are tiny aiohttp apps that record what they receive.
 Everything binds OS-assigned ports on 127.0.0.1. Waits are bounded polls; no assertion is on timing.
 """
@@ -24,7 +24,7 @@ import zmq.asyncio
 from aiohttp import web
 
 from kvindex.hashing import block_hashes
-from kvindex.wire import (
+from kvindex.protocol import (
     TOPIC_EVENTS,
     TOPIC_HEARTBEAT,
     TOPIC_LOAD,

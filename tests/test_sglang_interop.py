@@ -1,6 +1,6 @@
 """Interop with SGLang's own code (sglang 0.5.23, loaded from its wheel without torch: tests/sglang_compat.py).
 
-* Codecs: our ``kvindex.wire`` encoders produce byte-for-byte what msgspec produces for SGLang's
+* Codecs: our ``kvindex.protocol`` encoders produce byte-for-byte what msgspec produces for SGLang's
   ``KVEventBatch`` / events / ``LoadStat``; our decoders read SGLang's bytes (current tagged maps, with
   extra keys such as ``cache_salt``; and the legacy tagged arrays), and SGLang's decoders read ours.
 * The agent follows SGLang's real ``ZmqEventPublisher`` (PUB + replay ROUTER on OS-assigned loopback
@@ -38,7 +38,7 @@ from agents.agent import Agent, serve
 from agents.config import AgentConfig
 from agents.counters import AgentCounters
 from agents.engine_link import ReplayClient
-from kvindex import wire
+from kvindex import protocol as wire
 from kvindex.hashing import block_hashes, chained_digests
 from tests.sglang_compat import (
     BUILD_TIMEOUT_S,
@@ -197,7 +197,7 @@ def test_kv_batch_bytes_equal_sglang_msgspec(sgl: SGLang, i: int) -> None:
     ours = wire.encode_kv_batch(BATCHES[i])
     theirs = msgspec.msgpack.encode(sg_batch(sgl.kv_events, BATCHES[i]))
     assert ours == theirs, (
-        f"MISMATCH kvindex.wire.encode_kv_batch vs SGLang {sgl.version} KVEventBatch:\n"
+        f"MISMATCH kvindex.protocol.encode_kv_batch vs SGLang {sgl.version} KVEventBatch:\n"
         f"ours   {ours.hex()}\ntheirs {theirs.hex()}"
     )
     # and each side reads the other's bytes back to the same values

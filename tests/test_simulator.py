@@ -9,7 +9,7 @@ import pytest
 
 from agents.engine.profiles import get_profile
 from kvindex.hashing import block_hashes
-from kvindex.wire import BlockStored, LoadStat
+from kvindex.protocol import BlockStored, LoadStat
 from launch.__main__ import main
 from launch.sim.cluster import (
     INGEST_OVERHEAD_S,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from router.tokenizer import BUILTIN_NAME, TokenizerError, builtin_tokenizer, load_tokenizer
+from kvindex.protocol.tokenizer import BUILTIN_NAME, TokenizerError, builtin_tokenizer, load_tokenizer
 
 TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}\n{% endfor %}"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.ready import parse_ready
+from kvindex.protocol.ready import parse_ready
 from launch.summary import RequestRecord, summarize
 from launch.trace import TraceError, load_trace, prompt_tokens, window
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvindex import wire
+from kvindex import protocol as wire
 from kvindex.hashing import block_hashes
 
 STORED = wire.BlockStored((11, 12), None, tuple(range(8)), 4)

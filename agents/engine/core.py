@@ -58,7 +58,7 @@ from agents.engine.core_types import (
 )
 from agents.engine.profiles import Profile
 from agents.engine.radix_cache import RadixCache, RadixNode
-from kvindex.wire import KVEvent, LoadStat
+from kvindex.protocol import KVEvent, LoadStat
 
 __all__ = [
     "EngineConfig",

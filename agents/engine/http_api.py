@@ -4,7 +4,7 @@ Routes: ``POST /generate``, ``POST /v1/completions``, ``POST /v1/chat/completion
 ``GET /health``, ``GET /health_generate``, ``GET /model_info``, ``GET /server_info``, ``GET /v1/loads``,
 ``GET|POST /flush_cache``, ``GET /metrics``. Bodies: :mod:`agents.engine.openai_format`.
 
-Requests are parsed by :mod:`router.protocol` (exactly as the router parses them). Client errors
+Requests are parsed by :mod:`kvindex.protocol.http` (exactly as the router parses them). Client errors
 (malformed JSON, bad fields, an unknown ``model`` on ``/v1`` endpoints, a prompt too long) answer 400
 with the OpenAI error body; no client input yields a 500. A client that disconnects aborts its request
 in the core, which frees its KV.
@@ -30,7 +30,7 @@ from aiohttp import web
 
 from agents.engine.core import Request, RequestRejected, TokenOutput
 from agents.engine.openai_format import Progress, final_body, stream_chunks
-from router.protocol import PARSERS, Endpoint, RequestError, error_body
+from kvindex.protocol.http import PARSERS, Endpoint, RequestError, error_body
 
 if TYPE_CHECKING:
     from agents.engine.server import EngineServer
@@ -44,7 +44,7 @@ MAX_BODY_BYTES = 64 * 1024 * 1024  # a 131k-token prompt as a JSON id list is ~1
 def error_response(
     status: int, message: str, param: str | None = None, type_: str | None = None
 ) -> web.Response:
-    """JSON error in the OpenAI shape (:func:`router.protocol.error_body`)."""
+    """JSON error in the OpenAI shape (:func:`kvindex.protocol.http.error_body`)."""
     return web.json_response(error_body(status, message, param, type_), status=status)
 
 

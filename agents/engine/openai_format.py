@@ -22,7 +22,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from router.protocol import Endpoint
+from kvindex.protocol.http import Endpoint
 
 Finish = Literal["length", "stop", "abort"]
 SSE_DONE = b"data: [DONE]\n\n"

@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from kvindex.hashing import chained_digests
-from kvindex.wire import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from kvindex.protocol import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 
 def _block_hashes_of(digests: Sequence[bytes]) -> list[int]:

@@ -6,7 +6,7 @@ tokens to the waiting HTTP handlers and publishes the step's KV events as one ``
 PUB socket (seq from 0, +1 per published batch, steps without events skipped), keeping ``(seq,
 payload)`` in a replay buffer of ``--buffer-steps`` batches. It sleeps on an event while idle.
 
-Sockets (SGLang 0.5.23 formats, see :mod:`kvindex.wire`):
+Sockets (SGLang 0.5.23 formats, see :mod:`kvindex.protocol`):
 
 * KV PUB ``[topic, seq 8B BE, KVEventBatch]``;
 * replay ROUTER: receives ``[identity, b"", start_seq 8B]``, answers ``[identity, b"", topic, seq,
@@ -15,7 +15,7 @@ Sockets (SGLang 0.5.23 formats, see :mod:`kvindex.wire`):
 * load PUB ``[b"load", seq 8B BE, LoadStat]`` every ``--load-interval`` seconds, own seq from 0.
 
 Once everything is bound it prints ``READY {"role": "engine", "endpoints": {"http", "kv", "replay",
-"load"}}`` (:mod:`launch.ready`). SIGINT/SIGTERM or cancellation shut it down cleanly.
+"load"}}`` (:mod:`kvindex.protocol.ready`). SIGINT/SIGTERM or cancellation shut it down cleanly.
 """
 
 from __future__ import annotations
@@ -41,9 +41,16 @@ from agents.engine.core import EngineConfig, EngineCore, Request, RequestRejecte
 from agents.engine.http_api import HttpApi
 from agents.engine.metrics import EngineMetrics
 from agents.engine.profiles import DEFAULT_PROFILE, PROFILES, get_profile
-from kvindex.wire import REPLAY_END, KVEventBatch, encode_kv_batch, encode_load_stat, make_frame, seq_to_bytes
-from launch.ready import announce_ready
-from router.tokenizer import load_tokenizer
+from kvindex.protocol import (
+    REPLAY_END,
+    KVEventBatch,
+    encode_kv_batch,
+    encode_load_stat,
+    make_frame,
+    seq_to_bytes,
+)
+from kvindex.protocol.ready import announce_ready
+from kvindex.protocol.tokenizer import load_tokenizer
 
 log = logging.getLogger("agents.engine")
 # Seconds the step pacing may fall behind before it resyncs to the clock. Within this bound a stall of the

@@ -2,8 +2,8 @@
 
 Pure (no sockets): shared by every subscriber of a numbered stream (the router, its standby and the
 metrics daemon follow the agents' streams; the standby and the metrics daemon follow routers' decision
-streams). Each frame ``[topic, seq, payload]`` is split (:func:`kvindex.wire.split_frame`), decoded
-(:func:`kvindex.wire.decode_message`) and checked against its topic; then the publisher's sequence is
+streams). Each frame ``[topic, seq, payload]`` is split (:func:`kvindex.protocol.split_frame`), decoded
+(:func:`kvindex.protocol.decode_message`) and checked against its topic; then the publisher's sequence is
 tracked and the frame is classified:
 
 * ``first``: the first frame seen from that endpoint (a late joiner never knows what it missed);
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Literal, TypeAlias
 
 from kvindex.logutil import RateLimitedLog
-from kvindex.wire import (
+from kvindex.protocol import (
     TOPIC_DECISIONS,
     TOPIC_EVENTS,
     TOPIC_HEARTBEAT,
@@ -46,8 +46,8 @@ from kvindex.wire import (
 )
 
 __all__ = [
-    "AGENT_TOPICS",
-    "DECISION_TOPICS",
+    "AGENT_TOPIC_OF",
+    "DECISION_TOPIC_OF",
     "DecisionMessage",
     "DecisionReceived",
     "Discontinuity",
@@ -66,14 +66,14 @@ __all__ = [
 StreamMessage: TypeAlias = EventBatch | LoadReport | Heartbeat
 Discontinuity = Literal["first", "gap", "epoch", "seq_back"]
 
-AGENT_TOPICS: dict[type, bytes] = {
+AGENT_TOPIC_OF: dict[type, bytes] = {
     EventBatch: TOPIC_EVENTS,
     LoadReport: TOPIC_LOAD,
     Heartbeat: TOPIC_HEARTBEAT,
 }
 """The message types of an agent's stream and the topic each must arrive on."""
 
-DECISION_TOPICS: dict[type, bytes] = {
+DECISION_TOPIC_OF: dict[type, bytes] = {
     RequestRouted: TOPIC_DECISIONS,
     RequestFinished: TOPIC_DECISIONS,
     RouterHeartbeat: TOPIC_ROUTER_HEARTBEAT,
@@ -112,7 +112,7 @@ class DecisionReceived:
 def router_epoch(msg: WireMessage) -> int:
     assert isinstance(
         msg, RequestRouted | RequestFinished | RouterHeartbeat
-    )  # only these pass DECISION_TOPICS
+    )  # only these pass DECISION_TOPIC_OF
     return msg.router_epoch
 
 
@@ -173,7 +173,7 @@ class SubscriberStats:
 
 
 def agent_epoch(msg: WireMessage) -> int:
-    assert isinstance(msg, EventBatch | LoadReport | Heartbeat)  # only these pass AGENT_TOPICS
+    assert isinstance(msg, EventBatch | LoadReport | Heartbeat)  # only these pass AGENT_TOPIC_OF
     return msg.agent_epoch
 
 

@@ -23,6 +23,8 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from kvindex.protocol.cluster_file import read_cluster_file
+
 __all__ = [
     "cluster_endpoints",
     "engine_pace",
@@ -41,7 +43,7 @@ def wait_router(proc: subprocess.Popen[bytes], cluster_file: Path, timeout: floa
         if proc.poll() is not None:
             raise RuntimeError(f"launch cluster exited with code {proc.returncode} before it was ready")
         with contextlib.suppress(OSError, ValueError):
-            url = json.loads(cluster_file.read_text()).get("router")
+            url = read_cluster_file(cluster_file).router
             if url:
                 return str(url)
         time.sleep(0.2)
@@ -80,10 +82,7 @@ def _scrape(url: str, timeout: float) -> dict[str, float]:
 def cluster_endpoints(cluster_file: Path, role: str, kind: str = "http") -> list[str]:
     """The ``kind`` endpoints (``"http"``, ``"pub"``, ...) of the processes of ``role`` (``"engine"``,
     ``"agent"``, ``"router-primary"``) in a ``launch cluster`` cluster file, in file order."""
-    procs = json.loads(cluster_file.read_text()).get("processes", [])
-    return [
-        p["endpoints"][kind] for p in procs if p.get("role") == role and (p.get("endpoints") or {}).get(kind)
-    ]
+    return read_cluster_file(cluster_file).endpoints(role, kind)
 
 
 def engine_pace(cluster_file: Path, timeout: float = 5.0) -> dict[str, float]:

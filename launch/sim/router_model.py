@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kvindex.index import GlobalIndex
-from kvindex.wire import KVEvent, LoadReport, LoadStat
+from kvindex.protocol import KVEvent, LoadReport, LoadStat
 from router.model.config import ModelConfig
 from router.model.model import RoutingModel
 from router.model.policies import Decision, Policy

@@ -6,7 +6,7 @@ Every routing decision changes two things in the deciding router besides the cho
 blocks become speculative entries of the chosen instance in the index, and the request is added to that
 instance's pending dispatches until a load report covers it or it ends. Those are the only parts of a
 router's state that the agents' streams do not carry. So the primary publishes each decision
-(:class:`~kvindex.wire.RequestRouted`) and each end (:class:`~kvindex.wire.RequestFinished`), and a
+(:class:`~kvindex.protocol.RequestRouted`) and each end (:class:`~kvindex.protocol.RequestFinished`), and a
 standby that also follows every agent applies them to its own model with
 :meth:`~router.model.model.RoutingModel.apply_remote_decision` and
 :meth:`~router.model.model.RoutingModel.finish`: same index, same speculative entries, same pending
@@ -14,7 +14,7 @@ accounting, give or take the milliseconds the frames travel.
 
 The stream is at most once. A lost ``RequestRouted`` costs its speculative entries (the engine's own
 events follow within a step) and its pending entry (the next load report covers it anyway); a lost
-``RequestFinished`` would leave a ticket open forever, so every :class:`~kvindex.wire.RouterHeartbeat`
+``RequestFinished`` would leave a ticket open forever, so every :class:`~kvindex.protocol.RouterHeartbeat`
 lists the primary's open tickets and the mirror forgets any other (frames of one stream arrive in
 publishing order, so every decision older than the heartbeat is in).
 """
@@ -25,8 +25,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from kvindex.protocol import RequestFinished, RequestRouted, RouterHeartbeat
 from kvindex.protocol.numbered import DecisionReceived
-from kvindex.wire import RequestFinished, RequestRouted, RouterHeartbeat
 from router.model.model import RoutingModel
 
 __all__ = ["DecisionMirror", "MirrorStats"]

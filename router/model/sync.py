@@ -37,8 +37,8 @@ from typing import Final
 
 from kvindex.index import GlobalIndex
 from kvindex.logutil import RateLimitedLog
+from kvindex.protocol import EventBatch, Heartbeat, KVEvent, LoadReport, Snapshot
 from kvindex.protocol.numbered import Received
-from kvindex.wire import EventBatch, Heartbeat, KVEvent, LoadReport, Snapshot
 from router.model.config import ModelConfig
 from router.model.table import InstanceState, InstanceTable
 

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from kvindex.wire import Heartbeat, LoadReport
+from kvindex.protocol import Heartbeat, LoadReport
 from router.model.policy_base import InstanceView
 
 SyncStatus = Literal["unsynced", "resyncing", "synced"]

@@ -1,10 +1,10 @@
-"""The global index at production scale: ``python -m kvindex.bench [--json] [--blocks N] ...``.
+"""The global index at production scale: ``python -m launch.bench.index_bench [--json] [--blocks N] ...``.
 
-Builds the workload of :mod:`kvindex.benchload` (the Mooncake conversation trace replayed onto
-``--instances`` engines as SGLang ``KVEventBatch`` payloads: ``--blocks`` resident (instance, block) pairs
+Builds the workload of :mod:`launch.bench.index_load` (the Mooncake conversation trace replayed onto
+``--instances`` engines as the agents' ``EventBatch`` payloads: ``--blocks`` resident (instance, block) pairs
 of ``--block-size`` tokens, 10 M by default), then measures, on one Python thread:
 
-* ``ingest_blocks_per_s``: payloads -> :meth:`GlobalIndex.apply_payload`, msgpack decoding included, into
+* ``ingest_blocks_per_s``: the agents' EventBatch payloads -> :func:`decode_message` + :meth:`GlobalIndex.apply_batch` (the router's path), msgpack decoding included, into
   an index that starts empty and grows to the full size.
 * ``bytes_per_block``: growth of the process's resident set size (RSS, ``/proc/self/statm``) across that
   ingestion, divided by resident pairs. RSS, not tracemalloc: allocator rounding, dict slack and freed but
@@ -13,8 +13,7 @@ of ``--block-size`` tokens, 10 M by default), then measures, on one Python threa
   from trace requests that were stored (so the walk goes the whole way), chained hashing included.
 * ``route_p99_us``: match, then the LMetric score ``(queued + new) * (bs + 1)`` of every instance under a
   fixed random load, and the argmin.
-* Extras: the full-fidelity path (``decode_kv_batch`` + ``apply_batch``) next to the fast one on the same
-  first 500 k blocks; eviction (``BlockRemoved`` payloads for 60 % of every instance's blocks, log
+* Extras: eviction (``BlockRemoved`` payloads for 60 % of every instance's blocks, log
   compactions included, with the longest single call); ``dump`` and ``remove_instance`` of the largest
   instance.
 
@@ -41,14 +40,13 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from kvindex.benchload import Workload, build_workload, eviction_payloads
 from kvindex.hashing import block_hashes
 from kvindex.index import GlobalIndex
-from kvindex.wire import BlockStored, decode_kv_batch
+from kvindex.protocol import decode_message
+from launch.bench.index_load import Workload, build_workload, eviction_payloads
 from launch.trace import TRACE_BLOCK_TOKENS, load_trace, prompt_tokens
 
-_REPO_TRACE = Path(__file__).resolve().parents[1] / "shared/traces/mooncake/conversation_trace.jsonl"
-_SHARED_TRACE = Path("/work/shared/traces/mooncake/conversation_trace.jsonl")
+_TRACE = Path(__file__).resolve().parents[1] / "traces/mooncake/conversation_trace.jsonl"
 TARGETS: dict[str, float] = {"ingest_blocks_per_s": 1_000_000, "route_p99_us": 1_000, "bytes_per_block": 150}
 T = TypeVar("T")
 
@@ -63,14 +61,14 @@ class BenchConfig:
     prompt_tokens: int = 8192
     seed: int = 0
     queries: int = 2000
-    trace: str = str(_SHARED_TRACE)
+    trace: str = str(_TRACE)
     json_only: bool = False
 
 
 def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     """Parse the command line into a :class:`BenchConfig` (exits with a usage message on bad input)."""
     p = argparse.ArgumentParser(
-        prog="python -m kvindex.bench",
+        prog="python -m launch.bench.index_bench",
         description="Benchmark the global index at production scale: ingest, memory, match and route "
         "latency on the Mooncake trace replayed onto --instances engines. Prints figures, then one JSON "
         "line (the last line of stdout).",
@@ -88,13 +86,17 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     p.add_argument(
         "--queries", type=int, default=2000, help="timed match calls and route calls, each (default 2000)"
     )
-    p.add_argument("--trace", default=None, help="Mooncake trace .jsonl (default: shared/traces/mooncake)")
+    p.add_argument(
+        "--trace",
+        default=None,
+        help="Mooncake trace .jsonl (default: the Mooncake trace shipped in launch/traces)",
+    )
     a = p.parse_args(argv)
     if min(a.instances, a.blocks, a.queries) < 1 or a.prompt_tokens < a.block_size:
         p.error("--instances, --blocks and --queries must be positive; --prompt-tokens >= --block-size")
     if a.block_size < 1 or TRACE_BLOCK_TOKENS % a.block_size:
         p.error(f"--block-size must divide {TRACE_BLOCK_TOKENS}")
-    trace = a.trace or str(_REPO_TRACE if _REPO_TRACE.is_file() else _SHARED_TRACE)
+    trace = a.trace or str(_TRACE)
     return BenchConfig(a.instances, a.blocks, a.block_size, a.prompt_tokens, a.seed, a.queries, trace, a.json)
 
 
@@ -168,13 +170,13 @@ def _route(
 
 def _apply_all(index: GlobalIndex, payloads: Sequence[tuple[str, bytes]]) -> tuple[float, float, int]:
     """Apply every payload; (thread CPU s, wall s, longest single call in thread CPU ns)."""
-    apply = index.apply_payload
+    apply = index.apply_batch
     thread_ns = time.thread_time_ns
     longest = 0
     t0, c0 = time.perf_counter(), thread_ns()
     for name, payload in payloads:
         c = thread_ns()
-        apply(name, payload)
+        apply(name, decode_message(payload).events)  # type: ignore[union-attr]
         longest = max(longest, thread_ns() - c)
     return (thread_ns() - c0) / 1e9, time.perf_counter() - t0, longest
 
@@ -199,7 +201,7 @@ def _ingest(cfg: BenchConfig, wl: Workload, say: Callable[[str], None]) -> tuple
         f"instances, {distinct:,} distinct hashes ({resident / distinct:.3f} holders a hash)"
     )
     say(
-        f"ingest (apply_payload: msgpack -> index): {resident / cpu_s / 1e6:.2f} M blocks/s "
+        f"ingest (decode_message + apply_batch, as the router does): {resident / cpu_s / 1e6:.2f} M blocks/s "
         f"[target >= {TARGETS['ingest_blocks_per_s'] / 1e6:.0f} M]; {cpu_s:.2f} s CPU of which "
         f"{s1 - s0:.2f} s kernel ({f1 - f0:,} first-touch page faults); {resident / wall_s / 1e6:.2f} M/s wall"
     )
@@ -293,28 +295,6 @@ def _churn_and_rare(wl: Workload, index: GlobalIndex, say: Callable[[str], None]
     }
 
 
-def _paths(cfg: BenchConfig, wl: Workload, say: Callable[[str], None]) -> dict[str, Any]:
-    """Fast and full-fidelity ingestion of the same first ~500 k blocks, each into a fresh index."""
-    first: list[tuple[str, bytes]] = []
-    n = 0
-    for name, payload in wl.payloads:
-        first.append((name, payload))
-        n += sum(len(e.block_hashes) for e in decode_kv_batch(payload).events if isinstance(e, BlockStored))
-        if n >= 500_000:
-            break
-    fast_s, _, _ = _apply_all(GlobalIndex(cfg.block_size), first)
-    slow = GlobalIndex(cfg.block_size)
-    c = time.thread_time()
-    for name, payload in first:
-        slow.apply_batch(name, decode_kv_batch(payload).events)
-    slow_s = time.thread_time() - c
-    say(
-        f"same first {n:,} blocks into a fresh index: apply_payload {n / fast_s / 1e6:.2f} M blocks/s, "
-        f"decode_kv_batch + apply_batch {n / slow_s / 1e6:.2f} M blocks/s"
-    )
-    return {"small_fast_blocks_per_s": round(n / fast_s), "small_full_decode_blocks_per_s": round(n / slow_s)}
-
-
 def run(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Build, ingest, measure; ``say`` gets the human-readable lines. Returns the JSON figures."""
     t_start = time.perf_counter()
@@ -330,7 +310,6 @@ def run(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict[str, Any]:
     figures.update(_churn_and_rare(wl, index, say))
     del index
     gc.collect()
-    figures.update(_paths(cfg, wl, say))
     figures.update(
         {
             "timing": "thread CPU time (time.thread_time); *_wall figures are wall-clock",
@@ -357,7 +336,7 @@ def run(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m kvindex.bench``; returns the exit status."""
+    """Entry point of ``python -m launch.bench.index_bench``; returns the exit status."""
     cfg = parse_args(argv)
 
     def say(line: str) -> None:

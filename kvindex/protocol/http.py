@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from router.tokenizer import Tokenizer, TokenizerError
+from kvindex.protocol.tokenizer import Tokenizer, TokenizerError
 
 Endpoint = Literal["generate", "completions", "chat"]
 

@@ -1,4 +1,4 @@
-"""The workload of :mod:`kvindex.bench`: a real trace turned into SGLang KV event payloads. Pure but for
+"""The workload of :mod:`launch.bench.index_bench`: a real trace turned into the agents' event-batch payloads. Pure but for
 reading the trace file.
 
 A trace request (Mooncake format: one id per 512-token block, prefix-chained) is stored on one instance,
@@ -8,8 +8,9 @@ first two ids and more) stick to one instance, as a cache-aware router makes the
 :mod:`launch.trace`'s rule (block ``h`` -> ``default_rng(h).integers(0, 32000, 512)``) and every full page
 gets its real SGLang chained hash. An instance stores only the pages it does not hold yet, as SGLang's
 radix cache does, so ``BlockStored`` events carry exactly the trace's reuse. New pages are cut into events
-of at most :data:`CHUNK_TOKENS` tokens, one event per ``KVEventBatch`` (SGLang publishes per prefill
-chunk), msgpack-encoded with token ids.
+of at most :data:`CHUNK_TOKENS` tokens, one event per batch (SGLang publishes per prefill chunk), each
+encoded as the agent's :class:`~kvindex.protocol.EventBatch` message with token ids: the bytes the router
+receives.
 
 Size: ``blocks`` counts resident (instance, block) pairs. One pass over the Mooncake trace holds ~5.7 M
 pairs of 16 tokens; to go further the trace is replayed again as an independent *tenant* (every block id
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from kvindex.hashing import block_hashes_of, chained_digests_packed
-from kvindex.wire import BlockRemoved, BlockStored, KVEventBatch, encode_kv_batch, scan_kv_batch
+from kvindex.protocol import BlockRemoved, BlockStored, EventBatch, decode_message, encode_message
 from launch.trace import DEFAULT_VOCAB_SIZE, TRACE_BLOCK_TOKENS, TraceRequest
 
 __all__ = ["CHUNK_TOKENS", "Workload", "block_tokens", "build_workload", "eviction_payloads"]
@@ -49,7 +50,7 @@ def block_tokens(block_id: int) -> U32Array:
 
 @dataclass(slots=True)
 class Workload:
-    """Encoded payloads ``(instance name, KVEventBatch bytes)``, in send order, and what they hold.
+    """Encoded payloads ``(instance name, EventBatch message bytes)``, in send order, and what they hold.
 
     ``query_requests`` are trace requests of the first tenant that were stored whole and have at least
     the prompt length asked for (cache hits for a match benchmark).
@@ -128,7 +129,8 @@ class _Builder:
         for a in range(0, len(hashes), per):
             hs = hashes[a : a + per]
             ev = BlockStored(tuple(hs), parent, tuple(toks[a * self.bs : (a + len(hs)) * self.bs]), self.bs)
-            self.payloads.append((self.names[inst], encode_kv_batch(KVEventBatch(ts, (ev,), 0))))
+            name = self.names[inst]
+            self.payloads.append((name, encode_message(EventBatch(name, 0, self.events, ts, (ev,)))))
             parent = hs[-1]
             self.events += 1
         self.residencies += len(hashes)
@@ -173,20 +175,28 @@ def eviction_payloads(wl: Workload, fraction: float) -> tuple[list[tuple[str, by
     """
     per_inst: dict[str, list[bytes]] = {n: [] for n in wl.names}
     stored: dict[str, int] = dict.fromkeys(wl.names, 0)
-    for name, payload in wl.payloads:
-        stored[name] += sum(len(hs) for _kind, hs, _p, _bs in scan_kv_batch(payload))
+    batches = [(name, _stored_hashes(payload)) for name, payload in wl.payloads]
+    for name, runs in batches:
+        stored[name] += sum(len(hs) for hs in runs)
     budget = {n: int(stored[n] * fraction) for n in wl.names}
-    for name, payload in wl.payloads:
-        for _kind, hs, _p, _bs in scan_kv_batch(payload):
+    for name, runs in batches:
+        for hs in runs:
             take = min(len(hs), budget[name])
             if take <= 0:
                 continue
             budget[name] -= take
             gone = BlockRemoved(tuple(reversed(hs[len(hs) - take :])))
-            per_inst[name].append(encode_kv_batch(KVEventBatch(0.0, (gone,), 0)))
+            seq = len(per_inst[name])
+            per_inst[name].append(encode_message(EventBatch(name, 0, seq, 0.0, (gone,))))
     out: list[tuple[str, bytes]] = []
     queues = [(n, q) for n, q in per_inst.items() if q]
     for k in range(max((len(q) for _n, q in queues), default=0)):
         out.extend((n, q[k]) for n, q in queues if k < len(q))
     removed = sum(int(stored[n] * fraction) - budget[n] for n in wl.names)
     return out, removed
+
+
+def _stored_hashes(payload: bytes) -> list[tuple[int, ...]]:
+    msg = decode_message(payload)
+    assert isinstance(msg, EventBatch)
+    return [e.block_hashes for e in msg.events if isinstance(e, BlockStored)]
