@@ -733,8 +733,8 @@ run_insert(PrefixCache *c, const uint32_t *tokens, Py_ssize_t page_size, Py_ssiz
     Run *r;
     Py_ssize_t b;
 
-    if (n_keys == 0 || nbytes > c->max_bytes || c->used + (size_t)n_keys > c->max_slots_used) {
-        return;
+    if (n_keys == 0 || nbytes > c->max_bytes || (size_t)n_keys > c->max_slots_used) {
+        return; /* would not fit even in an empty cache */
     }
     while (c->tail != NULL && (c->bytes + nbytes > c->max_bytes || c->used + (size_t)n_keys > c->max_slots_used)) {
         run_drop(c, c->tail);

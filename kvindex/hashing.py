@@ -11,11 +11,11 @@ its page, so two equal hashes mean two equal token prefixes (up to SHA-256 colli
 
 A trailing partial page is never hashed: SGLang only caches (and publishes) full pages.
 
-Speed (this is on the router's per-request path): the tokens are packed once with ``array('I')`` (a C
-loop), each page costs one ``sha256(parent + page).digest()`` (the floor in pure Python: ~0.45 us a page),
-and the int64s are read in one ``array('q').frombytes`` + ``byteswap`` instead of one ``int.from_bytes``
-per page. About 0.3 ms for an 8,192-token prompt of 16-token pages; the results are bit-identical to the
-formula above (golden values in tests/test_hashing.py).
+Speed of the pure-Python path (this is on the router's per-request path): the tokens are packed once
+with ``array('I')`` (a C loop), each page costs one ``sha256(parent + page).digest()`` (the floor in pure
+Python: ~0.45 us a page), and the int64s are read in one ``array('q').frombytes`` + ``byteswap`` instead
+of one ``int.from_bytes`` per page. About 0.3 ms for an 8,192-token prompt of 16-token pages; the results
+are bit-identical to the formula above (golden values in tests/test_hashing.py).
 
 Backends. :func:`chained_digests`, :func:`chained_digests_packed` and :func:`block_hashes` run in C
 (``kvindex/_chash.c`` over OpenSSL's SHA-256, as SGLang itself hashes pages in
@@ -269,9 +269,9 @@ class PrefixHashCache:
     (keys and table), so 8 MiB holds ~87k pages of 16 tokens (~1.4 M tokens, ~45 prompts of 30k
     tokens). A request that extends a cached one replaces it, so a conversation holds one entry.
 
-    Speed (``python tests/test_chash.py``): a 30k-token prompt of 16-token pages sharing 28k tokens with
-    a cached one costs ~0.14 ms against ~0.30 ms for the C hashing alone; a miss costs ~5-10 % more
-    than plain hashing (the copy into the cache).
+    Speed (``python tests/test_chash.py``, docs/kvindex.md): a 30k-token prompt of 16-token pages
+    sharing 28k tokens with a cached one costs ~0.16 ms against ~0.29 ms for the C hashing alone; a miss
+    costs ~10-15 % more than plain hashing (keys, and the copy into the cache).
 
     Needs the C backend: with the pure-Python one it hashes every page (no reuse) and counts nothing.
     Not thread-safe beyond the GIL's guarantees (each call is atomic with respect to the cache).
