@@ -1034,7 +1034,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "kvindex._chash",
     "SGLang-compatible chained SHA-256 page hashing in C over OpenSSL (see kvindex/hashing.py).", -1,
-    methods,
+    methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC
