@@ -14,6 +14,12 @@ Sockets (SGLang 0.5.23 formats, see :mod:`kvindex.wire`):
   requests are counted and ignored;
 * load PUB ``[b"load", seq 8B BE, LoadStat]`` every ``--load-interval`` seconds, own seq from 0.
 
+HTTP follows SGLang 0.5.23's server (docs/sglang-contract.md): idle keep-alive connections are closed after
+``SGLANG_TIMEOUT_KEEP_ALIVE`` seconds (5, uvicorn's ``timeout_keep_alive``); ``/health`` is SGLang's
+generation probe (:mod:`agents.engine.health`), 503 while starting (``--startup-delay``) or exiting.
+SIGTERM drains as SGLang's ``sigterm_watchdog`` does (``/health`` 503, requests in flight run to their end,
+at most ``--drain-timeout`` seconds); SIGINT stops at once.
+
 Once everything is bound it prints ``READY {"role": "engine", "endpoints": {"http", "kv", "replay",
 "load"}}`` (:mod:`launch.ready`). SIGINT/SIGTERM or cancellation shut it down cleanly.
 """
@@ -28,9 +34,10 @@ import json
 import logging
 import signal
 import time
+import uuid
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
@@ -38,6 +45,15 @@ import zmq.asyncio
 from aiohttp import web
 
 from agents.engine.core import EngineConfig, EngineCore, Request, RequestRejected, TokenOutput
+from agents.engine.core_types import Aborted
+from agents.engine.health import (
+    HEALTH_CHECK_RID_PREFIX,
+    PROBE_TICK,
+    ServerStatus,
+    health_check_timeout_default,
+    health_generation_default,
+    keep_alive_default,
+)
 from agents.engine.http_api import HttpApi
 from agents.engine.metrics import EngineMetrics
 from agents.engine.profiles import DEFAULT_PROFILE, PROFILES, get_profile
@@ -81,6 +97,12 @@ class ServerConfig:
     time_scale: float = 1.0
     stream_interval: int = 1
     log_level: str = "INFO"
+    # SGLang reads these three from its environment (srt/environ.py); so does the default here.
+    health_generation: bool = field(default_factory=health_generation_default)
+    health_check_timeout: float = field(default_factory=health_check_timeout_default)
+    keepalive_timeout: float = field(default_factory=keep_alive_default)
+    startup_delay: float = 0.0  # seconds /health answers 503 after the port listens (model load + warmup)
+    drain_timeout: float = 30.0  # SIGTERM: longest wait for requests in flight (SGLang waits without bound)
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -95,9 +117,9 @@ class ServerConfig:
 
 @dataclass(slots=True)
 class _Live:
-    """A request an HTTP handler waits on; ``None`` in the queue means the server is shutting down."""
+    """A request an HTTP handler waits on; an :class:`Aborted` in the queue ends it early."""
 
-    queue: asyncio.Queue[TokenOutput | None]
+    queue: asyncio.Queue[TokenOutput | Aborted]
     arrival: float
     first_token: float | None = None
     last_token: float | None = None
@@ -127,6 +149,9 @@ class EngineServer:
         self._runner: web.AppRunner | None = None
         self._wake: asyncio.Event | None = None
         self._deadline = 0.0
+        self.status = ServerStatus.STARTING
+        # Loop time of the scheduler's last output (SGLang: TokenizerManager.last_receive_tstamp).
+        self.last_receive = 0.0
 
     # ---------------------------------------------------------------------------------------- lifecycle
 
@@ -153,7 +178,11 @@ class EngineServer:
         )
         self._load_pub: zmq.Socket[Any] = self._bind(self._ctx, zmq.PUB, "load", cfg.load_port)
         self._runner = web.AppRunner(
-            HttpApi(self).app(), handler_cancellation=True, access_log=None, shutdown_timeout=1.0
+            HttpApi(self).app(),
+            handler_cancellation=True,
+            access_log=None,
+            shutdown_timeout=1.0,
+            keepalive_timeout=cfg.keepalive_timeout,  # uvicorn's timeout_keep_alive in SGLang
         )
         await self._runner.setup()
         await web.TCPSite(self._runner, cfg.host, cfg.port).start()
@@ -163,15 +192,37 @@ class EngineServer:
             task = asyncio.create_task(coro)
             task.add_done_callback(_log_crash)
             self._tasks.append(task)
+        self.last_receive = asyncio.get_running_loop().time()
+        if cfg.startup_delay > 0:
+            task = asyncio.create_task(self._come_up(cfg.startup_delay))
+            task.add_done_callback(_log_crash)
+            self._tasks.append(task)
+        else:
+            self.status = ServerStatus.UP
+
+    async def _come_up(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if self.status is ServerStatus.STARTING:
+            self.status = ServerStatus.UP
+
+    async def drain(self, timeout: float) -> None:
+        """Begin a graceful exit (``/health`` 503 from now on) and wait, at most ``timeout`` seconds, until
+        no request is in flight. New requests are still accepted meanwhile, as SGLang does."""
+        self.status = ServerStatus.EXITING
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._live and loop.time() < deadline:
+            await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
         """Stop the tasks, end every open request (streams get an abort), close HTTP and sockets."""
+        self.status = ServerStatus.EXITING
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         for live in self._live.values():
-            live.queue.put_nowait(None)
+            live.queue.put_nowait(Aborted("the server is shutting down", 503))
         self._live.clear()
         if self._runner is not None:
             await self._runner.cleanup()
@@ -187,9 +238,54 @@ class EngineServer:
         """Whether the scheduler task runs."""
         return bool(self._tasks) and not self._tasks[0].done()
 
+    @property
+    def accepting_health(self) -> bool:
+        """False while starting or exiting: ``/health`` then answers 503 without probing."""
+        return self.status not in (ServerStatus.STARTING, ServerStatus.EXITING)
+
+    @property
+    def is_ready(self) -> bool:
+        """SGLang's ``is_ready``: up (warmed, last probe fine) and not exiting."""
+        return self.status is ServerStatus.UP
+
+    async def health_probe(self) -> bool:
+        """SGLang's generation probe (http_server.py ``health_generate``). Takes at least one second.
+
+        If the core is idle, a 1-token request (prompt ``[0]``) is queued, as SGLang's scheduler runs the
+        probe only when fully idle; when busy, the running requests' next step is the sign of life. Every
+        second up to ``health_check_timeout`` it looks whether the scheduler produced output since the
+        probe began: True (and status up) at the first such look, else False (status unhealthy).
+        """
+        loop = asyncio.get_running_loop()
+        tic = loop.time()
+        rid: str | None = None
+        if self.alive and not self.core.busy:
+            rid = f"{HEALTH_CHECK_RID_PREFIX}_{uuid.uuid4().hex}"
+            try:
+                self.core.add_request(Request(rid, (0,), 1, True, tic), tic)
+            except RequestRejected:  # pragma: no cover - a 1-token prompt always fits
+                rid = None
+            else:
+                assert self._wake is not None
+                self._wake.set()
+        try:
+            while loop.time() < tic + self.cfg.health_check_timeout:
+                await asyncio.sleep(PROBE_TICK)
+                if self.last_receive > tic:
+                    if self.status is ServerStatus.UNHEALTHY:
+                        self.status = ServerStatus.UP
+                    return True
+            if self.status is ServerStatus.UP:
+                self.status = ServerStatus.UNHEALTHY
+            log.error("health check failed: no scheduler output for %g s", self.cfg.health_check_timeout)
+            return False
+        finally:
+            if rid is not None:
+                self.core.abort(rid)  # no-op once it finished
+
     # ------------------------------------------------------------------------------------ requests API
 
-    def submit(self, req: Request) -> asyncio.Queue[TokenOutput | None]:
+    def submit(self, req: Request) -> asyncio.Queue[TokenOutput | Aborted]:
         """Queue ``req`` in the core; its outputs will arrive on the returned queue.
 
         Raises:
@@ -208,6 +304,24 @@ class EngineServer:
         """Abort ``rid`` (client gone): frees its KV in the core."""
         if self._live.pop(rid, None) is not None:
             self.core.abort(rid)
+
+    def abort_requests(self, rid: str, abort_all: bool = False) -> int:
+        """``/abort_request``: end ``rid`` (or every request) now with a graceful abort; returns how many.
+
+        As SGLang's ``TokenizerManager.abort_request``: an empty rid without ``abort_all`` and an unknown
+        rid are ignored. The core frees their KV at once; their clients get finish reason ``abort``.
+        """
+        if abort_all:
+            rids = list(self._live)
+        elif rid and rid in self._live:
+            rids = [rid]
+        else:
+            return 0
+        for r in rids:
+            live = self._live.pop(r)
+            self.core.abort(r)
+            live.queue.put_nowait(Aborted())
+        return len(rids)
 
     def flush_cache(self) -> bool:
         """Flush the radix cache if idle, publishing ``AllBlocksCleared`` at once."""
@@ -278,6 +392,7 @@ class EngineServer:
             now = loop.time()
             self.metrics.step_lateness.observe(max(0.0, now - self._deadline))
             outputs = core.complete(step, now)
+            self.last_receive = now
             self._publish_events()
             for out in outputs:
                 self._deliver(out, now)
@@ -335,9 +450,15 @@ async def serve(cfg: ServerConfig, announce: bool = True) -> None:
     await server.start()
     loop, stop = asyncio.get_running_loop(), asyncio.Event()
     handled: list[signal.Signals] = []
+    got: list[signal.Signals] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        got.append(sig)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig)
             handled.append(sig)
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread / platform
             pass
@@ -346,6 +467,9 @@ async def serve(cfg: ServerConfig, announce: bool = True) -> None:
             announce_ready("engine", server.endpoints, instance=None)
         log.info("engine serving: %s", server.endpoints)
         await stop.wait()
+        if got and got[0] is signal.SIGTERM:  # SGLang drains on SIGTERM; SIGINT stops at once
+            log.info("SIGTERM: draining (at most %g s)", cfg.drain_timeout)
+            await server.drain(cfg.drain_timeout)
     finally:
         for sig in handled:
             loop.remove_signal_handler(sig)
@@ -384,6 +508,23 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
     a("--buffer-steps", type=int, default=d.buffer_steps, help="KV batches kept for replay")
     a("--time-scale", type=float, default=d.time_scale, help="multiplies every modelled step duration")
     a("--stream-interval", type=int, default=d.stream_interval, help="tokens per streamed chunk")
+    a(
+        "--startup-delay",
+        type=float,
+        default=d.startup_delay,
+        help="seconds /health answers 503 after the HTTP port listens, as SGLang while it loads and warms "
+        "up (default %(default)s)",
+    )
+    a(
+        "--drain-timeout",
+        type=float,
+        default=d.drain_timeout,
+        help="on SIGTERM, /health answers 503 and requests in flight may finish for at most this many "
+        "seconds (default %(default)s); SIGINT stops at once. Environment, as SGLang: "
+        "SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=0 makes /health answer at once instead of running the "
+        "1-token probe (>= 1 s), SGLANG_HEALTH_CHECK_TIMEOUT (20) bounds the probe, "
+        "SGLANG_TIMEOUT_KEEP_ALIVE (5) closes idle HTTP keep-alive connections",
+    )
     a("--log-level", default="INFO", help="logging level (default %(default)s)")
     sg = ap.add_argument_group(
         "SGLang's own flags",
@@ -418,6 +559,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
             ap.error(f"--{name.replace('_', '-')} must be positive")
     if ns.max_total_tokens is not None and ns.max_total_tokens <= 0:
         ap.error("--max-total-tokens must be positive")
+    if ns.startup_delay < 0 or ns.drain_timeout < 0:
+        ap.error("--startup-delay and --drain-timeout must not be negative")
     if ns.time_scale < 0 or ns.load_interval <= 0:
         ap.error("--time-scale must be >= 0 and --load-interval > 0")
     return ServerConfig(**vars(ns))
