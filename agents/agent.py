@@ -385,6 +385,7 @@ class Agent:
         await self._publish(wire.TOPIC_HEARTBEAT, hb)
 
     async def _on_health(self, result: Health) -> None:
+        self.counters.health_checks += 1
         if result is Health.FAILED:
             self.counters.health_failures += 1
             self._health_failed_in_row += 1
