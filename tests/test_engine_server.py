@@ -228,7 +228,10 @@ async def test_info_endpoints(engine: EngineServer, http: aiohttp.ClientSession)
     assert kv["block_size"] == 16 and kv["dp_size"] == 1
     assert info["max_total_num_tokens"] == 50_000 and info["page_size"] == 16
     async with http.get(url(engine, "/v1/loads")) as r:
-        (load,) = (await r.json())["loads"]
+        loads = await r.json()
+    (load,) = loads["loads"]
+    assert isinstance(loads["timestamp"], str) and "T" in loads["timestamp"]  # ISO 8601, as v1_loads.py
+    assert load["num_used_tokens"] == load["num_tokens"] and "num_active_tokens" in load
     assert load["dp_rank"] == 0 and load["max_total_num_tokens"] == 50_000 and "token_usage" in load
 
 

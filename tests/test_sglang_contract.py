@@ -226,7 +226,10 @@ async def test_agent_with_default_health_settings_follows_sglang_health(http: ai
         assert srv.status is ServerStatus.UP
         async with aiohttp.ClientSession() as s:
             assert await check_health(s, srv.endpoints["http"], 1.0) is Health.FAILED  # a 1 s timeout
-        body = {"input_ids": list(range(1, 60)), "sampling_params": {"max_new_tokens": 30, "ignore_eos": True}}
+        body = {
+            "input_ids": list(range(1, 60)),
+            "sampling_params": {"max_new_tokens": 30, "ignore_eos": True},
+        }
 
         async def load() -> None:
             for _ in range(10):
@@ -280,7 +283,12 @@ async def test_abort_request_stops_a_running_request(http: aiohttp.ClientSession
         events = [e[len("data: ") :] for e in rest.split("\n\n") if e]
         assert events[-1] == "[DONE]"
         meta = json.loads(events[-2])["meta_info"]
-        assert meta["finish_reason"] == {"type": "abort", "message": "Aborted", "status_code": None, "err_type": None}
+        assert meta["finish_reason"] == {
+            "type": "abort",
+            "message": "Aborted",
+            "status_code": None,
+            "err_type": None,
+        }
         assert meta["completion_tokens"] < 100_000
         await wait_until(lambda: not srv.core.busy, "core idle", timeout=2)
         assert srv.core.cache.private_tokens == 0

@@ -21,9 +21,12 @@ yields a 500. Client errors answer 400 with SGLang's bodies, which differ by end
 A client that disconnects aborts its request in the core, which frees its KV (SGLang aborts it too:
 ``TokenizerManager.create_abort_task`` and the ``is_disconnected`` checks of ``_wait_one_response``).
 
-``GET /v1/loads`` answers ``{"timestamp": unix_s, "loads": [{"dp_rank": 0, <every LoadStat field>,
-"token_usage": num_tokens / max_total_num_tokens, "cache_hit_rate"}]}`` (one entry: the engine is one
-DP rank).
+``GET /v1/loads`` answers as ``srt/entrypoints/v1_loads.py`` ``get_loads``: ``{"timestamp": ISO 8601,
+"version", "accelerator": null, "num_accelerators": 1, "loads": [{"dp_rank": 0, <SGLang's core keys of
+``srt/managers/load_snapshot.py``: num_running_reqs, num_waiting_reqs, num_waiting_uncached_tokens,
+num_used_tokens, num_total_tokens, num_active_tokens, max_total_num_tokens, max_running_requests,
+token_usage, cache_hit_rate, total_prefill_uncached_tokens, total_prefill_busy_us>, plus every LoadStat
+field}]}`` (one entry: the engine is one DP rank; no optional sections).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime
 import json
 import logging
 import time
@@ -273,9 +277,18 @@ class HttpApi:
         core = self.srv.core
         stat = core.load_stat()
         entry: dict[str, Any] = {"dp_rank": 0, **dataclasses.asdict(stat)}
+        entry["num_used_tokens"] = stat.num_tokens
+        entry["num_active_tokens"] = stat.num_total_tokens
         entry["token_usage"] = stat.num_tokens / max(1, stat.max_total_num_tokens)
         entry["cache_hit_rate"] = core.cache_hit_rate
-        return web.json_response({"timestamp": time.time(), "loads": [entry]})
+        body = {
+            "timestamp": datetime.datetime.now(datetime.UTC).isoformat(),
+            "version": "0.5.23-emulated",
+            "accelerator": None,
+            "num_accelerators": 1,
+            "loads": [entry],
+        }
+        return web.json_response(body)
 
     async def flush_cache(self, request: web.Request) -> web.Response:
         """200 ``Cache flushed.`` when idle (emits ``AllBlocksCleared``), else 400 as SGLang."""
