@@ -24,6 +24,13 @@ back (SGLang numbers load frames from 0 per process) -- makes the follower verif
 socket that the engine is still the one it followed (an idle engine that restarted would otherwise keep
 its old blocks in the mirror until its next KV batch).
 
+Engine health (SGLang's ``/health`` is a generation probe that takes at least a second; see
+:mod:`agents.engine_link` and docs/sglang-contract.md): every ``health_interval`` seconds one check of at
+most ``health_timeout`` seconds. A 503 is the engine saying it is starting, exiting or failed its own probe:
+the engine is marked unhealthy at once. A timeout, a refused connection or another status is only a
+failure: ``health_failures`` consecutive ones mark it unhealthy, so one slow probe on a busy host does not
+take an instance out of routing. A 200 marks it healthy again.
+
 Malformed input on any socket is counted by reason, logged (rate-limited) and skipped.
 """
 
@@ -50,9 +57,11 @@ from agents.engine_link import (
     EngineDiscoveryError,
     EngineInfo,
     EngineUnavailableError,
+    Health,
     ReplayClient,
     check_health,
     discover,
+    engine_session,
     wait_until_healthy,
 )
 from agents.kv_follower import KvFollower
@@ -95,7 +104,7 @@ class _Tick:
 
 @dataclass(frozen=True, slots=True)
 class _Health:
-    healthy: bool
+    result: Health
 
 
 _Inbox = _Frames | _Tick | _Health
@@ -176,6 +185,7 @@ class Agent:
         self.counters = AgentCounters()
         self.engine: EngineInfo | None = None
         self.engine_healthy = True
+        self._health_failed_in_row = 0  # consecutive FAILED checks (a 503 or a 200 resets it)
         self.pub_endpoint = ""
         self.snapshot_endpoint = ""
         self._badlog = RateLimitedLog(log)
@@ -207,7 +217,7 @@ class Agent:
             log.info(
                 "agent %s: waiting up to %g s for engine %s", self.instance, cfg.engine_wait, cfg.engine_url
             )
-            self._session = aiohttp.ClientSession()
+            self._session = engine_session()
             await wait_until_healthy(self._session, cfg.engine_url, cfg.engine_wait)
             eng = await discover(
                 self._session, cfg.engine_url, cfg.kv_endpoint, cfg.replay_endpoint, cfg.load_endpoint
@@ -316,8 +326,8 @@ class Agent:
         assert self._session is not None
         while True:
             await asyncio.sleep(self.cfg.health_interval)
-            ok = await check_health(self._session, self.cfg.engine_url, self.cfg.health_timeout)
-            await self._put(_Health(ok))
+            result = await check_health(self._session, self.cfg.engine_url, self.cfg.health_timeout)
+            await self._put(_Health(result))
 
     # ------------------------------------------------------------------------------ the owner task
 
@@ -335,7 +345,7 @@ class Agent:
             elif isinstance(msg, _Tick):
                 await self._publish_heartbeat()
             else:
-                await self._on_health(msg.healthy)
+                await self._on_health(msg.result)
 
     def _replay_reply_skipped(self, reason: str) -> None:
         """A replay reply the client skipped (malformed, or stale from an earlier request)."""
@@ -375,9 +385,17 @@ class Agent:
         )
         await self._publish(wire.TOPIC_HEARTBEAT, hb)
 
-    async def _on_health(self, healthy: bool) -> None:
-        if not healthy:
+    async def _on_health(self, result: Health) -> None:
+        self.counters.health_checks += 1
+        if result is Health.FAILED:
             self.counters.health_failures += 1
+            self._health_failed_in_row += 1
+            healthy = self.engine_healthy and self._health_failed_in_row < self.cfg.health_failures
+        else:
+            if result is Health.NOT_READY:
+                self.counters.health_not_ready += 1
+            self._health_failed_in_row = 0
+            healthy = result is Health.OK
         if healthy == self.engine_healthy:
             return
         self.engine_healthy = healthy

@@ -19,8 +19,11 @@ class AgentConfig:
     pub_port: int = 0
     snapshot_port: int = 0
     heartbeat_interval: float = 0.2
-    health_interval: float = 0.5
-    health_timeout: float = 1.0
+    # SGLang's /health takes >= 1 s (a generation probe; docs/sglang-contract.md), so the timeout must be
+    # well above that, and one slow answer must not take an instance out of routing.
+    health_interval: float = 2.0
+    health_timeout: float = 5.0
+    health_failures: int = 3
     engine_wait: float = 120.0
     replay_timeout: float = 2.0
     kv_endpoint: str | None = None
@@ -68,17 +71,27 @@ def parse_args(argv: Sequence[str] | None = None) -> AgentConfig:
         default=0.2,
         help="seconds between heartbeats (default: %(default)s)",
     )
+    d = AgentConfig(engine_url="")
     p.add_argument(
         "--health-interval",
         type=float,
-        default=0.5,
+        default=d.health_interval,
         help="seconds between GET /health checks (default: %(default)s)",
     )
     p.add_argument(
         "--health-timeout",
         type=float,
-        default=1.0,
-        help="timeout of one health check, seconds (default: %(default)s)",
+        default=d.health_timeout,
+        help="timeout of one health check, seconds; SGLang's /health runs a 1-token generation probe "
+        "and never answers in under 1 s, so keep this well above 1 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--health-failures",
+        type=int,
+        default=d.health_failures,
+        help="consecutive failed health checks (timeout, refused, unexpected status) that mark the engine "
+        "unhealthy; a 503 (engine starting or exiting) marks it at once, a 200 healthy again "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--engine-wait",
@@ -116,6 +129,8 @@ def parse_args(argv: Sequence[str] | None = None) -> AgentConfig:
     for name in ("heartbeat_interval", "health_interval", "health_timeout", "replay_timeout"):
         if getattr(a, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
+    if a.health_failures < 1:
+        p.error("--health-failures must be at least 1")
     if a.engine_wait < 0:
         p.error("--engine-wait must not be negative")
     return AgentConfig(
@@ -127,6 +142,7 @@ def parse_args(argv: Sequence[str] | None = None) -> AgentConfig:
         heartbeat_interval=a.heartbeat_interval,
         health_interval=a.health_interval,
         health_timeout=a.health_timeout,
+        health_failures=a.health_failures,
         engine_wait=a.engine_wait,
         replay_timeout=a.replay_timeout,
         kv_endpoint=a.kv_endpoint,

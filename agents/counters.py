@@ -23,7 +23,8 @@ class AgentCounters:
     ``resync_incomplete``: gaps the replay could not fill (mirror cleared). ``late_join_incomplete``:
     joins (start, or after an engine restart) whose history could not be replayed back to seq 0.
     ``engine_restarts``: engine seq went back (mirror cleared). ``duplicates``: old frames skipped.
-    ``health_failures``: failed health checks.
+    ``health_checks``: health checks done (after the start). ``health_failures``: failed health checks (timeout, refused, unexpected status).
+    ``health_not_ready``: health checks the engine answered 503 (starting, exiting, failed probe).
     """
 
     frames_in: Counter[str] = field(default_factory=Counter)
@@ -35,7 +36,9 @@ class AgentCounters:
     late_join_incomplete: int = 0
     engine_restarts: int = 0
     duplicates: int = 0
+    health_checks: int = 0
     health_failures: int = 0
+    health_not_ready: int = 0
     events: Counter[str] = field(default_factory=Counter)
     published: Counter[str] = field(default_factory=Counter)
 

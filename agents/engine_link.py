@@ -1,5 +1,13 @@
 """The agent's upstream link to one SGLang (or emulated) engine: HTTP discovery, health, replay.
 
+Health follows SGLang 0.5.23's ``/health`` (``srt/entrypoints/http_server.py``, ``health_generate``; see
+docs/sglang-contract.md): it answers 503 while the server starts or exits, and otherwise runs a 1-token
+generation probe that answers 200 no sooner than one second (up to ``SGLANG_HEALTH_CHECK_TIMEOUT``, 20 s,
+and then 503). :func:`check_health` tells the three outcomes apart (:class:`Health`), so the agent can
+wait for a starting engine and count only real failures. SGLang's uvicorn closes an idle keep-alive
+connection after 5 s (``SGLANG_TIMEOUT_KEEP_ALIVE``); a pooled connection found dead when reused is not a
+failure of the engine: an idempotent GET is retried once on a fresh connection.
+
 Discovery reads ``GET /server_info``. The ``kv_events`` block (this project's engine and the launcher
 expose it) is ``{publisher, endpoint_host, endpoint_port_base, topic, block_size, dp_size,
 replay_endpoint_port_base, load_endpoint_port_base, load_topic}``; a stock SGLang server instead carries
@@ -18,6 +26,7 @@ do. Replies already waiting when a request is sent (a peer that answered twice) 
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import logging
 from collections.abc import Callable
@@ -88,20 +97,62 @@ def default_instance_id(url: str) -> str:
     return f"{host}:{port}" if port else host
 
 
-async def check_health(session: aiohttp.ClientSession, url: str, timeout: float) -> bool:
-    """``True`` iff ``GET {url}/health`` answers 200 within ``timeout`` seconds. Never raises (but cancels)."""
+# Keep pooled connections to the engine for less than SGLang's 5 s keep-alive, so the client drops an
+# idle connection before the server closes it (the retry below covers the race that remains).
+CLIENT_KEEPALIVE = 4.0
+# How long one /health call may take at start: more than the probe's one-second tick, so that a 1 s
+# (or 2 s) answer is seen; the start-up wait loops on it until ``engine_wait`` runs out.
+_START_PROBE_TIMEOUT = 5.0
+
+
+class Health(enum.Enum):
+    """One ``/health`` outcome: ``OK`` (200), ``NOT_READY`` (503: the engine says it is starting, exiting or
+    failed its own probe) or ``FAILED`` (no answer in time, connection refused, any other status)."""
+
+    OK = "ok"
+    NOT_READY = "not_ready"
+    FAILED = "failed"
+
+
+def engine_session() -> aiohttp.ClientSession:
+    """An HTTP session for talking to an engine: pooled connections kept :data:`CLIENT_KEEPALIVE` s."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(keepalive_timeout=CLIENT_KEEPALIVE))
+
+
+async def _health_once(session: aiohttp.ClientSession, url: str, timeout: float) -> Health:
+    async with session.get(f"{url}/health", timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+        await resp.read()
+    if resp.status == 200:
+        return Health.OK
+    return Health.NOT_READY if resp.status == 503 else Health.FAILED
+
+
+async def check_health(session: aiohttp.ClientSession, url: str, timeout: float) -> Health:
+    """``GET {url}/health`` within ``timeout`` seconds, as a :class:`Health`. Never raises (but cancels).
+
+    A connection that dies before the answer (``ServerDisconnectedError`` or a reset: typically a pooled
+    keep-alive connection the engine closed while idle) is retried once on a fresh connection, within the
+    time left. A refused connection or a timeout is not retried.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
     try:
-        async with session.get(f"{url}/health", timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-            await resp.read()
-            return resp.status == 200
+        try:
+            return await _health_once(session, url, timeout)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            if isinstance(exc, aiohttp.ClientConnectorError) or loop.time() >= deadline:
+                return Health.FAILED
+            log.debug("health check of %s: connection lost (%s); retrying on a fresh one", url, exc)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as fresh:
+            return await _health_once(fresh, url, max(0.01, deadline - loop.time()))
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
-        return False
+        return Health.FAILED
 
 
 async def wait_until_healthy(
     session: aiohttp.ClientSession, url: str, wait: float, poll: float = 0.25
 ) -> None:
-    """Poll ``/health`` until it answers 200.
+    """Poll ``/health`` until it answers 200; a 503 (the engine is starting) just means "not yet".
 
     Raises:
         EngineUnavailableError: not healthy after ``wait`` seconds.
@@ -110,7 +161,7 @@ async def wait_until_healthy(
     deadline = loop.time() + wait
     while True:
         left = deadline - loop.time()
-        if await check_health(session, url, timeout=max(0.1, min(2.0, left))):
+        if await check_health(session, url, timeout=max(0.1, min(_START_PROBE_TIMEOUT, left))) is Health.OK:
             return
         if loop.time() + poll > deadline:
             raise EngineUnavailableError(f"engine {url} not healthy (GET /health != 200) after {wait:g} s")

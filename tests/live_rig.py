@@ -26,7 +26,8 @@ import zmq.asyncio
 
 from agents.agent import Agent, serve
 from agents.config import AgentConfig
-from agents.engine.server import EngineServer, ServerConfig
+from agents.engine.config import ServerConfig
+from agents.engine.server import EngineServer
 from kvindex import protocol as wire
 from router.config import RouterConfig
 from router.model.model import RoutingModel

@@ -587,7 +587,7 @@ async def test_heartbeat_reports_unhealthy_engine(engine: FakeEngine) -> None:
         engine.healthy = False
         hb = await h.next(lambda m: isinstance(m, wire.Heartbeat) and not m.engine_healthy)
         assert isinstance(hb, wire.Heartbeat) and hb.instance == "inst-0"
-        assert h.counters.health_failures >= 1
+        assert h.counters.health_not_ready >= 1  # a 503: the engine says so itself, marked down at once
         engine.healthy = True
         await h.next(lambda m: isinstance(m, wire.Heartbeat) and m.engine_healthy)
 
@@ -647,18 +647,22 @@ def test_parse_args_defaults_and_help(capsys: pytest.CaptureFixture[str]) -> Non
     cfg = parse_args(["--engine-url", "http://10.0.0.5:30001/"])
     assert cfg.engine_url == "http://10.0.0.5:30001" and cfg.instance() == "10.0.0.5:30001"
     assert (cfg.host, cfg.pub_port, cfg.snapshot_port) == ("127.0.0.1", 0, 0)
-    assert (cfg.heartbeat_interval, cfg.health_interval, cfg.engine_wait) == (0.2, 0.5, 120.0)
+    assert (cfg.heartbeat_interval, cfg.health_interval, cfg.engine_wait) == (0.2, 2.0, 120.0)
+    assert (cfg.health_timeout, cfg.health_failures) == (5.0, 3)  # SGLang's /health takes >= 1 s
     assert cfg.kv_endpoint is None and cfg.replay_endpoint is None and cfg.load_endpoint is None
     with pytest.raises(SystemExit) as exc:
         parse_args(["--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--engine-url", "--instance-id", "--host", "--pub-port", "--snapshot-port",
-                 "--heartbeat-interval", "--health-interval", "--engine-wait", "--kv-endpoint",
+                 "--heartbeat-interval", "--health-interval", "--health-timeout", "--health-failures",
+                 "--engine-wait", "--kv-endpoint",
                  "--replay-endpoint", "--load-endpoint"):  # fmt: skip
         assert flag in text
     with pytest.raises(SystemExit):
         parse_args(["--engine-url", "http://x:1", "--heartbeat-interval", "0"])
+    with pytest.raises(SystemExit):
+        parse_args(["--engine-url", "http://x:1", "--health-failures", "0"])
 
 
 async def test_main_process_ready_and_sigterm(engine: FakeEngine) -> None:

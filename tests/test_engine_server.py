@@ -16,7 +16,8 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from agents.engine.server import EngineServer, ServerConfig, parse_args, serve
+from agents.engine.config import ServerConfig, parse_args
+from agents.engine.server import EngineServer, serve
 from kvindex.hashing import block_hashes
 from kvindex.protocol import (
     AllBlocksCleared,
@@ -181,20 +182,28 @@ async def test_chat_completions(engine: EngineServer, http: aiohttp.ClientSessio
         ("/generate", [1, 2], None),
     ],
 )
-async def test_client_errors_are_400_with_openai_body(
+async def test_client_errors_are_400_with_sglang_bodies(
     engine: EngineServer, http: aiohttp.ClientSession, path: str, body: Any, param: str | None
 ) -> None:
+    """SGLang 0.5.23: /generate answers ``{"error": {"message"}}`` (http_server.py
+    ``_create_error_response``), /v1 endpoints the flat ``ErrorResponse`` (serving_base.py
+    ``create_error_response``)."""
     status, res = await post(http, engine, path, body)
     assert status == 400
-    assert res["error"]["type"] == "invalid_request_error" and res["error"]["code"] == 400
-    assert res["error"]["param"] == param and res["error"]["message"]
+    if path == "/generate":
+        assert list(res) == ["error"] and list(res["error"]) == ["message"] and res["error"]["message"]
+    else:
+        assert res["object"] == "error" and res["type"] == "BadRequestError" and res["code"] == 400
+        assert res["param"] == param and res["message"]
 
 
 async def test_malformed_json_is_400(engine: EngineServer, http: aiohttp.ClientSession) -> None:
+    """Not JSON: FastAPI's validation error, which SGLang answers 400 with the flat ErrorResponse."""
     async with http.post(url(engine, "/v1/chat/completions"), data=b"{nope") as r:
-        assert r.status == 400 and "JSON" in (await r.json())["error"]["message"]
+        res = await r.json()
+        assert r.status == 400 and "JSON" in res["message"] and res["type"] == "Bad Request"
     async with http.post(url(engine, "/generate"), data=b"\xff\xfe") as r:
-        assert r.status == 400
+        assert r.status == 400 and (await r.json())["object"] == "error"
 
 
 async def test_info_endpoints(engine: EngineServer, http: aiohttp.ClientSession) -> None:
@@ -220,7 +229,10 @@ async def test_info_endpoints(engine: EngineServer, http: aiohttp.ClientSession)
     assert kv["block_size"] == 16 and kv["dp_size"] == 1
     assert info["max_total_num_tokens"] == 50_000 and info["page_size"] == 16
     async with http.get(url(engine, "/v1/loads")) as r:
-        (load,) = (await r.json())["loads"]
+        loads = await r.json()
+    (load,) = loads["loads"]
+    assert isinstance(loads["timestamp"], str) and "T" in loads["timestamp"]  # ISO 8601, as v1_loads.py
+    assert load["num_used_tokens"] == load["num_tokens"] and "num_active_tokens" in load
     assert load["dp_rank"] == 0 and load["max_total_num_tokens"] == 50_000 and "token_usage" in load
 
 

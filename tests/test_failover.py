@@ -18,7 +18,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -57,6 +56,7 @@ from router.model.mirror import DecisionMirror
 from router.model.model import Routed, RoutingModel, SnapshotJob
 from router.server import RouterServer
 from router.subscriber import Subscriber
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BS = 4
@@ -289,12 +289,6 @@ async def test_external_takeover_waits_for_promote() -> None:
 
 
 # ------------------------------------------------------------------------------ a real cluster, killed
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _logs(log_dir: Path) -> str:

@@ -13,7 +13,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from agents.engine.server import EngineServer, ServerConfig
+from agents.engine.config import ServerConfig
+from agents.engine.server import EngineServer
 from launch.__main__ import main
 from launch.sim.fidelity import (
     agreement,

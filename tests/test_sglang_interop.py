@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import errno
 import json
-import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from agents.counters import AgentCounters
 from agents.engine_link import ReplayClient
 from kvindex import protocol as wire
 from kvindex.hashing import block_hashes, chained_digests
+from tests.ports import free_port
 from tests.sglang_compat import (
     BUILD_TIMEOUT_S,
     INSTALL_TIMEOUT_S,
@@ -427,12 +427,6 @@ def test_sglang_event_recorder_publishes_our_hashes(sgl_hash: SGLang, page_size:
 
 
 # ------------------------------------------------------------------------- the agent vs SGLang's publisher
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Handshakes:

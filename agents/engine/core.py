@@ -137,7 +137,9 @@ class EngineCore:
             raise RequestRejected(
                 f"The input ({n} tokens) is longer than the model's context length ({ctx} tokens)."
             )
-        if n + req.max_new_tokens >= ctx:
+        # SGLang allows prompt + max_new_tokens == context length (tokenizer_manager
+        # ``_validate_one_request``: rejects only a sum greater than it, a prompt of ``>=``).
+        if n + req.max_new_tokens > ctx:
             raise RequestRejected(
                 f"Requested token count exceeds the model's maximum context length of {ctx} tokens. "
                 f"You requested a total of {n + req.max_new_tokens} tokens: {n} tokens from the input "

@@ -84,3 +84,16 @@ class TokenOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Aborted:
+    """A request ended before it finished: SGLang's ``FINISH_ABORT`` (``srt/managers/schedule_batch.py``).
+
+    ``status_code`` None is a graceful abort (``/abort_request``): the client gets a normal response whose
+    finish reason is ``abort``. A status (503 when the server shuts down) makes a non-streamed response
+    that error instead, as ``TokenizerManager._handle_abort_finish_reason`` does.
+    """
+
+    message: str = "Aborted"
+    status_code: int | None = None

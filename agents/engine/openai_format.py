@@ -2,8 +2,9 @@
 
 * ``/generate``: ``{"text", "output_ids", "meta_info": {"id", "finish_reason", "prompt_tokens",
   "completion_tokens", "cached_tokens", "e2e_latency"}}``; ``finish_reason`` is ``{"type": "length",
-  "length": N}``, ``{"type": "stop", "matched": <eos id or null>}`` or ``{"type": "abort", "message"}``
-  and null in stream chunks before the last. Stream chunks carry the cumulative text and ids so far.
+  "length": N}``, ``{"type": "stop", "matched": <eos id or null>}`` or ``{"type": "abort", "message",
+  "status_code", "err_type"}`` (SGLang's ``FINISH_LENGTH`` / ``FINISH_MATCHED_TOKEN`` / ``FINISH_ABORT``
+  ``to_json``, ``srt/managers/schedule_batch.py``) and null in stream chunks before the last. Stream chunks carry the cumulative text and ids so far.
 * ``/v1/completions``: ``text_completion`` with ``choices[0].text``; stream chunks carry text deltas.
 * ``/v1/chat/completions``: ``chat.completion`` with ``choices[0].message``; stream chunks
   (``chat.completion.chunk``) carry ``delta`` = ``{"role": "assistant", "content": ""}`` first, then
@@ -49,6 +50,7 @@ class Progress:
     text: str = ""
     finish: Finish | None = None
     abort_message: str = ""
+    abort_status: int | None = None  # None: a graceful abort (a normal response with finish reason abort)
     e2e_latency: float = 0.0
     streamed_chars: int = 0  # characters of ``text`` already sent as deltas
     role_sent: bool = False
@@ -64,7 +66,7 @@ def _generate_finish(p: Progress) -> dict[str, Any] | None:
     if p.finish == "stop":
         return {"type": "stop", "matched": p.eos_token_id}
     if p.finish == "abort":
-        return {"type": "abort", "message": p.abort_message}
+        return {"type": "abort", "message": p.abort_message, "status_code": p.abort_status, "err_type": None}
     return None
 
 

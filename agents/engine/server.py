@@ -14,20 +14,25 @@ Sockets (SGLang 0.5.23 formats, see :mod:`kvindex.protocol`):
   requests are counted and ignored;
 * load PUB ``[b"load", seq 8B BE, LoadStat]`` every ``--load-interval`` seconds, own seq from 0.
 
+HTTP follows SGLang 0.5.23's server (docs/sglang-contract.md): idle keep-alive connections are closed after
+``SGLANG_TIMEOUT_KEEP_ALIVE`` seconds (5, uvicorn's ``timeout_keep_alive``); ``/health`` is SGLang's
+generation probe (:mod:`agents.engine.health`), 503 while starting (``--startup-delay``) or exiting.
+SIGTERM drains as SGLang's ``sigterm_watchdog`` does (``/health`` 503, requests in flight run to their end,
+at most ``--drain-timeout`` seconds); SIGINT stops at once.
+
 Once everything is bound it prints ``READY {"role": "engine", "endpoints": {"http", "kv", "replay",
 "load"}}`` (:mod:`kvindex.protocol.ready`). SIGINT/SIGTERM or cancellation shut it down cleanly.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import itertools
-import json
 import logging
 import signal
 import time
+import uuid
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,10 +42,17 @@ import zmq
 import zmq.asyncio
 from aiohttp import web
 
-from agents.engine.core import EngineConfig, EngineCore, Request, RequestRejected, TokenOutput
+from agents.engine.config import ServerConfig, parse_args
+from agents.engine.core import EngineCore, Request, RequestRejected, TokenOutput
+from agents.engine.core_types import Aborted
+from agents.engine.health import (
+    HEALTH_CHECK_RID_PREFIX,
+    PROBE_TICK,
+    ServerStatus,
+)
 from agents.engine.http_api import HttpApi
 from agents.engine.metrics import EngineMetrics
-from agents.engine.profiles import DEFAULT_PROFILE, PROFILES, get_profile
+from agents.engine.profiles import get_profile
 from kvindex.protocol import (
     REPLAY_END,
     KVEventBatch,
@@ -65,46 +77,11 @@ def _log_crash(task: asyncio.Task[None]) -> None:
         log.error("engine task %s crashed", task.get_coro(), exc_info=task.exception())
 
 
-@dataclass(frozen=True, slots=True)
-class ServerConfig:
-    """Everything one emulated engine needs. Ports 0 = OS-assigned; seconds for intervals."""
-
-    host: str = "127.0.0.1"
-    port: int = 0
-    model_name: str = "emulated-llama-3.1-8b"
-    profile: str = DEFAULT_PROFILE
-    page_size: int = 16
-    max_total_tokens: int | None = None
-    max_running_requests: int = 128
-    chunked_prefill_size: int = 8192
-    enable_mixed_chunk: bool = False
-    context_length: int = 131072
-    kv_events_port: int = 0
-    kv_replay_port: int = 0
-    load_port: int = 0
-    kv_topic: str = "kv"
-    load_interval: float = 0.1
-    buffer_steps: int = 10000
-    time_scale: float = 1.0
-    stream_interval: int = 1
-    log_level: str = "INFO"
-
-    def engine_config(self) -> EngineConfig:
-        return EngineConfig(
-            page_size=self.page_size,
-            max_total_tokens=self.max_total_tokens,
-            max_running_requests=self.max_running_requests,
-            chunked_prefill_size=self.chunked_prefill_size,
-            mixed_chunk=self.enable_mixed_chunk,
-            context_length=self.context_length,
-        )
-
-
 @dataclass(slots=True)
 class _Live:
-    """A request an HTTP handler waits on; ``None`` in the queue means the server is shutting down."""
+    """A request an HTTP handler waits on; an :class:`Aborted` in the queue ends it early."""
 
-    queue: asyncio.Queue[TokenOutput | None]
+    queue: asyncio.Queue[TokenOutput | Aborted]
     arrival: float
     first_token: float | None = None
     last_token: float | None = None
@@ -134,6 +111,9 @@ class EngineServer:
         self._runner: web.AppRunner | None = None
         self._wake: asyncio.Event | None = None
         self._deadline = 0.0
+        self.status = ServerStatus.STARTING
+        # Loop time of the scheduler's last output (SGLang: TokenizerManager.last_receive_tstamp).
+        self.last_receive = 0.0
 
     # ---------------------------------------------------------------------------------------- lifecycle
 
@@ -160,7 +140,11 @@ class EngineServer:
         )
         self._load_pub: zmq.Socket[Any] = self._bind(self._ctx, zmq.PUB, "load", cfg.load_port)
         self._runner = web.AppRunner(
-            HttpApi(self).app(), handler_cancellation=True, access_log=None, shutdown_timeout=1.0
+            HttpApi(self).app(),
+            handler_cancellation=True,
+            access_log=None,
+            shutdown_timeout=1.0,
+            keepalive_timeout=cfg.keepalive_timeout,  # uvicorn's timeout_keep_alive in SGLang
         )
         await self._runner.setup()
         await web.TCPSite(self._runner, cfg.host, cfg.port).start()
@@ -170,15 +154,37 @@ class EngineServer:
             task = asyncio.create_task(coro)
             task.add_done_callback(_log_crash)
             self._tasks.append(task)
+        self.last_receive = asyncio.get_running_loop().time()
+        if cfg.startup_delay > 0:
+            task = asyncio.create_task(self._come_up(cfg.startup_delay))
+            task.add_done_callback(_log_crash)
+            self._tasks.append(task)
+        else:
+            self.status = ServerStatus.UP
+
+    async def _come_up(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if self.status is ServerStatus.STARTING:
+            self.status = ServerStatus.UP
+
+    async def drain(self, timeout: float) -> None:
+        """Begin a graceful exit (``/health`` 503 from now on) and wait, at most ``timeout`` seconds, until
+        no request is in flight. New requests are still accepted meanwhile, as SGLang does."""
+        self.status = ServerStatus.EXITING
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._live and loop.time() < deadline:
+            await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
         """Stop the tasks, end every open request (streams get an abort), close HTTP and sockets."""
+        self.status = ServerStatus.EXITING
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         for live in self._live.values():
-            live.queue.put_nowait(None)
+            live.queue.put_nowait(Aborted("the server is shutting down", 503))
         self._live.clear()
         if self._runner is not None:
             await self._runner.cleanup()
@@ -194,9 +200,54 @@ class EngineServer:
         """Whether the scheduler task runs."""
         return bool(self._tasks) and not self._tasks[0].done()
 
+    @property
+    def accepting_health(self) -> bool:
+        """False while starting or exiting: ``/health`` then answers 503 without probing."""
+        return self.status not in (ServerStatus.STARTING, ServerStatus.EXITING)
+
+    @property
+    def is_ready(self) -> bool:
+        """SGLang's ``is_ready``: up (warmed, last probe fine) and not exiting."""
+        return self.status is ServerStatus.UP
+
+    async def health_probe(self) -> bool:
+        """SGLang's generation probe (http_server.py ``health_generate``). Takes at least one second.
+
+        If the core is idle, a 1-token request (prompt ``[0]``) is queued, as SGLang's scheduler runs the
+        probe only when fully idle; when busy, the running requests' next step is the sign of life. Every
+        second up to ``health_check_timeout`` it looks whether the scheduler produced output since the
+        probe began: True (and status up) at the first such look, else False (status unhealthy).
+        """
+        loop = asyncio.get_running_loop()
+        tic = loop.time()
+        rid: str | None = None
+        if self.alive and not self.core.busy:
+            rid = f"{HEALTH_CHECK_RID_PREFIX}_{uuid.uuid4().hex}"
+            try:
+                self.core.add_request(Request(rid, (0,), 1, True, tic), tic)
+            except RequestRejected:  # pragma: no cover - a 1-token prompt always fits
+                rid = None
+            else:
+                assert self._wake is not None
+                self._wake.set()
+        try:
+            while loop.time() < tic + self.cfg.health_check_timeout:
+                await asyncio.sleep(PROBE_TICK)
+                if self.last_receive > tic:
+                    if self.status is ServerStatus.UNHEALTHY:
+                        self.status = ServerStatus.UP
+                    return True
+            if self.status is ServerStatus.UP:
+                self.status = ServerStatus.UNHEALTHY
+            log.error("health check failed: no scheduler output for %g s", self.cfg.health_check_timeout)
+            return False
+        finally:
+            if rid is not None:
+                self.core.abort(rid)  # no-op once it finished
+
     # ------------------------------------------------------------------------------------ requests API
 
-    def submit(self, req: Request) -> asyncio.Queue[TokenOutput | None]:
+    def submit(self, req: Request) -> asyncio.Queue[TokenOutput | Aborted]:
         """Queue ``req`` in the core; its outputs will arrive on the returned queue.
 
         Raises:
@@ -215,6 +266,24 @@ class EngineServer:
         """Abort ``rid`` (client gone): frees its KV in the core."""
         if self._live.pop(rid, None) is not None:
             self.core.abort(rid)
+
+    def abort_requests(self, rid: str, abort_all: bool = False) -> int:
+        """``/abort_request``: end ``rid`` (or every request) now with a graceful abort; returns how many.
+
+        As SGLang's ``TokenizerManager.abort_request``: an empty rid without ``abort_all`` and an unknown
+        rid are ignored. The core frees their KV at once; their clients get finish reason ``abort``.
+        """
+        if abort_all:
+            rids = list(self._live)
+        elif rid and rid in self._live:
+            rids = [rid]
+        else:
+            return 0
+        for r in rids:
+            live = self._live.pop(r)
+            self.core.abort(r)
+            live.queue.put_nowait(Aborted())
+        return len(rids)
 
     def flush_cache(self) -> bool:
         """Flush the radix cache if idle, publishing ``AllBlocksCleared`` at once."""
@@ -285,6 +354,7 @@ class EngineServer:
             now = loop.time()
             self.metrics.step_lateness.observe(max(0.0, now - self._deadline))
             outputs = core.complete(step, now)
+            self.last_receive = now
             self._publish_events()
             for out in outputs:
                 self._deliver(out, now)
@@ -342,9 +412,15 @@ async def serve(cfg: ServerConfig, announce: bool = True) -> None:
     await server.start()
     loop, stop = asyncio.get_running_loop(), asyncio.Event()
     handled: list[signal.Signals] = []
+    got: list[signal.Signals] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        got.append(sig)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig)
             handled.append(sig)
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread / platform
             pass
@@ -353,121 +429,13 @@ async def serve(cfg: ServerConfig, announce: bool = True) -> None:
             announce_ready("engine", server.endpoints, instance=None)
         log.info("engine serving: %s", server.endpoints)
         await stop.wait()
+        if got and got[0] is signal.SIGTERM:  # SGLang drains on SIGTERM; SIGINT stops at once
+            log.info("SIGTERM: draining (at most %g s)", cfg.drain_timeout)
+            await server.drain(cfg.drain_timeout)
     finally:
         for sig in handled:
             loop.remove_signal_handler(sig)
         await server.stop()
-
-
-def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
-    """Command-line flags (SGLang's names where SGLang has the flag) to a :class:`ServerConfig`."""
-    d = ServerConfig()
-    ap = argparse.ArgumentParser(
-        prog="python -m agents.engine.server",
-        description="Emulated SGLang engine: SGLang's HTTP API, KV event / replay / load ZeroMQ sockets, "
-        "a paged radix cache and a step-time model of a GPU. No GPU needed.",
-    )
-    a = ap.add_argument
-    a("--host", default=d.host, help="address for HTTP and ZeroMQ sockets (default %(default)s)")
-    a("--port", type=int, default=d.port, help="HTTP port; 0 = OS-assigned (default %(default)s)")
-    a("--model-name", default=d.model_name, help="served model name (default %(default)s)")
-    a("--profile", default=d.profile, choices=sorted(PROFILES), help="GPU + model step-time profile")
-    a("--page-size", type=int, default=d.page_size, help="tokens per KV page / block (default %(default)s)")
-    a("--max-total-tokens", type=int, default=None, help="KV capacity in tokens (default: from the profile)")
-    a("--max-running-requests", type=int, default=d.max_running_requests, help="running batch cap")
-    a(
-        "--chunked-prefill-size",
-        type=int,
-        default=d.chunked_prefill_size,
-        help="prefill tokens per step; <=0 off",
-    )
-    a("--enable-mixed-chunk", action="store_true", help="decode requests ride along in prefill steps")
-    a("--context-length", type=int, default=d.context_length, help="model context length in tokens")
-    a("--kv-events-port", type=int, default=d.kv_events_port, help="KV event PUB port; 0 = OS-assigned")
-    a("--kv-replay-port", type=int, default=d.kv_replay_port, help="KV replay ROUTER port; 0 = OS-assigned")
-    a("--load-port", type=int, default=d.load_port, help="LoadStat PUB port; 0 = OS-assigned")
-    a("--kv-topic", default=d.kv_topic, help="topic frame of KV event batches (default %(default)s)")
-    a("--load-interval", type=float, default=d.load_interval, help="seconds between LoadStat frames")
-    a("--buffer-steps", type=int, default=d.buffer_steps, help="KV batches kept for replay")
-    a("--time-scale", type=float, default=d.time_scale, help="multiplies every modelled step duration")
-    a("--stream-interval", type=int, default=d.stream_interval, help="tokens per streamed chunk")
-    a("--log-level", default="INFO", help="logging level (default %(default)s)")
-    sg = ap.add_argument_group(
-        "SGLang's own flags",
-        "accepted so a launcher can start this engine exactly like `python -m sglang.launch_server`; "
-        "other SGLang-only flags (e.g. --load-format, --tp) are accepted, ignored and listed in a warning",
-    )
-    sg.add_argument("--model-path", default=None, help="served model name when --served-model-name is absent")
-    sg.add_argument("--served-model-name", default=None, help="served model name (overrides --model-name)")
-    sg.add_argument(
-        "--kv-events-config",
-        default=None,
-        metavar="JSON",
-        help='e.g. \'{"publisher":"zmq","endpoint":"tcp://*:5557","replay_endpoint":"tcp://*:5558","topic":"kv",'
-        '"buffer_steps":10000}\': sets the KV PUB/replay ports, topic and replay buffer',
-    )
-    sg.add_argument(
-        "--load-publish-endpoint",
-        default=None,
-        metavar="tcp://HOST:PORT|auto|off",
-        help="LoadStat PUB endpoint; auto = the port after the replay port, as SGLang packs it",
-    )
-    ns, unknown = ap.parse_known_args(argv)
-    if unknown:
-        if any(not u.startswith("-") for u in unknown[:1]):
-            ap.error(f"unexpected arguments: {' '.join(unknown)}")
-        logging.getLogger(__name__).warning(
-            "ignoring SGLang flags the emulated engine has no use for: %s", " ".join(unknown)
-        )
-    _apply_sglang_flags(ap, ns)
-    for name in ("page_size", "max_running_requests", "buffer_steps", "stream_interval", "context_length"):
-        if getattr(ns, name) <= 0:
-            ap.error(f"--{name.replace('_', '-')} must be positive")
-    if ns.max_total_tokens is not None and ns.max_total_tokens <= 0:
-        ap.error("--max-total-tokens must be positive")
-    if ns.time_scale < 0 or ns.load_interval <= 0:
-        ap.error("--time-scale must be >= 0 and --load-interval > 0")
-    return ServerConfig(**vars(ns))
-
-
-def _port_of(ap: argparse.ArgumentParser, endpoint: str, what: str) -> int:
-    """The port of a ``tcp://HOST:PORT`` endpoint; exits with a usage error otherwise."""
-    if not endpoint.startswith("tcp://") or ":" not in endpoint[6:]:
-        ap.error(f"{what} must be tcp://HOST:PORT, got {endpoint!r}")
-    try:
-        return int(endpoint.rsplit(":", 1)[1])
-    except ValueError:
-        ap.error(f"{what} has no numeric port: {endpoint!r}")
-
-
-def _apply_sglang_flags(ap: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
-    """Fold SGLang's flag names into this server's own (SGLang ``server_args``/``KVEventsConfig``, 0.5.23)."""
-    model_path, served, kv_cfg, load_ep = (
-        ns.model_path,
-        ns.served_model_name,
-        ns.kv_events_config,
-        ns.load_publish_endpoint,
-    )
-    for k in ("model_path", "served_model_name", "kv_events_config", "load_publish_endpoint"):
-        delattr(ns, k)
-    if served or model_path:
-        ns.model_name = served or model_path
-    if kv_cfg:
-        try:
-            cfg = json.loads(kv_cfg)
-        except json.JSONDecodeError as exc:
-            ap.error(f"--kv-events-config is not JSON: {exc}")
-        if not isinstance(cfg, dict) or cfg.get("publisher", "zmq") != "zmq":
-            ap.error("--kv-events-config must be a JSON object with publisher 'zmq'")
-        ns.kv_events_port = _port_of(ap, str(cfg.get("endpoint", "tcp://*:5557")), "kv-events endpoint")
-        if cfg.get("replay_endpoint"):
-            ns.kv_replay_port = _port_of(ap, str(cfg["replay_endpoint"]), "kv-events replay_endpoint")
-        ns.kv_topic = str(cfg.get("topic", ns.kv_topic))
-        ns.buffer_steps = int(cfg.get("buffer_steps", ns.buffer_steps))
-    if load_ep and load_ep.lower() not in ("off", "auto"):
-        ns.load_port = _port_of(ap, load_ep, "--load-publish-endpoint")
-    elif load_ep and load_ep.lower() == "auto" and ns.kv_events_port:
-        ns.load_port = ns.kv_events_port + 2  # SGLang packs load after the KV range, past replay = kv + 1
 
 
 def main(argv: Sequence[str] | None = None) -> None:

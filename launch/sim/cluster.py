@@ -107,7 +107,7 @@ def ingest_times(
 class SimConfig:
     """One simulated cluster. Tokens in tokens, times in seconds.
 
-    Engine fields mirror ``agents.engine.server.ServerConfig`` (SGLang's flag names); router fields
+    Engine fields mirror ``agents.engine.config.ServerConfig`` (SGLang's flag names); router fields
     mirror ``router.config.RouterConfig`` defaults. ``event_delay``: engine -> agent -> router latency
     of KV event batches and load reports; ``load_period``: seconds between an engine's load reports;
     ``ingest_overhead + ingest_per_token * prompt tokens``: seconds of the router's ingest work per
