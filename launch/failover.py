@@ -151,7 +151,7 @@ async def _start_cluster(
         left = deadline - time.monotonic()
         try:
             line = await asyncio.wait_for(proc.stdout.readline(), max(left, 0.01))
-        except TimeoutError:
+        except asyncio.TimeoutError:
             line = b""
         if not line:
             with contextlib.suppress(ProcessLookupError):
@@ -167,7 +167,7 @@ async def _stop_cluster(proc: asyncio.subprocess.Process) -> None:
         proc.send_signal(signal.SIGINT)
         try:
             await asyncio.wait_for(proc.wait(), 60)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             proc.kill()
             await proc.wait()
 
@@ -253,7 +253,7 @@ async def _settle(cfile: Path, result: RunResult, timeout: float = 30.0) -> None
     result.routers_after = [{k: p[k] for k in ("role", "pid", "status")} for p in _routers(cfile)]
     primary = next((p for p in _routers(cfile) if p["role"] == "router-primary"), None)
     if primary is not None and "admin" in primary["endpoints"]:
-        with contextlib.suppress(aiohttp.ClientError, TimeoutError, KeyError, ValueError):
+        with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, KeyError, ValueError):
             async with (
                 aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s,
                 s.get(primary["endpoints"]["admin"] + "/router/state") as r,

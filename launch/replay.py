@@ -133,7 +133,7 @@ async def send_one(
             if not done:
                 rec.status = "stream ended without [DONE]"
                 return rec
-    except TimeoutError:
+    except asyncio.TimeoutError:
         rec.status = f"timeout after {timeout:.0f} s"
         return rec
     except (aiohttp.ClientError, json.JSONDecodeError, ValueError) as exc:
@@ -183,7 +183,7 @@ async def _first_model(session: aiohttp.ClientSession, url: str) -> str | None:
         async with session.get(url + "/v1/models", timeout=aiohttp.ClientTimeout(total=10)) as r:
             data = await r.json()
             return str(data["data"][0]["id"])
-    except (aiohttp.ClientError, KeyError, IndexError, ValueError, TimeoutError):
+    except (aiohttp.ClientError, KeyError, IndexError, ValueError, asyncio.TimeoutError):
         return None
 
 
