@@ -33,7 +33,7 @@ from agents.engine.profiles import PROFILES
 from launch.sim.batch import Batch, Bisection, RunResult, RunSpec, bisect_rate, round_scale
 from launch.sim.cluster import SimConfig
 from launch.sim.run import add_ingest_arguments, check_ingest_arguments
-from launch.trace import TraceError
+from launch.trace import DEFAULT_TRACE, TraceError
 from router.policies import POLICIES, PUBLISHED
 
 __all__ = ["add_arguments", "run_compare"]
@@ -51,7 +51,12 @@ REFERENCE: Final = "vllm_v1"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``compare`` subcommand's flags."""
     a = p.add_argument
-    a("--trace", required=True, type=Path, help="Mooncake .jsonl or Azure .csv trace")
+    a(
+        "--trace",
+        type=Path,
+        default=DEFAULT_TRACE,
+        help="Mooncake .jsonl or Azure .csv trace (default: the Mooncake trace shipped in launch/traces)",
+    )
     a(
         "--profile",
         default="h20-qwen2.5-7b",

@@ -42,9 +42,8 @@ import aiohttp
 
 from launch.replay import build_body, send_one
 from launch.summary import RequestRecord
-from launch.trace import DEFAULT_VOCAB_SIZE, TraceError, TraceRequest, load_trace, window
+from launch.trace import DEFAULT_TRACE, DEFAULT_VOCAB_SIZE, TraceError, TraceRequest, load_trace, window
 
-DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared/traces/mooncake/conversation_trace.jsonl"
 PROBE_INTERVAL = 0.01
 READY_TIMEOUT = 180.0
 
@@ -52,7 +51,10 @@ READY_TIMEOUT = 180.0
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``failover-bench`` subcommand's flags."""
     p.add_argument(
-        "--trace", type=Path, default=DEFAULT_TRACE, help="Mooncake .jsonl trace (default %(default)s)"
+        "--trace",
+        type=Path,
+        default=DEFAULT_TRACE,
+        help="Mooncake .jsonl trace (default: the one shipped in launch/traces)",
     )
     p.add_argument(
         "--rate-scale", type=float, default=1.0, help="2 = twice the trace's rate (default %(default)s)"

@@ -819,9 +819,7 @@ async def test_client_closing_right_after_done_counts_as_success(linger: float) 
         c.engines[0].linger = linger
         ok = 'router_requests_total{endpoint="generate",status="200"}'
         for n in range(1, 6):
-            got = await read_sse_until_done(
-                c.router.port, "/generate", {"text": PROMPT, "stream": True}
-            )
+            got = await read_sse_until_done(c.router.port, "/generate", {"text": PROMPT, "stream": True})
             assert got.startswith(b"HTTP/1.1 200") and b"i0-2" in got
             await wait_until(lambda: c.inst("i0").inflight == 0, "request finished")
             assert await c.metric(ok) == n

@@ -25,7 +25,7 @@ from agents.engine.profiles import DEFAULT_PROFILE, PROFILES
 from launch.sim.cluster import INGEST_OVERHEAD_S, INGEST_PER_TOKEN_S, SimConfig, SimResult, simulate
 from launch.sim.prompts import PromptFactory
 from launch.summary import format_summary, summarize
-from launch.trace import DEFAULT_VOCAB_SIZE, TraceError, TraceRequest, load_trace, window
+from launch.trace import DEFAULT_TRACE, DEFAULT_VOCAB_SIZE, TraceError, TraceRequest, load_trace, window
 from router.policies import LINEAR_A, LINEAR_B, POLICIES, Policy, make_policy
 
 __all__ = ["add_arguments", "config_from_args", "result_summary", "run_policies", "run_simulate"]
@@ -35,7 +35,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``simulate`` subcommand's flags."""
     d = SimConfig()
     a = p.add_argument
-    a("--trace", required=True, type=Path, help="Mooncake .jsonl or Azure .csv trace")
+    a(
+        "--trace",
+        type=Path,
+        default=DEFAULT_TRACE,
+        help="Mooncake .jsonl or Azure .csv trace (default: the Mooncake trace shipped in launch/traces)",
+    )
     a("--instances", type=int, default=d.instances, help="engine instances (default %(default)s)")
     a(
         "--profile",
