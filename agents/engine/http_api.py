@@ -30,6 +30,7 @@ from aiohttp import web
 
 from agents.engine.core import Request, RequestRejected, TokenOutput
 from agents.engine.openai_format import Progress, final_body, stream_chunks
+from agents.engine.words import words_text
 from router.protocol import PARSERS, Endpoint, RequestError, error_body
 
 if TYPE_CHECKING:
@@ -146,7 +147,7 @@ class HttpApi:
             return
         if out.token_ids:
             p.output_ids.extend(out.token_ids)
-            p.text += self.srv.tokenizer.decode(out.token_ids)  # output ids are whole characters
+            p.text += words_text(out.token_ids, first=not p.text)  # readable words, agents/engine/words.py
         p.cached_tokens = out.cached_tokens
         if out.finish_reason is not None:
             p.e2e_latency = asyncio.get_running_loop().time() - arrival
