@@ -101,7 +101,9 @@ def readme_commands() -> dict[str, set[str]]:
 
 
 def test_segments_and_flags_are_found() -> None:
-    segs = segments("a `python -m launch tail --json`\n```bash\npython -m router --agent x \\\n  --port 1\n```\n")
+    segs = segments(
+        "a `python -m launch tail --json`\n```bash\npython -m router --agent x \\\n  --port 1\n```\n"
+    )
     assert segs == ["python -m launch tail --json", "bash", "python -m router --agent x --port 1"]
     assert command_flags("python -m launch cluster --gpus 0 -- --tp 2 && python -m router --agent A") == [
         ("launch cluster", ["--gpus"]),
@@ -111,7 +113,9 @@ def test_segments_and_flags_are_found() -> None:
 
 def test_readme_commands_exist_and_name_only_their_own_flags() -> None:
     commands = readme_commands()
-    assert {"launch cluster", "launch replay", "launch compare-live", "router", "agents.agent"} <= set(commands)
+    assert {"launch cluster", "launch replay", "launch compare-live", "router", "agents.agent"} <= set(
+        commands
+    )
     missing = {
         c: sorted(f for f in flags if not re.search(rf"(?<![\w-]){re.escape(f)}\b", help_text(c)))
         for c, flags in commands.items()
