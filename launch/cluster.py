@@ -487,7 +487,7 @@ class Cluster:
                 with contextlib.suppress(Exception):
                     self._failover.result()
                 self._failover = None
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.05)
 
     async def _replace_routers(self) -> None:
@@ -528,7 +528,7 @@ class Cluster:
         deadline = time.monotonic() + timeout
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0)) as s:
             while time.monotonic() < deadline and standby.alive:
-                with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError, KeyError):
+                with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError):
                     async with s.get(url) as r:
                         if (await r.json())["ha"]["role"] == "primary":
                             return True

@@ -30,10 +30,11 @@ from pathlib import Path
 from typing import Any, Final
 
 from agents.engine.profiles import PROFILES
+from launch.plots import cdf_title, plot_cdf
 from launch.sim.batch import Batch, Bisection, RunResult, RunSpec, bisect_rate, round_scale
 from launch.sim.cluster import SimConfig
 from launch.sim.run import add_ingest_arguments, check_ingest_arguments
-from launch.trace import TraceError
+from launch.trace import DEFAULT_TRACE, TraceError
 from router.model.policies import POLICIES, PUBLISHED
 
 __all__ = ["add_arguments", "run_compare"]
@@ -51,7 +52,12 @@ REFERENCE: Final = "vllm_v1"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``compare`` subcommand's flags."""
     a = p.add_argument
-    a("--trace", required=True, type=Path, help="Mooncake .jsonl or Azure .csv trace")
+    a(
+        "--trace",
+        type=Path,
+        default=DEFAULT_TRACE,
+        help="Mooncake .jsonl or Azure .csv trace (default: the Mooncake trace shipped in launch/traces)",
+    )
     a(
         "--profile",
         default="h20-qwen2.5-7b",
@@ -152,40 +158,17 @@ def _parse_fixed(items: Sequence[str], levels: Sequence[str]) -> dict[str, float
 
 
 def _plot(results: dict[str, RunResult], path_stem: Path, title: str) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-    from matplotlib.ticker import FuncFormatter
-
-    from launch.sim.run import _minor_label
-
-    paths = []
-    for metric, label in (("ttft", "TTFT (s)"), ("tpot", "TPOT (s)")):
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        for name, res in results.items():
-            vals = np.sort(np.asarray(getattr(res, metric), dtype=float))
-            if len(vals):
-                style = "-" if name in ("lmetric", "vllm_v1", "bailian") else "--"
-                ax.plot(
-                    vals, np.arange(1, len(vals) + 1) / len(vals), style, label=name, drawstyle="steps-post"
-                )
-        ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_formatter(FuncFormatter(_minor_label))
-        ax.set_xlabel(label)
-        ax.set_ylabel("fraction of requests")
-        ax.set_title(f"{metric.upper()} CDF: {title}", fontsize=8)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = path_stem.with_name(f"{path_stem.name}-{metric}.png")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-    return paths
+    """TTFT and TPOT CDFs (one curve per policy) at ``path_stem``-ttft.png / -tpot.png; their paths."""
+    return [
+        plot_cdf(
+            {name: getattr(res, metric) for name, res in results.items()},
+            label,
+            cdf_title(metric, title),
+            path_stem.with_name(f"{path_stem.name}-{metric}.png"),
+            dpi=110,
+        )
+        for metric, label in (("ttft", "TTFT (s)"), ("tpot", "TPOT (s)"))
+    ]
 
 
 def run_compare(args: argparse.Namespace) -> int:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from launch.sim.live_run import cluster_endpoints, stop_process, wait_router
+from launch.trace import DEFAULT_TRACE
 from router.model.policies import POLICIES
 
 __all__ = ["add_arguments", "run_compare_live"]
@@ -44,7 +45,12 @@ SGLANG = "sglang-router"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``compare-live`` subcommand's flags."""
     a = p.add_argument
-    a("--trace", required=True, type=Path, help="Mooncake .jsonl or Azure .csv trace")
+    a(
+        "--trace",
+        type=Path,
+        default=DEFAULT_TRACE,
+        help="Mooncake .jsonl or Azure .csv trace (default: the Mooncake trace shipped in launch/traces)",
+    )
     a("--instances", type=int, default=8, help="engine instances (default %(default)s)")
     a("--profile", default="h20-qwen2.5-7b", help="emulated GPU + model (default %(default)s)")
     a("--rate-scale", type=float, default=0.5, help="arrivals at trace time / X (default %(default)s)")

@@ -43,9 +43,8 @@ import aiohttp
 from kvindex.protocol.cluster_file import ProcessEntry, read_cluster_file
 from launch.replay import build_body, send_one
 from launch.summary import RequestRecord
-from launch.trace import DEFAULT_VOCAB_SIZE, TraceError, TraceRequest, load_trace, window
+from launch.trace import DEFAULT_TRACE, DEFAULT_VOCAB_SIZE, TraceError, TraceRequest, load_trace, window
 
-DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared/traces/mooncake/conversation_trace.jsonl"
 PROBE_INTERVAL = 0.01
 READY_TIMEOUT = 180.0
 
@@ -53,7 +52,10 @@ READY_TIMEOUT = 180.0
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``failover-bench`` subcommand's flags."""
     p.add_argument(
-        "--trace", type=Path, default=DEFAULT_TRACE, help="Mooncake .jsonl trace (default %(default)s)"
+        "--trace",
+        type=Path,
+        default=DEFAULT_TRACE,
+        help="Mooncake .jsonl trace (default: the one shipped in launch/traces)",
     )
     p.add_argument(
         "--rate-scale", type=float, default=1.0, help="2 = twice the trace's rate (default %(default)s)"
@@ -152,7 +154,7 @@ async def _start_cluster(
         left = deadline - time.monotonic()
         try:
             line = await asyncio.wait_for(proc.stdout.readline(), max(left, 0.01))
-        except TimeoutError:
+        except asyncio.TimeoutError:
             line = b""
         if not line:
             with contextlib.suppress(ProcessLookupError):
@@ -168,7 +170,7 @@ async def _stop_cluster(proc: asyncio.subprocess.Process) -> None:
         proc.send_signal(signal.SIGINT)
         try:
             await asyncio.wait_for(proc.wait(), 60)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             proc.kill()
             await proc.wait()
 
@@ -254,7 +256,7 @@ async def _settle(cfile: Path, result: RunResult, timeout: float = 30.0) -> None
     result.routers_after = [{"role": p.role, "pid": p.pid, "status": p.status} for p in _routers(cfile)]
     primary = next((p for p in _routers(cfile) if p.role == "router-primary"), None)
     if primary is not None and "admin" in primary.endpoints:
-        with contextlib.suppress(aiohttp.ClientError, TimeoutError, KeyError, ValueError):
+        with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, KeyError, ValueError):
             async with (
                 aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s,
                 s.get(primary.endpoints["admin"] + "/router/state") as r,

@@ -105,7 +105,7 @@ class Child:
         """
         try:
             await asyncio.wait_for(self._ready_evt.wait(), timeout)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             raise ChildFailed(
                 f"{self.name} did not become ready within {timeout:.0f} s (log: {self.log_path})"
             ) from None
@@ -136,7 +136,7 @@ class Child:
                     raise ChildFailed(
                         f"{self.name} exited with code {code} before it was healthy (log: {self.log_path})"
                     )
-                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
                     async with session.get(health_url) as r:
                         if r.status == 200:
                             break
@@ -156,7 +156,7 @@ class Child:
                 os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 await asyncio.wait_for(self.proc.wait(), timeout)
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 log.warning("%s did not stop within %.0f s; killing it", self.name, timeout)
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGKILL)

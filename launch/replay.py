@@ -6,6 +6,11 @@ token-id prompt, ``max_new_tokens = output_length`` and ``ignore_eos``. Token id
 ``hash_ids`` (:mod:`launch.trace`). Per request it measures TTFT (send → first output token), TPOT and
 end-to-end latency on the client, and reads prompt/cached/output token counts from the server's
 ``meta_info`` (or ``usage``). Every failure is recorded with its reason, never dropped.
+
+The summary puts the engines' prefix hit ratio beside ``ideal_hit_ratio``: what an infinite cache would
+have hit on the same window's requests (:func:`launch.trace.ideal_hit_ratio`, from the trace's block
+ids). Early in a trace few prefixes have been seen yet, so both are low: the first minute of the Mooncake
+trace can reach 4.7 % at best, the whole hour 37.4 %.
 """
 
 from __future__ import annotations
@@ -22,7 +27,16 @@ import aiohttp
 from tqdm import tqdm
 
 from launch.summary import RequestRecord, format_summary, summarize
-from launch.trace import DEFAULT_VOCAB_SIZE, TraceError, TraceRequest, load_trace, prompt_tokens, window
+from launch.trace import (
+    DEFAULT_TRACE,
+    DEFAULT_VOCAB_SIZE,
+    TraceError,
+    TraceRequest,
+    ideal_hit_ratio,
+    load_trace,
+    prompt_tokens,
+    window,
+)
 
 _BUILD_AHEAD_S = 1.0
 """Seconds before its send time that a request's body is made (bounds the bodies held in memory)."""
@@ -30,7 +44,12 @@ _BUILD_AHEAD_S = 1.0
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``replay`` subcommand's flags."""
-    p.add_argument("--trace", required=True, type=Path, help="Mooncake .jsonl or Azure .csv trace")
+    p.add_argument(
+        "--trace",
+        type=Path,
+        default=DEFAULT_TRACE,
+        help="Mooncake .jsonl or Azure .csv trace (default: the Mooncake trace shipped in launch/traces)",
+    )
     p.add_argument(
         "--url", default="http://127.0.0.1:30000", help="router or engine base URL (default %(default)s)"
     )
@@ -133,7 +152,7 @@ async def send_one(
             if not done:
                 rec.status = "stream ended without [DONE]"
                 return rec
-    except TimeoutError:
+    except asyncio.TimeoutError:
         rec.status = f"timeout after {timeout:.0f} s"
         return rec
     except (aiohttp.ClientError, json.JSONDecodeError, ValueError) as exc:
@@ -183,12 +202,13 @@ async def _first_model(session: aiohttp.ClientSession, url: str) -> str | None:
         async with session.get(url + "/v1/models", timeout=aiohttp.ClientTimeout(total=10)) as r:
             data = await r.json()
             return str(data["data"][0]["id"])
-    except (aiohttp.ClientError, KeyError, IndexError, ValueError, TimeoutError):
+    except (aiohttp.ClientError, KeyError, IndexError, ValueError, asyncio.TimeoutError):
         return None
 
 
 async def run_replay_async(args: argparse.Namespace) -> tuple[list[RequestRecord], dict[str, Any]]:
-    """Replay the trace; returns the records (in trace order) and their summary.
+    """Replay the trace; returns the records (in trace order) and their summary, with the window's
+    ``ideal_hit_ratio`` (infinite cache, from the trace's block ids) beside the engines' ``hit_ratio``.
 
     Raises:
         TraceError: the trace cannot be read.
@@ -224,7 +244,9 @@ async def run_replay_async(args: argparse.Namespace) -> tuple[list[RequestRecord
         start = time.perf_counter()
         records = await asyncio.gather(*(timed(off, r, start) for off, r in plan))
         bar.close()
-    return list(records), summarize(records)
+    summary = summarize(records)
+    summary["ideal_hit_ratio"] = ideal_hit_ratio([r for _, r in plan])
+    return list(records), summary
 
 
 def run_replay(args: argparse.Namespace) -> int:

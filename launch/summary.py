@@ -6,7 +6,9 @@ A record is one request's outcome. The summary is the JSON written by ``--summar
      "ttft": {"mean", "p50", "p90", "p99"}, "tpot": {...}, "e2e": {...}}
 
 Times in seconds. ``hit_ratio`` = cached prompt tokens / prompt tokens over successful requests, as the
-engines reported them. ``throughput_rps`` = successful requests / (last completion - first start). TPOT
+engines reported them; ``launch replay`` adds ``ideal_hit_ratio``, what an infinite cache would have
+hit on the same requests (:func:`launch.trace.ideal_hit_ratio`), and :func:`format_summary` prints it
+beside ``hit_ratio`` when present. ``throughput_rps`` = successful requests / (last completion - first start). TPOT
 = (e2e - TTFT) / (output tokens - 1), defined only for requests with at least 2 output tokens.
 """
 
@@ -77,8 +79,11 @@ def format_summary(s: dict[str, Any], title: str = "") -> str:
         return "-" if v is None else f"{v:.3f}"
 
     lines = [title] if title else []
+    hit = f"hit ratio {100 * s['hit_ratio']:.1f}%"
+    if s.get("ideal_hit_ratio") is not None:
+        hit += f" (ideal {100 * s['ideal_hit_ratio']:.1f}%)"
     lines.append(
-        f"requests {s['requests']}  failed {s['failed']}  hit ratio {100 * s['hit_ratio']:.1f}%  "
+        f"requests {s['requests']}  failed {s['failed']}  {hit}  "
         f"throughput {s['throughput_rps']:.2f} req/s  {s['output_tokens_per_s']:.0f} output tok/s"
     )
     lines.append(f"{'(seconds)':<10}{'mean':>9}{'p50':>9}{'p90':>9}{'p99':>9}")

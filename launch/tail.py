@@ -2,9 +2,11 @@
 
 Agent streams: endpoints come from the cluster file written by ``launch cluster`` (``--cluster``, default
 ``cluster.json``) or from explicit ``--endpoint tcp://...`` flags (agent PUB sockets). Each KV event is
-one line (``BlockStored`` / ``BlockRemoved`` / ``AllBlocksCleared`` with its block count), each load
-report one line (running, waiting, batch size, queued prefill tokens, KV usage); heartbeats only with
-``--type heartbeat``.
+one line (``BlockStored`` / ``BlockRemoved`` / ``AllBlocksCleared`` with its block count), always; a
+load report one line (running, waiting, batch size, queued prefill tokens, KV usage), but only when it
+differs from the last one printed for its instance (an idle agent reports the same load every second),
+and with ``--load-every S`` no sooner than S seconds after that one; heartbeats only with ``--type
+heartbeat``.
 
 Decision streams (``--type decision``): every router's decisions, one line per ``RequestRouted``
 (instance, policy, prompt and new prefill tokens, LMetric score, speculative blocks) and per
@@ -65,6 +67,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=TYPES,
         help="only this message type (repeatable); heartbeats are shown only when asked for; "
         "'decision' and 'router_heartbeat' read the routers' decision streams",
+    )
+    p.add_argument(
+        "--load-every",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="print an instance's load report only if it changed since the last one printed and at "
+        "least S seconds have passed since that one (default %(default)s: on every change)",
     )
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument(
@@ -176,6 +186,31 @@ def render_decision(
     return rec
 
 
+LOAD_FIELDS = ("running", "waiting", "queued_prefill_tokens", "kv_used_tokens", "kv_capacity_tokens")
+"""What a load report says; its ``seq`` and ``ts`` change every time and do not count as a change."""
+
+
+class LoadFilter:
+    """Which load reports ``tail`` prints: per instance, one that differs from the last printed (in
+    :data:`LOAD_FIELDS`) and comes at least ``every`` seconds after it. Mutates only itself; pure."""
+
+    def __init__(self, every: float = 0.0) -> None:
+        if every < 0:
+            raise ValueError("every must be >= 0 seconds")
+        self.every = every
+        self._last: dict[str, tuple[tuple[Any, ...], float]] = {}  # instance -> (fields, printed at)
+
+    def wants(self, rec: dict[str, Any], now: float) -> bool:
+        """Whether to print the load record ``rec`` (from :func:`render`) seen at ``now`` (seconds,
+        monotonic); if so, it becomes its instance's last printed one."""
+        fields = tuple(rec[k] for k in LOAD_FIELDS)
+        last = self._last.get(rec["instance"])
+        if last is not None and (last[0] == fields or now - last[1] < self.every):
+            return False
+        self._last[rec["instance"]] = (fields, now)
+        return True
+
+
 def _clock(ts: float) -> str:
     return time.strftime("%H:%M:%S", time.localtime(ts)) + f".{int(ts * 1000) % 1000:03d}"
 
@@ -223,6 +258,9 @@ def run_tail(args: argparse.Namespace) -> int:
     """Subscribe and print until Ctrl-C, ``--count`` lines, or ``--timeout``. Returns the exit code."""
     want_types = set(args.type) or {"BlockStored", "BlockRemoved", "AllBlocksCleared", "load"}
     want_inst = set(args.instance)
+    if args.load_every < 0:
+        sys.exit("launch tail: --load-every must be >= 0 seconds")
+    loads = LoadFilter(args.load_every)
     agent_eps = endpoints_from(args) if want_types & set(AGENT_TYPES) else []
     router_eps = decision_endpoints_from(args) if want_types & set(DECISION_TYPES) else []
     follow_file = bool(router_eps) and not args.decisions_endpoint
@@ -273,6 +311,8 @@ def run_tail(args: argparse.Namespace) -> int:
                 continue
             for rec in render(seq, msg):
                 if rec["type"] not in want_types or (want_inst and rec["instance"] not in want_inst):
+                    continue
+                if rec["type"] == "load" and not loads.wants(rec, time.monotonic()):
                     continue
                 if not args.json:
                     rec.pop("block_hashes", None)

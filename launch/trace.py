@@ -1,6 +1,6 @@
 """Request traces: loading the Mooncake and Azure formats, and turning a trace line into token ids. Pure.
 
-Formats (see ``shared/traces/README.md``):
+Formats (see ``launch/traces/README.md``; both traces ship in ``launch/traces/``):
 
 * Mooncake JSON lines (kvcache-ai/Mooncake ``FAST25-release/traces``): ``{"timestamp": ms since start,
   "input_length": tokens, "output_length": tokens, "hash_ids": [one id per 512-token block]}``; ids are
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -27,6 +27,13 @@ import numpy as np
 
 TRACE_BLOCK_TOKENS = 512
 DEFAULT_VOCAB_SIZE = 32000
+TRACES_DIR = Path(__file__).resolve().parent / "traces"
+"""The traces shipped with the package (found relative to this file, not the working directory)."""
+MOONCAKE_TRACE = TRACES_DIR / "mooncake" / "conversation_trace.jsonl"
+"""Kimi chatbot traffic, 1 h, with prefix-chained block ids: the default ``--trace`` of every command."""
+AZURE_TRACE = TRACES_DIR / "azure2023" / "AzureLLMInferenceTrace_conv.csv"
+"""Azure LLM inference (conversation), 1 h, no prefix information."""
+DEFAULT_TRACE = MOONCAKE_TRACE
 _AZURE_SEED_BASE = 1 << 40  # synthetic block ids for Azure prompts, disjoint from Mooncake-sized ids
 
 
@@ -137,6 +144,33 @@ def prompt_tokens(req: TraceRequest, vocab_size: int = DEFAULT_VOCAB_SIZE) -> li
         out.extend(_block_tokens(h, vocab_size))
     del out[req.input_length :]
     return out
+
+
+def ideal_hit_ratio(reqs: Iterable[TraceRequest]) -> float:
+    """The prefix hit ratio of an infinite cache over ``reqs`` taken in the given (arrival) order.
+
+    The fraction of prompt tokens (over all of ``reqs``) that continue, from the first token on, a
+    prefix some earlier request of ``reqs`` had: request by request, its ``hash_ids`` blocks (512
+    tokens, the last one possibly partial) count while each was seen before, a block with no more
+    tokens than it had when seen; the first unseen block (or longer partial block) ends the prefix.
+    Nothing is ever evicted and nothing before ``reqs`` counts, so for a trace window this is the best
+    any cluster of caches could reach. 0.0 for no requests.
+    """
+    seen: dict[int, int] = {}  # block id -> most tokens it had in one request so far
+    hit = total = 0
+    for r in reqs:
+        ids = r.hash_ids[: _n_blocks(r.input_length)]
+        prefix = True
+        for k, h in enumerate(ids):
+            size = min(TRACE_BLOCK_TOKENS, r.input_length - k * TRACE_BLOCK_TOKENS)
+            before = seen.get(h, 0)
+            if prefix:
+                hit += min(size, before)
+                prefix = before >= size
+            if size > before:
+                seen[h] = size
+        total += r.input_length
+    return hit / total if total else 0.0
 
 
 def window(

@@ -10,7 +10,10 @@ The router sends the client's JSON body unchanged to ``engine_url + path``. Outc
 * anything else (non-streamed, or an engine 4xx/5xx): the same status, body and content type.
 
 If the client goes away (aiohttp cancels the handler, or a write fails) the upstream response is closed,
-not returned to the pool, so the engine sees the disconnect and can abort the request.
+not returned to the pool, so the engine sees the disconnect and can abort the request. A client that
+goes away *after* the stream's last event (``data: [DONE]``) was written got its whole answer: that is a
+success (label ``"200"``, latencies observed), whether the router's final chunk or its wait for the
+engine's end of stream is what notices the disconnect.
 """
 
 from __future__ import annotations
@@ -52,13 +55,15 @@ class Outcome:
 class SseEventCounter:
     """Counts SSE ``data:`` events (``[DONE]`` excluded) in a byte stream cut at arbitrary points.
 
-    Keeps only the first bytes of the current line, so memory stays bounded whatever the line length.
+    ``done`` turns True once a complete ``data: [DONE]`` line was fed. Keeps only the first bytes of the
+    current line, so memory stays bounded whatever the line length.
     """
 
     _KEEP = 16
 
     def __init__(self) -> None:
         self.events = 0
+        self.done = False
         self.last_event_at: float | None = None
         self._head = b""
 
@@ -69,9 +74,12 @@ class SseEventCounter:
                 self._head += part[: self._KEEP - len(self._head)]
             if i < len(parts) - 1:  # the line ended
                 head = self._head.rstrip(b"\r")
-                if head.startswith(b"data:") and head[5:].strip() != b"[DONE]":
-                    self.events += 1
-                    self.last_event_at = now
+                if head.startswith(b"data:"):
+                    if head[5:].strip() == b"[DONE]":
+                        self.done = True
+                    else:
+                        self.events += 1
+                        self.last_event_at = now
                 self._head = b""
 
 
@@ -82,6 +90,13 @@ def _error_event(message: str) -> bytes:
 
 def _json_error(status: int, message: str) -> web.Response:
     return web.json_response(error_body(status, message), status=status)
+
+
+def _uncancel() -> None:
+    """Withdraw the current task's pending cancellation (Python 3.11+; a no-op before) once handled."""
+    task = asyncio.current_task()
+    if task is not None and hasattr(task, "uncancel"):
+        task.uncancel()
 
 
 async def forward(
@@ -149,35 +164,48 @@ async def _pass_stream(upstream: aiohttp.ClientResponse, request: web.Request, a
     first_at: float | None = None
     first_event_at: float | None = None
     label = "200"
-    while True:
-        try:
-            chunk = await upstream.content.readany()
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            label = "stream_error"
+    delivered = False  # the client was sent the final ``data: [DONE]`` event
+    try:
+        while True:
             try:
-                await resp.write(_error_event(f"engine failed mid-stream: {type(exc).__name__}: {exc}"))
-            except ConnectionResetError:
+                chunk = await upstream.content.readany()
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                if delivered:  # the engine broke off after its last event: nothing was lost
+                    break
+                label = "stream_error"
+                try:
+                    await resp.write(_error_event(f"engine failed mid-stream: {type(exc).__name__}: {exc}"))
+                except ConnectionResetError:
+                    label = "client_closed"
+                break
+            if not chunk:
+                break
+            now = time.monotonic()
+            if first_at is None:
+                first_at = now
+            before = counter.events
+            counter.feed(chunk, now)
+            if before == 0 and counter.events > 0:
+                first_event_at = now
+            try:
+                await resp.write(chunk)
+            except ConnectionResetError:  # aiohttp's ClientConnectionResetError: the client went away
                 label = "client_closed"
-            break
-        if not chunk:
-            break
-        now = time.monotonic()
-        if first_at is None:
-            first_at = now
-        before = counter.events
-        counter.feed(chunk, now)
-        if before == 0 and counter.events > 0:
-            first_event_at = now
-        try:
-            await resp.write(chunk)
-        except ConnectionResetError:  # aiohttp's ClientConnectionResetError: the client went away
-            label = "client_closed"
-            break
-    if label != "client_closed":
-        try:
-            await resp.write_eof()
-        except ConnectionResetError:
-            label = "client_closed"
+                break
+            delivered = counter.done
+        if label != "client_closed":
+            try:
+                await resp.write_eof()
+            except ConnectionResetError:
+                # Every byte of the answer was written; only the chunked-encoding terminator was not.
+                if label != "200":
+                    label = "client_closed"
+    except asyncio.CancelledError:
+        # aiohttp cancels the handler when the client disconnects. After the last event was written the
+        # answer is complete, so this is a success, not a cancelled request.
+        if not delivered:
+            raise
+        _uncancel()
     end = time.monotonic()
     tpot = None
     if counter.events >= 2 and first_event_at is not None and counter.last_event_at is not None:

@@ -11,7 +11,8 @@ loop.
 
 Endpoints: ``POST /generate``, ``/v1/completions``, ``/v1/chat/completions`` (parsed with
 :mod:`kvindex.protocol.http`, tokenized, routed, forwarded by :mod:`router.forward`); ``GET /v1/models``,
-``/health``, ``/metrics``, ``/router/state``. Every error body is :func:`kvindex.protocol.http.error_body`.
+``/health``, ``/metrics``, ``/router/state``. Every error body is :func:`kvindex.protocol.http.error_body`,
+aiohttp's own 404 and 405 included (:func:`json_http_errors`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import json
 import logging
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -52,6 +53,32 @@ def _error(status: int, message: str, param: str | None = None, type_: str | Non
 
 def _unavailable(message: str) -> web.Response:
     return _error(503, message, type_="service_unavailable")
+
+
+@web.middleware
+async def json_http_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Answer aiohttp's own HTTP errors (404 unknown path, 405 wrong method, ...) with the OpenAI-style
+    JSON body every other router error has, keeping their headers (``Allow`` on a 405)."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        where = f"{request.method} {request.path}"
+        if isinstance(exc, web.HTTPMethodNotAllowed):
+            allowed = ", ".join(sorted(exc.allowed_methods))
+            message = f"method {request.method} not allowed on {request.path} (allowed: {allowed})"
+        elif exc.status == 404:
+            message = f"no such endpoint: {where}"
+        else:
+            message = f"{exc.reason}: {where}"
+        resp = _error(exc.status, message)
+        for name, value in exc.headers.items():
+            if name.lower() not in ("content-type", "content-length"):
+                resp.headers[name] = value
+        return resp
 
 
 class RouterServer:
@@ -91,7 +118,7 @@ class RouterServer:
 
     def make_app(self) -> web.Application:
         """The aiohttp application (routes only; no sockets)."""
-        app = web.Application(client_max_size=CLIENT_MAX_SIZE)
+        app = web.Application(client_max_size=CLIENT_MAX_SIZE, middlewares=[json_http_errors])
         for path in PATHS:
             app.router.add_post(path, self._handle_generation)
         app.router.add_get("/v1/models", self._handle_models)

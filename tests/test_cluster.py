@@ -245,6 +245,9 @@ def test_tail_and_replay(cluster: RunningCluster, tmp_path: Path) -> None:
     s = json.loads(summary.read_text())
     assert s["requests"] == 8 and s["failed"] == 0
     assert s["hit_ratio"] > 0.3  # 2 of 3 blocks shared after the first request
+    # an infinite cache: the 2 shared blocks (1024 tokens) of every request after the first
+    assert s["ideal_hit_ratio"] == pytest.approx(7 * 1024 / (8 * 1200))
+    assert f"(ideal {100 * 7 * 1024 / (8 * 1200):.1f}%)" in r.stdout
     assert set(s["ttft"]) == {"mean", "p50", "p90", "p99"}
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(recs) == 8 and all(x["status"] == "ok" and x["output_tokens"] == 4 for x in recs)

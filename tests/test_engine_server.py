@@ -18,6 +18,7 @@ import zmq.asyncio
 
 from agents.engine.config import ServerConfig, parse_args
 from agents.engine.server import EngineServer, serve
+from agents.engine.words import WORDS, words_text
 from kvindex.hashing import block_hashes
 from kvindex.protocol import (
     AllBlocksCleared,
@@ -102,15 +103,18 @@ async def test_generate_non_stream_and_stream(engine: EngineServer, http: aiohtt
     meta = res["meta_info"]
     assert meta["prompt_tokens"] == 44 and meta["completion_tokens"] == 12 and meta["cached_tokens"] == 0
     assert meta["finish_reason"] == {"type": "length", "length": 12} and meta["e2e_latency"] >= 0
-    assert res["text"] == bytes(res["output_ids"]).decode() and len(res["output_ids"]) == 12
+    assert len(res["output_ids"]) == 12 and res["text"] == words_text(res["output_ids"], first=True)
+    assert len(res["text"].split()) == 12 and set(res["text"].split()) <= set(WORDS)  # readable words
     chunks = await sse(http, engine, "/generate", {**body, "stream": True, "rid": "s1"})
     assert chunks[-1] == "[DONE]" and len(chunks) == 13
     assert all(c["meta_info"]["finish_reason"] is None for c in chunks[:-2])
     last = chunks[-2]
     assert last["meta_info"]["finish_reason"] == {"type": "length", "length": 12}
     assert last["meta_info"]["id"] == "s1" and last["meta_info"]["cached_tokens"] == 32
-    assert len(last["text"]) == 12 and last["output_ids"] == list(last["text"].encode())
-    assert [len(c["text"]) for c in chunks[:-1]] == list(range(1, 13))  # cumulative text
+    assert last["text"] == words_text(last["output_ids"], first=True)
+    assert [len(c["text"].split()) for c in chunks[:-1]] == list(range(1, 13))  # cumulative text
+    status, again = await post(http, engine, "/generate", {**body, "rid": "s1"})
+    assert again["text"] == last["text"]  # deterministic: the same request id, the same words
     # Natural stop without ignore_eos.
     status, res = await post(
         http, engine, "/generate", {"input_ids": list(range(40)), "sampling_params": {"max_new_tokens": 500}}
@@ -122,7 +126,7 @@ async def test_completions(engine: EngineServer, http: aiohttp.ClientSession) ->
     body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 5, "ignore_eos": True}
     status, res = await post(http, engine, "/v1/completions", body)
     assert status == 200 and res["object"] == "text_completion" and res["model"] == MODEL
-    assert len(res["choices"][0]["text"]) == 5 and res["choices"][0]["finish_reason"] == "length"
+    assert len(res["choices"][0]["text"].split()) == 5 and res["choices"][0]["finish_reason"] == "length"
     assert res["usage"] == {
         "prompt_tokens": 16,
         "completion_tokens": 5,
@@ -136,7 +140,7 @@ async def test_completions(engine: EngineServer, http: aiohttp.ClientSession) ->
     usage = chunks[-2]
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 5
     assert chunks[-3]["choices"][0]["finish_reason"] == "length"
-    assert sum(len(c["choices"][0]["text"]) for c in chunks[:-2]) == 5
+    assert len("".join(c["choices"][0]["text"] for c in chunks[:-2]).split()) == 5  # deltas join up
     no_usage = await sse(http, engine, "/v1/completions", {**body, "stream": True})
     assert all(c == "[DONE]" or "usage" not in c for c in no_usage)
 
@@ -152,7 +156,7 @@ async def test_chat_completions(engine: EngineServer, http: aiohttp.ClientSessio
     status, res = await post(http, engine, "/v1/chat/completions", body)
     assert status == 200 and res["object"] == "chat.completion"
     msg = res["choices"][0]["message"]
-    assert msg["role"] == "assistant" and len(msg["content"]) == 4
+    assert msg["role"] == "assistant" and len(msg["content"].split()) == 4
     assert res["usage"]["prompt_tokens"] == len(
         engine.tokenizer.encode(engine.tokenizer.apply_chat_template(messages))
     )
@@ -165,7 +169,7 @@ async def test_chat_completions(engine: EngineServer, http: aiohttp.ClientSessio
     assert all(c == "[DONE]" or c["object"] == "chat.completion.chunk" for c in chunks)
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     content = [c["choices"][0]["delta"].get("content", "") for c in chunks[1:-3]]
-    assert len("".join(content)) == 4
+    assert len("".join(content).split()) == 4
     assert chunks[-3]["choices"][0]["finish_reason"] == "length" and chunks[-3]["choices"][0]["delta"] == {}
     assert chunks[-2]["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # same prompt again
 

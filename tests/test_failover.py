@@ -369,7 +369,7 @@ async def one_request(s: aiohttp.ClientSession, url: str, i: int, max_new: int =
             text = await r.text()
             ok = r.status == 200 and "[DONE]" in text and '"error"' not in text
             return Sent(start, ok, "" if ok else f"{r.status} {text[:200]}")
-    except (aiohttp.ClientError, TimeoutError) as exc:
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         return Sent(start, False, f"{type(exc).__name__}: {exc}")
 
 

@@ -332,11 +332,12 @@ def test_subscriber_tracks_discontinuities_and_counts_malformed_frames() -> None
 
 def test_sse_event_counter_handles_arbitrary_cuts() -> None:
     stream = b'data: {"a": 1}\n\ndata: {"b": 2}\r\n\r\n: comment\n\ndata: [DONE]\n\n'
-    for cut in range(1, len(stream)):
+    for cut in range(1, len(stream) - 1):
         c = SseEventCounter()
         c.feed(stream[:cut], 1.0)
+        assert not c.done
         c.feed(stream[cut:], 2.0)
-        assert c.events == 2
+        assert c.events == 2 and c.done
 
 
 def test_parse_args_round_trip() -> None:
@@ -429,6 +430,7 @@ class FakeEngine:
         self.status = 200
         self.chunks = 3
         self.gate: asyncio.Event | None = None  # if set, the stream pauses after its first event
+        self.linger = 0.0  # seconds the stream stays open after ``data: [DONE]``
         self.cancelled = asyncio.Event()
         self.url = ""
         self._runner: web.AppRunner | None = None
@@ -467,6 +469,7 @@ class FakeEngine:
                 if i == 0 and self.gate is not None:
                     await self.gate.wait()
             await resp.write(b"data: [DONE]\n\n")
+            await asyncio.sleep(self.linger)
         except asyncio.CancelledError:
             self.cancelled.set()
             raise
@@ -786,3 +789,58 @@ async def test_health_models_and_state_endpoints() -> None:
             "router_e2e_latency_seconds",
         ):
             assert name in text, name  # fmt: skip
+
+
+async def read_sse_until_done(port: int, path: str, body: dict[str, Any]) -> bytes:
+    """POST ``body`` over a raw socket, read until ``data: [DONE]``, then close at once (no further read)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    data = json.dumps(body).encode()
+    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    writer.write(head.encode() + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    got = b""
+    while b"data: [DONE]" not in got:
+        chunk = await reader.read(65536)
+        assert chunk, f"connection closed before [DONE]: {got!r}"
+        got += chunk
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
+    return got
+
+
+@pytest.mark.parametrize("linger", [0.0, 0.3])
+async def test_client_closing_right_after_done_counts_as_success(linger: float) -> None:
+    """The whole answer was written: status 200 and an end-to-end latency, whatever the final EOF does.
+
+    ``linger`` 0: the engine ends its stream with ``[DONE]`` (the client's close races the router's
+    final chunk). 0.3 s: the engine keeps the stream open, so the client is gone before the router ends.
+    """
+    async with cluster(1) as c:
+        c.engines[0].linger = linger
+        ok = 'router_requests_total{endpoint="generate",status="200"}'
+        for n in range(1, 6):
+            got = await read_sse_until_done(c.router.port, "/generate", {"text": PROMPT, "stream": True})
+            assert got.startswith(b"HTTP/1.1 200") and b"i0-2" in got
+            await wait_until(lambda: c.inst("i0").inflight == 0, "request finished")
+            assert await c.metric(ok) == n
+            assert await c.metric('router_requests_total{endpoint="generate",status="client_closed"}') == 0
+            assert await c.metric("router_e2e_latency_seconds_count") == n
+
+
+async def test_unknown_path_and_wrong_method_get_openai_error_bodies() -> None:
+    async with cluster(1) as c:
+        cases = [
+            ("GET", "/v1/nope", 404, "no such endpoint: GET /v1/nope"),
+            ("POST", "/health", 405, "method POST not allowed on /health"),
+            ("GET", "/v1/chat/completions", 405, "method GET not allowed on /v1/chat/completions"),
+        ]
+        for method, path, status, message in cases:
+            async with c.http.request(method, c.url(path)) as r:
+                assert r.status == status and r.content_type == "application/json", (method, path)
+                body = await r.json()
+                if status == 405:
+                    assert r.headers["Allow"]
+            err = body["error"]
+            assert set(err) == {"message", "type", "param", "code"}
+            assert err["code"] == status and err["type"] == "invalid_request_error" and err["param"] is None
+            assert err["message"].startswith(message)

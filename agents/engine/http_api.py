@@ -49,6 +49,7 @@ from agents.engine.core import EngineCore, Request, RequestRejected, TokenOutput
 from agents.engine.core_types import Aborted
 from agents.engine.metrics import EngineMetrics
 from agents.engine.openai_format import Progress, final_body, stream_chunks
+from agents.engine.words import words_text
 from kvindex.protocol.http import PARSERS, Endpoint, RequestError, error_body
 from kvindex.protocol.tokenizer import Tokenizer
 
@@ -202,7 +203,7 @@ class HttpApi:
             return
         if out.token_ids:
             p.output_ids.extend(out.token_ids)
-            p.text += self.srv.tokenizer.decode(out.token_ids)  # output ids are whole characters
+            p.text += words_text(out.token_ids, first=not p.text)  # readable words, agents/engine/words.py
         p.cached_tokens = out.cached_tokens
         if out.finish_reason is not None:
             p.e2e_latency = asyncio.get_running_loop().time() - arrival

@@ -35,7 +35,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -44,9 +43,8 @@ from kvindex.hashing import block_hashes
 from kvindex.index import GlobalIndex
 from kvindex.protocol import decode_message
 from launch.bench.index_load import Workload, build_workload, eviction_payloads
-from launch.trace import TRACE_BLOCK_TOKENS, load_trace, prompt_tokens
+from launch.trace import MOONCAKE_TRACE, TRACE_BLOCK_TOKENS, load_trace, prompt_tokens
 
-_TRACE = Path(__file__).resolve().parents[1] / "traces/mooncake/conversation_trace.jsonl"
 TARGETS: dict[str, float] = {"ingest_blocks_per_s": 1_000_000, "route_p99_us": 1_000, "bytes_per_block": 150}
 T = TypeVar("T")
 
@@ -61,7 +59,7 @@ class BenchConfig:
     prompt_tokens: int = 8192
     seed: int = 0
     queries: int = 2000
-    trace: str = str(_TRACE)
+    trace: str = str(MOONCAKE_TRACE)
     json_only: bool = False
 
 
@@ -88,16 +86,17 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     )
     p.add_argument(
         "--trace",
-        default=None,
-        help="Mooncake trace .jsonl (default: the Mooncake trace shipped in launch/traces)",
+        default=str(MOONCAKE_TRACE),
+        help="Mooncake trace .jsonl (default: the one in launch/traces)",
     )
     a = p.parse_args(argv)
     if min(a.instances, a.blocks, a.queries) < 1 or a.prompt_tokens < a.block_size:
         p.error("--instances, --blocks and --queries must be positive; --prompt-tokens >= --block-size")
     if a.block_size < 1 or TRACE_BLOCK_TOKENS % a.block_size:
         p.error(f"--block-size must divide {TRACE_BLOCK_TOKENS}")
-    trace = a.trace or str(_TRACE)
-    return BenchConfig(a.instances, a.blocks, a.block_size, a.prompt_tokens, a.seed, a.queries, trace, a.json)
+    return BenchConfig(
+        a.instances, a.blocks, a.block_size, a.prompt_tokens, a.seed, a.queries, a.trace, a.json
+    )
 
 
 # ------------------------------------------------------------------------------------------ measuring

@@ -35,7 +35,7 @@ from agents.engine.profiles import DEFAULT_PROFILE, PROFILES
 from launch.sim.cluster import SimConfig, ingest_times, simulate
 from launch.sim.live_run import run_live
 from launch.sim.run import add_ingest_arguments, check_ingest_arguments, result_summary, seeded_policy
-from launch.trace import TraceError, TraceRequest, load_trace, window
+from launch.trace import DEFAULT_TRACE, TraceError, TraceRequest, load_trace, window
 
 __all__ = ["add_arguments", "run_fidelity"]
 
@@ -43,7 +43,12 @@ __all__ = ["add_arguments", "run_fidelity"]
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``fidelity`` subcommand's flags."""
     a = p.add_argument
-    a("--trace", required=True, type=Path, help="Mooncake .jsonl or Azure .csv trace")
+    a(
+        "--trace",
+        type=Path,
+        default=DEFAULT_TRACE,
+        help="Mooncake .jsonl or Azure .csv trace (default: the Mooncake trace shipped in launch/traces)",
+    )
     a(
         "--duration",
         type=float,

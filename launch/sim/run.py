@@ -15,17 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from agents.engine.profiles import DEFAULT_PROFILE, PROFILES
+from launch.plots import cdf_title, plot_cdf
 from launch.sim.cluster import INGEST_OVERHEAD_S, INGEST_PER_TOKEN_S, SimConfig, SimResult, simulate
 from launch.sim.prompts import PromptFactory
 from launch.summary import format_summary, summarize
-from launch.trace import DEFAULT_VOCAB_SIZE, TraceError, TraceRequest, load_trace, window
+from launch.trace import DEFAULT_TRACE, DEFAULT_VOCAB_SIZE, TraceError, TraceRequest, load_trace, window
 from router.model.policies import LINEAR_A, LINEAR_B, POLICIES, Policy, make_policy
 
 __all__ = ["add_arguments", "config_from_args", "result_summary", "run_policies", "run_simulate"]
@@ -35,7 +35,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``simulate`` subcommand's flags."""
     d = SimConfig()
     a = p.add_argument
-    a("--trace", required=True, type=Path, help="Mooncake .jsonl or Azure .csv trace")
+    a(
+        "--trace",
+        type=Path,
+        default=DEFAULT_TRACE,
+        help="Mooncake .jsonl or Azure .csv trace (default: the Mooncake trace shipped in launch/traces)",
+    )
     a("--instances", type=int, default=d.instances, help="engine instances (default %(default)s)")
     a(
         "--profile",
@@ -232,47 +237,20 @@ def run_policies(
     return out
 
 
-def _minor_label(v: float, _pos: int | None = None) -> str:
-    """Label the 2x and 5x minor ticks of a log axis (0.2, 0.5, 2, 5, ...), leave the others blank."""
-    if v <= 0:
-        return ""
-    lead = round(v / 10 ** math.floor(math.log10(v)))
-    return f"{v:g}" if lead in (2, 5) else ""
-
-
 def plot_cdfs(summaries: dict[str, SimResult], out_dir: Path, title: str) -> list[Path]:
     """Write ``ttft_cdf.png`` and ``tpot_cdf.png`` (one curve per policy, log x) into ``out_dir``; their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-    from matplotlib.ticker import FuncFormatter
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for metric, label in (("ttft", "TTFT (s)"), ("tpot", "TPOT (s)")):
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        for name, res in summaries.items():
-            vals = np.sort(
-                [v for r in res.records if r.status == "ok" and (v := getattr(r, metric)) is not None]
-            )
-            if len(vals):
-                ax.plot(vals, np.arange(1, len(vals) + 1) / len(vals), label=name, drawstyle="steps-post")
-        ax.set_xscale("log")  # both have long tails (prefill chunks stall decodes)
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_formatter(FuncFormatter(_minor_label))
-        ax.set_xlabel(label)
-        ax.set_ylabel("fraction of requests")
-        ax.set_title(f"{metric.upper()} CDF: {title}", fontsize=9)
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        path = out_dir / f"{metric}_cdf.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        paths.append(path)
-    return paths
+    return [
+        plot_cdf(
+            {
+                name: [v for r in res.records if r.status == "ok" and (v := getattr(r, metric)) is not None]
+                for name, res in summaries.items()
+            },
+            label,
+            cdf_title(metric, title),
+            out_dir / f"{metric}_cdf.png",
+        )
+        for metric, label in (("ttft", "TTFT (s)"), ("tpot", "TPOT (s)"))
+    ]
 
 
 def run_simulate(args: argparse.Namespace) -> int:
