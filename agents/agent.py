@@ -37,12 +37,8 @@ Malformed input on any socket is counted by reason, logged (rate-limited) and sk
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
-import signal
-import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -69,6 +65,7 @@ from kvindex import protocol as wire
 from kvindex.logutil import RateLimitedLog
 from kvindex.mirror import BlockMirror
 from kvindex.protocol.ready import announce_ready
+from kvindex.transport import Publisher, Stop, bind_router, run_process, stop_signals, subscribe
 
 __all__ = [
     "Agent",
@@ -108,10 +105,6 @@ class _Health:
 
 
 _Inbox = _Frames | _Tick | _Health
-
-
-def _bind_address(host: str, port: int) -> str:
-    return f"tcp://{host}:{port if port else '*'}"
 
 
 # ------------------------------------------------------------------------------ frame decoding (pure)
@@ -192,12 +185,11 @@ class Agent:
         self._session: aiohttp.ClientSession | None = None
         self._ctx: zmq.asyncio.Context | None = None
         self._sockets: list[zmq.asyncio.Socket] = []
-        self._pub: zmq.asyncio.Socket | None = None
+        self._pub: Publisher | None = None
         self._router: zmq.asyncio.Socket | None = None
         self._replay: ReplayClient | None = None
         self._inbox: asyncio.Queue[_Inbox] | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._seq = 0  # next cluster seq to publish
         self._follower: KvFollower | None = None
         self._bootstrap_tried = False  # a snapshot request bootstraps an unjoined follower, once
         self._load_seq: int | None = None  # last engine load-stream seq
@@ -224,13 +216,10 @@ class Agent:
             )
             self.engine = eng
             ctx = self._ctx = zmq.asyncio.Context()
-            self._pub = self._socket(zmq.PUB)
-            self._pub.setsockopt(zmq.SNDHWM, SNDHWM)
-            self._pub.bind(_bind_address(cfg.host, cfg.pub_port))
-            self.pub_endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
-            self._router = self._socket(zmq.ROUTER)
-            self._router.bind(_bind_address(cfg.host, cfg.snapshot_port))
-            self.snapshot_endpoint = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
+            self._pub = Publisher(ctx, cfg.host, cfg.pub_port, hwm=SNDHWM)
+            self.pub_endpoint = self._pub.endpoint
+            self._router, self.snapshot_endpoint = bind_router(ctx, cfg.host, cfg.snapshot_port)
+            self._sockets.append(self._router)
             kv_sub = self._sub(eng.kv_endpoint, eng.kv_topic)
             load_sub = self._sub(eng.load_endpoint, eng.load_topic) if eng.load_endpoint else None
             if eng.replay_endpoint:
@@ -282,6 +271,8 @@ class Agent:
         self._tasks = []
         if self._replay is not None:
             self._replay.close()
+        if self._pub is not None:
+            self._pub.close()
         for s in self._sockets:
             s.close(linger=0)
         self._sockets = []
@@ -292,18 +283,10 @@ class Agent:
             await self._session.close()
             self._session = None
 
-    def _socket(self, kind: int) -> zmq.asyncio.Socket:
-        assert self._ctx is not None
-        s = self._ctx.socket(kind)
-        s.setsockopt(zmq.LINGER, 0)
-        self._sockets.append(s)
-        return s
-
     def _sub(self, endpoint: str, topic: bytes) -> zmq.asyncio.Socket:
-        s = self._socket(zmq.SUB)
-        s.setsockopt(zmq.RCVHWM, RCVHWM)
-        s.setsockopt(zmq.SUBSCRIBE, topic)
-        s.connect(endpoint)
+        assert self._ctx is not None
+        s: zmq.asyncio.Socket = subscribe(self._ctx, endpoint, topic, hwm=RCVHWM)
+        self._sockets.append(s)
         return s
 
     # ------------------------------------------------------------------------- feeder tasks (no state)
@@ -359,10 +342,8 @@ class Agent:
 
     async def _publish(self, topic: bytes, msg: wire.ClusterMessage) -> None:
         assert self._pub is not None
-        seq = self._seq
-        self._seq += 1
-        await self._pub.send_multipart(wire.make_frame(topic, seq, wire.encode_message(msg)))
-        self.counters.published[topic.decode()] += 1
+        if self._pub.publish(topic, wire.encode_message(msg)) >= 0:
+            self.counters.published[topic.decode()] += 1
 
     def _block_size(self) -> int:
         """The mirror's block size (fixed by the first BlockStored), else the engine's announced one."""
@@ -442,7 +423,7 @@ class Agent:
         snap = wire.Snapshot(
             instance=self.instance,
             agent_epoch=self.epoch,
-            seq=self._seq - 1,
+            seq=self._pub.seq - 1 if self._pub is not None else -1,
             block_size=self._block_size(),
             events=tuple(self.mirror.snapshot_events()),
         )
@@ -481,15 +462,13 @@ async def serve(
     Raises:
         EngineUnavailableError, EngineDiscoveryError, zmq.ZMQError: see :meth:`Agent.start`.
     """
+    async with stop_signals(install=handle_signals) as stop:
+        await _run(cfg, stop, on_ready)
+
+
+async def _run(cfg: AgentConfig, stop: Stop, on_ready: Callable[[Agent], None] | None) -> None:
     agent = Agent(cfg)
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    sigs: list[signal.Signals] = []
-    if handle_signals and threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, stop.set)
-                sigs.append(sig)
 
     async def run() -> None:
         await agent.start()
@@ -508,8 +487,6 @@ async def serve(
             stopper.cancel()
             runner.cancel()
             await asyncio.gather(runner, stopper, return_exceptions=True)
-            for sig in sigs:
-                loop.remove_signal_handler(sig)
             await agent.close()
     except asyncio.CancelledError:
         return  # asked to stop: everything is closed
@@ -518,28 +495,17 @@ async def serve(
         raise failure
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """CLI entry point: parse flags, run :func:`serve` under uvloop (if installed), exit 1 on start errors."""
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m agents.agent``: parse flags, serve until a signal. Returns the exit status (1: the
+    engine never came up or could not be discovered, or a port could not be bound)."""
     cfg = parse_args(argv)
-    logging.basicConfig(
-        level=cfg.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    return run_process(
+        lambda: serve(cfg),
+        what="the agent",
+        log_level=cfg.log_level,
+        fatal=(EngineUnavailableError, EngineDiscoveryError, OSError, zmq.ZMQError),
     )
-    try:
-        try:
-            import uvloop
-        except ImportError:
-            asyncio.run(serve(cfg))
-        else:
-            uvloop.run(serve(cfg))
-    except (EngineUnavailableError, EngineDiscoveryError) as exc:
-        log.error("agent cannot start: %s", exc)
-        sys.exit(1)
-    except zmq.ZMQError as exc:
-        log.error("agent cannot bind its sockets on %s: %s", cfg.host, exc)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -39,6 +39,7 @@ import zmq
 import zmq.asyncio
 
 from kvindex import protocol as wire
+from kvindex.transport import make_socket
 
 log = logging.getLogger(__name__)
 
@@ -304,8 +305,7 @@ class ReplayClient:
 
     def _socket(self) -> zmq.asyncio.Socket:
         if self._sock is None:
-            sock = self._ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
+            sock = make_socket(self._ctx, zmq.DEALER)
             sock.connect(self.endpoint)
             self._sock = sock
         return self._sock

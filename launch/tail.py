@@ -36,6 +36,7 @@ import zmq
 
 from kvindex import protocol as wire
 from kvindex.protocol.cluster_file import ClusterFile, ClusterFileError, read_cluster_file
+from kvindex.transport import make_socket
 
 AGENT_TYPES = ("BlockStored", "BlockRemoved", "AllBlocksCleared", "load", "heartbeat")
 DECISION_TYPES = ("decision", "router_heartbeat")
@@ -264,9 +265,8 @@ def run_tail(args: argparse.Namespace) -> int:
     agent_eps = endpoints_from(args) if want_types & set(AGENT_TYPES) else []
     router_eps = decision_endpoints_from(args) if want_types & set(DECISION_TYPES) else []
     follow_file = bool(router_eps) and not args.decisions_endpoint
-    sub: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
+    sub: zmq.Socket[bytes] = make_socket(zmq.Context.instance(), zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
-    sub.setsockopt(zmq.LINGER, 0)
     connected: set[str] = set()
     for ep in agent_eps + router_eps:
         sub.connect(ep)

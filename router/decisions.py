@@ -29,19 +29,15 @@ which is how a standby learns at once that its primary's process is gone.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Final
 
 import zmq
 import zmq.asyncio
-from zmq.utils.monitor import parse_monitor_message
 
-from kvindex.logutil import RateLimitedLog
 from kvindex.protocol import (
     TOPIC_DECISIONS,
     DecisionMessage,
@@ -49,9 +45,9 @@ from kvindex.protocol import (
     RequestRouted,
     RouterHeartbeat,
     encode_message,
-    make_frame,
 )
-from kvindex.protocol.numbered import DECISION_TOPIC_OF, DecisionReceived, NumberedStream, router_epoch
+from kvindex.protocol.numbered import DECISION_TOPIC_OF, DecisionReceived, router_epoch
+from kvindex.transport import NumberedSubscriber, Publisher
 from router.model.model import Routed, RoutingModel
 
 log = logging.getLogger(__name__)
@@ -76,32 +72,20 @@ class DecisionPublisher:
     def __init__(self, host: str, port: int, router_epoch: int) -> None:
         self.router_epoch = router_epoch
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self._sock: zmq.Socket[bytes] = self._ctx.socket(zmq.PUB)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.SNDHWM, 100_000)
-        addr = "*" if host in ("", "*", "0.0.0.0") else host
         try:
-            self._sock.bind(f"tcp://{addr}:{port or '*'}")
+            self._pub = Publisher(self._ctx, host, port)
         except zmq.ZMQError:
-            self._sock.close(0)
             self._ctx.term()
             raise
-        self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._closed = False
-        self._seq = 0
+        self.endpoint = self._pub.endpoint
         self._request_ids: dict[int, str] = {}
         self.published: Counter[str] = Counter()
         """Frames published, by message type."""
 
     def publish(self, topic: bytes, msg: DecisionMessage) -> None:
-        """Send one frame (numbered). Mutates the seq; never blocks."""
-        if self._closed:
-            return
-        frame = make_frame(topic, self._seq, encode_message(msg))
-        self._seq += 1
-        with contextlib.suppress(zmq.Again):  # not for PUB in practice; the seq gap tells followers
-            self._sock.send_multipart(frame, flags=zmq.NOBLOCK)
-        self.published[type(msg).__name__] += 1
+        """Send one frame (numbered). Mutates the seq; never blocks; does nothing after :meth:`close`."""
+        if self._pub.publish(topic, encode_message(msg)) >= 0:
+            self.published[type(msg).__name__] += 1
 
     def routed(self, r: Routed, prompt_tokens: int, request_id: str | None) -> None:
         """Publish the decision ``r`` for a prompt of ``prompt_tokens`` tokens."""
@@ -116,9 +100,8 @@ class DecisionPublisher:
 
     def close(self) -> None:
         """Close the socket and the context. Idempotent."""
-        if not self._closed:
-            self._closed = True
-            self._sock.close(0)
+        if not self._ctx.closed:
+            self._pub.close()
             self._ctx.term()
 
 
@@ -173,13 +156,15 @@ def heartbeat_of(core: RoutingModel, router_epoch: int, role: str, http: str, pi
 # ----------------------------------------------------------------------------------------- subscriber
 
 
-class DecisionSubscriber:
+class DecisionSubscriber(NumberedSubscriber[DecisionReceived]):
     """SUB sockets to routers' decision streams, handing decoded frames to ``on_message``.
 
     Lifecycle: construct, :meth:`start` (in a running loop), :meth:`close`. Each endpoint has a reader
     task and a monitor task; :meth:`connected` says whether the TCP connection to it is up now, and
-    ``on_connection(endpoint, up)`` (optional) is called on every change. Malformed frames are counted,
-    logged (rate-limited) and skipped. A malformed endpoint raises ``zmq.ZMQError``.
+    ``on_connection(endpoint, up)`` (optional) is called on every change: how a standby learns at once
+    that its primary's process is gone. A dead router's endpoint is retried from 50 ms, backing off to
+    2 s. Malformed frames are counted, logged (rate-limited) and skipped. A malformed endpoint raises
+    ``zmq.ZMQError``.
     """
 
     def __init__(
@@ -190,108 +175,15 @@ class DecisionSubscriber:
         ctx: zmq.asyncio.Context,
         on_connection: Callable[[str, bool], None] | None = None,
     ) -> None:
-        self._endpoints = list(dict.fromkeys(endpoints))
-        self._on_message = on_message
-        self._on_connection = on_connection
-        self.ctx = ctx
-        self._socks: dict[str, zmq.asyncio.Socket] = {}
-        self._monitors: dict[str, zmq.asyncio.Socket] = {}
-        self._tasks: list[asyncio.Task[None]] = []
-        self._up: dict[str, bool] = {}
-        self._rl = RateLimitedLog(log)
-        self._stream = NumberedStream(DECISION_TOPIC_OF, router_epoch, self._rl, "decision frame")
-        self.stats = self._stream.stats
-        self._closed = False
-
-    @property
-    def endpoints(self) -> tuple[str, ...]:
-        return tuple(self._endpoints)
-
-    def start(self) -> None:
-        """Connect to every endpoint and start reading. Raises ``zmq.ZMQError``."""
-        for ep in self._endpoints:
-            self._open(ep)
-
-    def add_endpoint(self, endpoint: str) -> None:
-        """Follow one more decision stream (no-op if followed). Raises ``zmq.ZMQError``."""
-        if endpoint not in self._endpoints:
-            self._endpoints.append(endpoint)
-        self._open(endpoint)
-
-    def connected(self, endpoint: str) -> bool:
-        """Whether the connection to ``endpoint`` is up (per the socket monitor)."""
-        return self._up.get(endpoint, False)
-
-    def _open(self, endpoint: str) -> None:
-        if endpoint in self._socks or self._closed:
-            return
-        sock = self.ctx.socket(zmq.SUB)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVHWM, 100_000)
-        sock.setsockopt(zmq.RECONNECT_IVL, 50)  # a dead router's endpoint: retried with backoff to 2 s
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        sock.setsockopt(zmq.SUBSCRIBE, b"")
-        mon = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
-        try:
-            sock.connect(endpoint)
-        except zmq.ZMQError:
-            sock.disable_monitor()
-            mon.close(0)
-            sock.close(0)
-            raise
-        self._socks[endpoint] = sock
-        self._monitors[endpoint] = mon
-        loop = asyncio.get_running_loop()
-        self._tasks.append(loop.create_task(self._read(endpoint, sock), name=f"decisions:{endpoint}"))
-        self._tasks.append(loop.create_task(self._monitor(endpoint, mon), name=f"monitor:{endpoint}"))
-
-    async def close(self) -> None:
-        """Stop the tasks and close the sockets. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        for ep, sock in self._socks.items():
-            with contextlib.suppress(zmq.ZMQError):
-                sock.disable_monitor()
-            self._monitors[ep].close(0)
-            sock.close(0)
-        self._socks.clear()
-        self._monitors.clear()
-
-    async def _monitor(self, endpoint: str, mon: zmq.asyncio.Socket) -> None:
-        while True:
-            frames = await mon.recv_multipart()
-            try:
-                event = parse_monitor_message(frames)["event"]
-            except Exception:  # a malformed monitor frame: ignore it, the heartbeat still guards
-                continue
-            up = event == zmq.EVENT_HANDSHAKE_SUCCEEDED
-            if up != self._up.get(endpoint, False):
-                self._up[endpoint] = up
-                log.info("decision stream %s %s", endpoint, "connected" if up else "disconnected")
-                if self._on_connection is not None:
-                    self._on_connection(endpoint, up)
-
-    async def _read(self, endpoint: str, sock: zmq.asyncio.Socket) -> None:
-        while True:
-            frames = await sock.recv_multipart()
-            try:
-                rec = self.handle_frames(endpoint, frames)
-                if rec is not None:
-                    self._on_message(rec)
-            except Exception:  # a bug must not silence the stream
-                self.stats.malformed["callback_error"] += 1
-                log.exception("handling a decision frame from %s failed", endpoint)
-
-    def handle_frames(self, endpoint: str, frames: Sequence[bytes]) -> DecisionReceived | None:
-        """Decode and track one multipart frame; None (counted, logged) if malformed. Never raises on
-        frame content. Exposed for tests and tools that have no sockets."""
-        got = self._stream.receive(endpoint, frames)
-        if got is None:
-            return None
-        topic, seq, msg, disc, lost = got
-        assert isinstance(msg, RequestRouted | RequestFinished | RouterHeartbeat)
-        return DecisionReceived(endpoint, topic, seq, msg, disc, lost)
+        super().__init__(
+            endpoints,
+            on_message,
+            topic_of=DECISION_TOPIC_OF,
+            epoch_of=router_epoch,
+            make=DecisionReceived,
+            ctx=ctx,
+            what="decision frame",
+            monitor=True,
+            on_connection=on_connection,
+            reconnect_ivl=0.05,
+        )

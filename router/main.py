@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from collections.abc import Callable, Sequence
 
 import zmq
 
 from kvindex.protocol.ready import announce_ready
 from kvindex.protocol.tokenizer import TokenizerError
+from kvindex.transport import Stop, run_process, stop_signals
 from router.config import RouterConfig, parse_args
 from router.ha import HANode
 from router.server import RouterServer
@@ -40,15 +40,11 @@ async def serve(
     installed only where the loop allows it (the main thread). Raises what :class:`RouterServer` and
     its ``start`` raise.
     """
-    stop = stop if stop is not None else asyncio.Event()
-    loop = asyncio.get_running_loop()
-    installed: list[signal.Signals] = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-            installed.append(sig)
-        except (NotImplementedError, RuntimeError, ValueError):
-            pass
+    async with stop_signals(Stop(stop) if stop is not None else None) as stopped:
+        await _run(cfg, stopped, on_ready)
+
+
+async def _run(cfg: RouterConfig, stop: Stop, on_ready: Callable[[RouterServer], None] | None) -> None:
     server = RouterServer(cfg)
     node = HANode(server)
     try:
@@ -70,30 +66,15 @@ async def serve(
         log.info("router shutting down")
     finally:
         await node.stop()
-        for sig in installed:
-            loop.remove_signal_handler(sig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m router``: parse flags, run until SIGINT/SIGTERM. Returns the exit status."""
+    """``python -m router``: parse flags, run until SIGINT/SIGTERM. Returns the exit status (1: the
+    router could not start: a port in use, a tokenizer that does not load)."""
     cfg = parse_args(argv)
-    logging.basicConfig(
-        level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    return run_process(
+        lambda: serve(cfg),
+        what="the router",
+        log_level=cfg.log_level,
+        fatal=(OSError, zmq.ZMQError, TokenizerError),
     )
-    try:
-        import uvloop
-
-        runner: Callable[..., None] = uvloop.run
-    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
-        runner = asyncio.run
-    try:
-        runner(serve(cfg))
-    except TokenizerError as exc:
-        log.error("cannot load the tokenizer: %s", exc)
-        return 2
-    except (OSError, zmq.ZMQError) as exc:
-        log.error("cannot start the router: %s", exc)
-        return 1
-    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
-        pass
-    return 0

@@ -32,12 +32,10 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -60,6 +58,7 @@ from kvindex.protocol import (
 from kvindex.protocol.cluster_file import ClusterFileError, read_cluster_file
 from kvindex.protocol.numbered import DecisionReceived, Received
 from kvindex.protocol.ready import announce_ready
+from kvindex.transport import Stop, run_process, stop_signals
 from router.decisions import DecisionSubscriber
 from router.metrics import SCORE_BUCKETS
 from router.subscriber import Subscriber
@@ -394,49 +393,23 @@ async def serve(
 ) -> None:
     """Run the daemon until SIGINT/SIGTERM or ``stop``; announce READY (role ``metrics``) or call
     ``on_ready``. Raises what :meth:`MetricsDaemon.start` raises."""
-    stop = stop if stop is not None else asyncio.Event()
-    loop = asyncio.get_running_loop()
-    installed: list[signal.Signals] = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    async with stop_signals(Stop(stop) if stop is not None else None) as stopped:
+        daemon = MetricsDaemon(cfg)
         try:
-            loop.add_signal_handler(sig, stop.set)
-            installed.append(sig)
-        except (NotImplementedError, RuntimeError, ValueError):
-            pass
-    daemon = MetricsDaemon(cfg)
-    try:
-        await daemon.start()
-        if on_ready is not None:
-            on_ready(daemon)
-        else:
-            announce_ready("metrics", {"http": daemon.url})
-        await stop.wait()
-    finally:
-        await daemon.stop()
-        for sig in installed:
-            loop.remove_signal_handler(sig)
+            await daemon.start()
+            if on_ready is not None:
+                on_ready(daemon)
+            else:
+                announce_ready("metrics", {"http": daemon.url})
+            await stopped.wait()
+        finally:
+            await daemon.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m router.metricsd``. Returns the exit status."""
+    """``python -m router.metricsd``. Returns the exit status (1: it could not start)."""
     cfg = parse_args(argv)
-    logging.basicConfig(
-        level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
-    )
-    try:
-        import uvloop
-
-        runner: Callable[..., Any] = uvloop.run
-    except ImportError:  # pragma: no cover
-        runner = asyncio.run
-    try:
-        runner(serve(cfg))
-    except (OSError, zmq.ZMQError) as exc:
-        log.error("cannot start the metrics daemon: %s", exc)
-        return 1
-    except KeyboardInterrupt:
-        pass
-    return 0
+    return run_process(lambda: serve(cfg), what="the metrics daemon", log_level=cfg.log_level)
 
 
 if __name__ == "__main__":

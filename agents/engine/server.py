@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import signal
 import time
@@ -58,11 +57,11 @@ from kvindex.protocol import (
     KVEventBatch,
     encode_kv_batch,
     encode_load_stat,
-    make_frame,
     seq_to_bytes,
 )
 from kvindex.protocol.ready import announce_ready
 from kvindex.protocol.tokenizer import load_tokenizer
+from kvindex.transport import Publisher, bind_router, run_process, stop_signals
 
 log = logging.getLogger("agents.engine")
 # Seconds the step pacing may fall behind before it resyncs to the clock. Within this bound a stall of the
@@ -102,11 +101,9 @@ class EngineServer:
         self._topic = cfg.kv_topic.encode()
         self._live: dict[str, _Live] = {}
         self._replay: deque[tuple[int, bytes]] = deque(maxlen=max(1, cfg.buffer_steps))
-        self._kv_seq = itertools.count()
-        self._load_seq = itertools.count()
-        self._ctx = zmq.Context()  # PUB sockets: sends never block (drop at the high-water mark)
-        self._actx = zmq.asyncio.Context()  # the replay ROUTER is awaited on
-        self._socks: list[zmq.Socket[Any]] = []
+        self._actx = zmq.asyncio.Context()
+        self._pubs: list[Publisher] = []  # KV events, load: sends never block (drop at the high-water mark)
+        self._replay_sock: zmq.asyncio.Socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None
         self._wake: asyncio.Event | None = None
@@ -117,28 +114,24 @@ class EngineServer:
 
     # ---------------------------------------------------------------------------------------- lifecycle
 
-    def _bind(self, ctx: zmq.Context[Any], kind: int, name: str, port: int) -> Any:
-        sock = ctx.socket(kind)
-        sock.setsockopt(zmq.LINGER, 0)
-        if kind == zmq.PUB:
-            sock.setsockopt(zmq.SNDHWM, 100_000)
-        sock.bind(f"tcp://{self.cfg.host}:{port or '*'}")
-        self._socks.append(sock)
-        endpoint = sock.getsockopt(zmq.LAST_ENDPOINT)
-        assert isinstance(endpoint, bytes)
-        self.ports[name] = int(endpoint.decode().rsplit(":", 1)[1])
-        self.endpoints[name] = f"tcp://{self.cfg.host}:{self.ports[name]}"
-        return sock
+    def _advertise(self, name: str, port: int) -> None:
+        self.ports[name] = port
+        self.endpoints[name] = f"tcp://{self.cfg.host}:{port}"
+
+    def _publisher(self, name: str, port: int) -> Publisher:
+        pub = Publisher(self._actx, self.cfg.host, port)
+        self._pubs.append(pub)
+        self._advertise(name, pub.port)
+        return pub
 
     async def start(self) -> None:
         """Bind every socket and the HTTP port, start the core, replay and load tasks."""
         cfg = self.cfg
         self._wake = asyncio.Event()
-        self._kv_pub: zmq.Socket[Any] = self._bind(self._ctx, zmq.PUB, "kv", cfg.kv_events_port)
-        self._replay_sock: zmq.asyncio.Socket = self._bind(
-            self._actx, zmq.ROUTER, "replay", cfg.kv_replay_port
-        )
-        self._load_pub: zmq.Socket[Any] = self._bind(self._ctx, zmq.PUB, "load", cfg.load_port)
+        self._kv_pub = self._publisher("kv", cfg.kv_events_port)
+        self._replay_sock, replay_endpoint = bind_router(self._actx, cfg.host, cfg.kv_replay_port)
+        self._advertise("replay", int(replay_endpoint.rsplit(":", 1)[1]))
+        self._load_pub = self._publisher("load", cfg.load_port)
         self._runner = web.AppRunner(
             HttpApi(self).app(),
             handler_cancellation=True,
@@ -189,10 +182,12 @@ class EngineServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        for s in self._socks:
-            s.close(linger=0)
-        self._socks.clear()
-        self._ctx.term()
+        for pub in self._pubs:
+            pub.close()
+        self._pubs.clear()
+        if self._replay_sock is not None:
+            self._replay_sock.close(linger=0)
+            self._replay_sock = None
         self._actx.term()
 
     @property
@@ -380,12 +375,13 @@ class EngineServer:
         if not events:
             return
         payload = encode_kv_batch(KVEventBatch(time.time(), tuple(events), 0))
-        seq = next(self._kv_seq)
-        self._replay.append((seq, payload))
-        self._kv_pub.send_multipart(make_frame(self._topic, seq, payload), copy=False)
+        seq = self._kv_pub.publish(self._topic, payload)
+        if seq >= 0:
+            self._replay.append((seq, payload))
 
     async def _replay_loop(self) -> None:
         sock = self._replay_sock
+        assert sock is not None
         while True:
             frames = await sock.recv_multipart()
             if len(frames) != 3 or frames[1] != b"" or len(frames[2]) != 8:
@@ -402,53 +398,34 @@ class EngineServer:
     async def _load_loop(self) -> None:
         while True:
             payload = encode_load_stat(self.core.load_stat())
-            self._load_pub.send_multipart([b"load", seq_to_bytes(next(self._load_seq)), payload])
+            self._load_pub.publish(b"load", payload)
             await asyncio.sleep(self.cfg.load_interval)
 
 
 async def serve(cfg: ServerConfig, announce: bool = True) -> None:
-    """Run one engine until SIGINT/SIGTERM or cancellation, then shut down cleanly."""
+    """Run one engine until SIGINT/SIGTERM or cancellation, then shut down cleanly. SIGTERM drains the
+    requests in flight first (at most ``cfg.drain_timeout`` seconds), as SGLang does; SIGINT stops at once.
+    """
     server = EngineServer(cfg)
     await server.start()
-    loop, stop = asyncio.get_running_loop(), asyncio.Event()
-    handled: list[signal.Signals] = []
-    got: list[signal.Signals] = []
-
-    def on_signal(sig: signal.Signals) -> None:
-        got.append(sig)
-        stop.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, on_signal, sig)
-            handled.append(sig)
-        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread / platform
-            pass
     try:
-        if announce:
-            announce_ready("engine", server.endpoints, instance=None)
-        log.info("engine serving: %s", server.endpoints)
-        await stop.wait()
-        if got and got[0] is signal.SIGTERM:  # SGLang drains on SIGTERM; SIGINT stops at once
-            log.info("SIGTERM: draining (at most %g s)", cfg.drain_timeout)
-            await server.drain(cfg.drain_timeout)
+        async with stop_signals() as stop:
+            if announce:
+                announce_ready("engine", server.endpoints, instance=None)
+            log.info("engine serving: %s", server.endpoints)
+            await stop.wait()
+            if stop.by is signal.SIGTERM:
+                log.info("SIGTERM: draining (at most %g s)", cfg.drain_timeout)
+                await server.drain(cfg.drain_timeout)
     finally:
-        for sig in handled:
-            loop.remove_signal_handler(sig)
         await server.stop()
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Parse flags, run :func:`serve` under uvloop (asyncio's loop where uvloop is missing)."""
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m agents.engine.server``: parse flags, serve until a signal. Returns the exit status."""
     cfg = parse_args(argv)
-    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
-        asyncio.run(serve(cfg))
-    else:
-        uvloop.run(serve(cfg))
+    return run_process(lambda: serve(cfg), what="the emulated engine", log_level=cfg.log_level)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
