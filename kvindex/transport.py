@@ -17,7 +17,7 @@ Patterns:
   engine's SGLang streams).
 * :func:`bind_router` / :func:`request_reply` — a bound ROUTER answering DEALERs, and a one-shot DEALER
   request with a timeout (snapshots); SGLang's multi-reply replay has its client in
-  :mod:`agents.engine_link`.
+  :mod:`agents.agent.engine_link`.
 
 Processes: :func:`run_process` (logging, uvloop, start-up errors, exit status) and :func:`stop_signals`
 (SIGINT/SIGTERM set an event, remembering which). The READY line is

@@ -25,7 +25,7 @@ import zmq
 import zmq.asyncio
 
 from agents.agent import Agent, serve
-from agents.config import AgentConfig
+from agents.agent.config import AgentConfig
 from agents.engine.config import ServerConfig
 from agents.engine.server import EngineServer
 from kvindex import protocol as wire

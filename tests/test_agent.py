@@ -27,10 +27,10 @@ import zmq.asyncio
 from aiohttp import web
 
 from agents.agent import Agent, serve
-from agents.config import AgentConfig, parse_args
-from agents.counters import AgentCounters
-from agents.engine_link import EngineUnavailableError
-from agents.kv_follower import DUPLICATE_WINDOW, KvFollower
+from agents.agent.config import AgentConfig, parse_args
+from agents.agent.counters import AgentCounters
+from agents.agent.engine_link import EngineUnavailableError
+from agents.agent.kv_follower import DUPLICATE_WINDOW, KvFollower
 from kvindex import protocol as wire
 from kvindex.hashing import block_hashes
 from kvindex.mirror import BlockMirror

@@ -28,10 +28,10 @@ import zmq.asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agents.agent import decode_kv_frame, decode_load_frame, decode_snapshot_request
-from agents.counters import AgentCounters
-from agents.engine_link import ReplayClient, ReplayError
-from agents.kv_follower import KvFollower
+from agents.agent.counters import AgentCounters
+from agents.agent.engine_link import ReplayClient, ReplayError
+from agents.agent.frames import decode_kv_frame, decode_load_frame, decode_snapshot_request
+from agents.agent.kv_follower import KvFollower
 from kvindex import protocol as wire
 from kvindex.mirror import BlockMirror
 from kvindex.protocol.numbered import SnapshotError, parse_snapshot_reply

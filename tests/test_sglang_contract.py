@@ -17,11 +17,12 @@ from typing import Any
 import aiohttp
 import pytest
 
-from agents.config import AgentConfig
+from agents.agent.config import AgentConfig
+from agents.agent.engine_link import check_health
+from agents.agent.health import Health
 from agents.engine.config import ServerConfig
 from agents.engine.health import ServerStatus
 from agents.engine.server import EngineServer
-from agents.engine_link import Health, check_health
 from tests.live_rig import AgentRunner, agent_config, close_all, engine_config, wait_until
 
 pytestmark = pytest.mark.timeout(60)

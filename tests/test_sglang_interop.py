@@ -34,9 +34,9 @@ from aiohttp import web
 from zmq.utils.monitor import recv_monitor_message
 
 from agents.agent import Agent, serve
-from agents.config import AgentConfig
-from agents.counters import AgentCounters
-from agents.engine_link import ReplayClient
+from agents.agent.config import AgentConfig
+from agents.agent.counters import AgentCounters
+from agents.agent.engine_link import ReplayClient
 from kvindex import protocol as wire
 from kvindex.hashing import block_hashes, chained_digests
 from tests.ports import free_port

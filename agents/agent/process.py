@@ -16,7 +16,7 @@ between two publishes, is exactly the state after the frame numbered ``Snapshot.
 needs to apply the snapshot and then only later frames.
 
 Engine-sequence tracking (gap repair through the replay socket, engine restarts, late joins) lives in
-:mod:`agents.kv_follower`, driven by the owner task. Two things the KV stream alone cannot say are
+:mod:`agents.agent.kv_follower`, driven by the owner task; frame decoding is :mod:`agents.agent.frames`. Two things the KV stream alone cannot say are
 fed to it from here: the first snapshot request that comes before any KV frame bootstraps the mirror from
 the engine's replay buffer (a restarted agent next to an idle engine would otherwise serve an empty
 mirror), and a suspected engine restart -- its health check recovering, or its load stream's seq going
@@ -24,12 +24,8 @@ back (SGLang numbers load frames from 0 per process) -- makes the follower verif
 socket that the engine is still the one it followed (an idle engine that restarted would otherwise keep
 its old blocks in the mirror until its next KV batch).
 
-Engine health (SGLang's ``/health`` is a generation probe that takes at least a second; see
-:mod:`agents.engine_link` and docs/sglang-contract.md): every ``health_interval`` seconds one check of at
-most ``health_timeout`` seconds. A 503 is the engine saying it is starting, exiting or failed its own probe:
-the engine is marked unhealthy at once. A timeout, a refused connection or another status is only a
-failure: ``health_failures`` consecutive ones mark it unhealthy, so one slow probe on a busy host does not
-take an instance out of routing. A 200 marks it healthy again.
+Engine health: a ``/health`` check every ``health_interval`` seconds of at most ``health_timeout``
+seconds, judged by :class:`agents.agent.health.EngineHealth`.
 
 Malformed input on any socket is counted by reason, logged (rate-limited) and skipped.
 """
@@ -40,43 +36,31 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import aiohttp
 import zmq
 import zmq.asyncio
 
-from agents.config import AgentConfig, parse_args
-from agents.counters import AgentCounters
-from agents.engine_link import (
-    EngineDiscoveryError,
+from agents.agent.config import AgentConfig
+from agents.agent.counters import AgentCounters
+from agents.agent.engine_link import (
     EngineInfo,
-    EngineUnavailableError,
-    Health,
     ReplayClient,
     check_health,
     discover,
     engine_session,
     wait_until_healthy,
 )
-from agents.kv_follower import KvFollower
+from agents.agent.frames import decode_kv_frame, decode_load_frame, decode_snapshot_request
+from agents.agent.health import EngineHealth, Health
+from agents.agent.kv_follower import KvFollower
 from kvindex import protocol as wire
 from kvindex.logutil import RateLimitedLog
 from kvindex.mirror import BlockMirror
-from kvindex.protocol.ready import announce_ready
-from kvindex.transport import Publisher, Stop, bind_router, run_process, stop_signals, subscribe
+from kvindex.transport import Publisher, bind_router, subscribe
 
-__all__ = [
-    "Agent",
-    "AgentConfig",
-    "decode_kv_frame",
-    "decode_load_frame",
-    "decode_snapshot_request",
-    "main",
-    "parse_args",
-    "serve",
-]
+__all__ = ["Agent"]
 
 log = logging.getLogger("agents.agent")
 
@@ -107,62 +91,6 @@ class _Health:
 _Inbox = _Frames | _Tick | _Health
 
 
-# ------------------------------------------------------------------------------ frame decoding (pure)
-
-
-def _seq_frame(frames: Sequence[bytes], topic: bytes) -> tuple[int, bytes]:
-    got, seq, payload = wire.split_frame(frames)
-    if topic and got != topic:
-        raise wire.WireError("wrong_topic", repr(got[:40]))
-    if seq < 0:
-        raise wire.WireError("bad_seq", f"negative seq {seq}")
-    return seq, payload
-
-
-def decode_kv_frame(frames: Sequence[bytes], topic: bytes) -> tuple[int, wire.KVEventBatch]:
-    """An engine KV frame ``[topic, seq, KVEventBatch]`` as ``(seq, batch)``. Pure.
-
-    ``topic`` empty accepts any topic (else an exact match: SUB filters by prefix only).
-
-    Raises:
-        kvindex.protocol.WireError: ``bad_frame_count``, ``bad_seq``, ``wrong_topic``, or a
-        :func:`kvindex.protocol.decode_kv_batch` reason. Nothing else, whatever the bytes.
-    """
-    seq, payload = _seq_frame(frames, topic)
-    return seq, wire.decode_kv_batch(payload)
-
-
-def decode_load_frame(frames: Sequence[bytes], topic: bytes) -> tuple[int, wire.LoadStat]:
-    """An engine load frame ``[topic, seq, LoadStat]`` as ``(seq, stat)``. Pure.
-
-    Raises:
-        kvindex.protocol.WireError: as :func:`decode_kv_frame`, or ``bad_msgpack`` / ``bad_load``.
-        Nothing else, whatever the bytes.
-    """
-    seq, payload = _seq_frame(frames, topic)
-    try:
-        return seq, wire.decode_load_stat(payload)
-    except wire.WireError:
-        raise
-    except (ValueError, OverflowError) as exc:  # a float field of inf or NaN fails int()
-        raise wire.WireError("bad_load", str(exc)[:80]) from exc
-
-
-def decode_snapshot_request(frames: Sequence[bytes]) -> bytes:
-    """The identity of a well-formed ``[identity, b"", SnapshotRequest]`` received by the ROUTER. Pure.
-
-    Raises:
-        kvindex.protocol.WireError: ``bad_frame_count``, ``unexpected_message`` or a
-        :func:`kvindex.protocol.decode_message` reason. Nothing else, whatever the bytes.
-    """
-    if len(frames) != 3 or frames[1] != b"":
-        raise wire.WireError("bad_frame_count", f"expected [identity, b'', request], got {len(frames)}")
-    msg = wire.decode_message(frames[2])
-    if not isinstance(msg, wire.SnapshotRequest):
-        raise wire.WireError("unexpected_message", type(msg).__name__)
-    return bytes(frames[0])
-
-
 class Agent:
     """Runtime state of one agent. ``start()`` → ``wait()`` → ``close()``; :func:`serve` drives it.
 
@@ -177,8 +105,7 @@ class Agent:
         self.mirror = mirror if mirror is not None else BlockMirror()
         self.counters = AgentCounters()
         self.engine: EngineInfo | None = None
-        self.engine_healthy = True
-        self._health_failed_in_row = 0  # consecutive FAILED checks (a 503 or a 200 resets it)
+        self.health = EngineHealth(cfg.health_failures)
         self.pub_endpoint = ""
         self.snapshot_endpoint = ""
         self._badlog = RateLimitedLog(log)
@@ -248,6 +175,11 @@ class Agent:
         except BaseException:
             await self.close()
             raise
+
+    @property
+    def engine_healthy(self) -> bool:
+        """The agent's verdict on its engine (:class:`~agents.agent.health.EngineHealth`)."""
+        return self.health.healthy
 
     @property
     def follower(self) -> KvFollower | None:
@@ -368,19 +300,11 @@ class Agent:
 
     async def _on_health(self, result: Health) -> None:
         self.counters.health_checks += 1
-        if result is Health.FAILED:
-            self.counters.health_failures += 1
-            self._health_failed_in_row += 1
-            healthy = self.engine_healthy and self._health_failed_in_row < self.cfg.health_failures
-        else:
-            if result is Health.NOT_READY:
-                self.counters.health_not_ready += 1
-            self._health_failed_in_row = 0
-            healthy = result is Health.OK
-        if healthy == self.engine_healthy:
+        self.counters.health_failures += result is Health.FAILED
+        self.counters.health_not_ready += result is Health.NOT_READY
+        if not self.health.observe(result):
             return
-        self.engine_healthy = healthy
-        if healthy:
+        if self.health.healthy:
             log.info("agent %s: engine %s healthy again", self.instance, self.cfg.engine_url)
             if self._follower is not None:  # it may be a new engine process: check before going on
                 await self._follower.verify()
@@ -444,68 +368,3 @@ class Agent:
         await self._publish(
             wire.TOPIC_EVENTS, wire.EventBatch(self.instance, self.epoch, engine_seq, ts, events)
         )
-
-
-# --------------------------------------------------------------------------------------- entry points
-
-
-async def serve(
-    cfg: AgentConfig,
-    on_ready: Callable[[Agent], None] | None = None,
-    handle_signals: bool = True,
-) -> None:
-    """Run an agent until cancelled or sent SIGINT/SIGTERM; then close everything and return normally.
-
-    Prints the READY line (role ``agent``, endpoints ``pub``/``snapshot``/``engine``) once serving, then
-    calls ``on_ready(agent)`` if given (tests use it to reach the endpoints and counters).
-
-    Raises:
-        EngineUnavailableError, EngineDiscoveryError, zmq.ZMQError: see :meth:`Agent.start`.
-    """
-    async with stop_signals(install=handle_signals) as stop:
-        await _run(cfg, stop, on_ready)
-
-
-async def _run(cfg: AgentConfig, stop: Stop, on_ready: Callable[[Agent], None] | None) -> None:
-    agent = Agent(cfg)
-    loop = asyncio.get_running_loop()
-
-    async def run() -> None:
-        await agent.start()
-        announce_ready("agent", agent.endpoints(), instance=agent.instance)
-        if on_ready is not None:
-            on_ready(agent)
-        await agent.wait()
-
-    # Startup runs in the same task as the main loop, so a signal also interrupts the wait for the engine.
-    runner = loop.create_task(run(), name="agent-serve")
-    stopper = loop.create_task(stop.wait(), name="agent-stop")
-    try:
-        try:
-            await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopper.cancel()
-            runner.cancel()
-            await asyncio.gather(runner, stopper, return_exceptions=True)
-            await agent.close()
-    except asyncio.CancelledError:
-        return  # asked to stop: everything is closed
-    failure = None if runner.cancelled() else runner.exception()
-    if failure is not None:
-        raise failure
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m agents.agent``: parse flags, serve until a signal. Returns the exit status (1: the
-    engine never came up or could not be discovered, or a port could not be bound)."""
-    cfg = parse_args(argv)
-    return run_process(
-        lambda: serve(cfg),
-        what="the agent",
-        log_level=cfg.log_level,
-        fatal=(EngineUnavailableError, EngineDiscoveryError, OSError, zmq.ZMQError),
-    )
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -26,7 +26,6 @@ do. Replies already waiting when a request is sent (a peer that answered twice) 
 from __future__ import annotations
 
 import asyncio
-import enum
 import json
 import logging
 from collections.abc import Callable
@@ -38,6 +37,7 @@ import aiohttp
 import zmq
 import zmq.asyncio
 
+from agents.agent.health import Health
 from kvindex import protocol as wire
 from kvindex.transport import make_socket
 
@@ -104,15 +104,6 @@ CLIENT_KEEPALIVE = 4.0
 # How long one /health call may take at start: more than the probe's one-second tick, so that a 1 s
 # (or 2 s) answer is seen; the start-up wait loops on it until ``engine_wait`` runs out.
 _START_PROBE_TIMEOUT = 5.0
-
-
-class Health(enum.Enum):
-    """One ``/health`` outcome: ``OK`` (200), ``NOT_READY`` (503: the engine says it is starting, exiting or
-    failed its own probe) or ``FAILED`` (no answer in time, connection refused, any other status)."""
-
-    OK = "ok"
-    NOT_READY = "not_ready"
-    FAILED = "failed"
 
 
 def engine_session() -> aiohttp.ClientSession:

@@ -47,8 +47,8 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from agents.counters import AgentCounters
-from agents.engine_link import ReplayClient, ReplayError
+from agents.agent.counters import AgentCounters
+from agents.agent.engine_link import ReplayClient, ReplayError
 from kvindex import protocol as wire
 from kvindex.logutil import RateLimitedLog
 from kvindex.mirror import BlockMirror

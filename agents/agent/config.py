@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from agents.engine_link import default_instance_id
+from agents.agent.engine_link import default_instance_id
 
 
 @dataclass(frozen=True)
