@@ -30,6 +30,7 @@ from agents.agent import Agent, serve
 from agents.agent.config import AgentConfig, parse_args
 from agents.agent.counters import AgentCounters
 from agents.agent.engine_link import EngineUnavailableError
+from agents.agent.frames import without_token_ids
 from agents.agent.kv_follower import DUPLICATE_WINDOW, KvFollower
 from kvindex import protocol as wire
 from kvindex.hashing import block_hashes
@@ -336,6 +337,20 @@ C = list(range(200, 204))
 # ------------------------------------------------------------------------------------------------ tests
 
 
+async def test_token_ids_published_only_when_asked(engine: FakeEngine) -> None:
+    async with Harness(engine, publish_token_ids=True) as h:
+        await engine.emit(stored(A))
+        (got,) = await h.batches(1)
+        assert got.events == (stored(A),) and got.events[0].token_ids == tuple(A)  # type: ignore[union-attr]
+        snap = await h.snapshot()
+        assert any(isinstance(e, wire.BlockStored) and e.token_ids for e in snap.events)
+    async with Harness(engine) as h:
+        snap = await h.snapshot()
+        assert snapshot_hashes(snap) and not any(
+            isinstance(e, wire.BlockStored) and e.token_ids for e in snap.events
+        )
+
+
 async def test_events_flow_with_one_seq_counter(
     engine: FakeEngine, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -350,7 +365,9 @@ async def test_events_flow_with_one_seq_counter(
             await engine.emit(ev)
         got = await h.batches(3)
         assert [b.engine_seq for b in got] == [0, 1, 2]
-        assert [b.events for b in got] == [(ev,) for ev in evs]
+        # Published without the prompt's token ids (the router never reads them; they are prompt content).
+        assert [b.events for b in got] == [without_token_ids([ev]) for ev in evs]
+        assert all(not e.token_ids for b in got for e in b.events if isinstance(e, wire.BlockStored))
         assert all(b.instance == "inst-0" and b.agent_epoch == h.agent.epoch for b in got)
         assert got[0].ts == 1000.0
 
@@ -374,7 +391,7 @@ async def test_events_flow_with_one_seq_counter(
 
 
 async def test_legacy_and_map_encodings(engine: FakeEngine) -> None:
-    async with Harness(engine) as h:
+    async with Harness(engine, publish_token_ids=True) as h:  # every field decoded, tokens included
         legacy = (stored(A), stored(B), removed(B))
         await engine.emit(*legacy, legacy=True)
         await engine.emit(stored(C, A), wire.AllBlocksCleared())
@@ -497,7 +514,7 @@ async def test_engine_restart_resets_the_mirror(engine: FakeEngine) -> None:
         await engine.emit(stored(C))
         got = await h.batches(2)
         assert (got[0].engine_seq, got[0].events) == (-1, (wire.AllBlocksCleared(),))
-        assert (got[1].engine_seq, got[1].events) == (0, (stored(C),))
+        assert (got[1].engine_seq, got[1].events) == (0, without_token_ids([stored(C)]))
         assert h.counters.engine_restarts == 1
         assert snapshot_hashes(await h.snapshot()) == engine.cache == set(stored(C).block_hashes)
         await engine.emit(stored(A))  # and it goes on from there
@@ -552,7 +569,7 @@ async def test_malformed_frames_are_counted_and_skipped(engine: FakeEngine) -> N
 
 
 async def test_snapshot_returns_the_mirror(engine: FakeEngine) -> None:
-    async with Harness(engine) as h:
+    async with Harness(engine, publish_token_ids=True) as h:  # the mirror is compared with its tokens
         empty = await h.snapshot()
         assert empty.events == () and empty.instance == "inst-0" and empty.agent_epoch == h.agent.epoch
         for ev in (stored(A), stored(C, A), stored(B), removed(B[4:], B[:4])):

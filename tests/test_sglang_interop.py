@@ -700,6 +700,7 @@ class AgentUnderTest:
             "health_timeout": 0.5,
             "engine_wait": 5.0,
             "replay_timeout": 1.0,
+            "publish_token_ids": True,  # these tests compare every field SGLang sent, tokens included
         }
         self.cfg = AgentConfig(**{**settings, **cfg})
         self.ctx = zmq.asyncio.Context()

@@ -24,6 +24,7 @@ class AgentConfig:
     health_interval: float = 2.0
     health_timeout: float = 5.0
     health_failures: int = 3
+    publish_token_ids: bool = False
     engine_wait: float = 120.0
     replay_timeout: float = 2.0
     kv_endpoint: str | None = None
@@ -121,6 +122,13 @@ def parse_args(argv: Sequence[str] | None = None) -> AgentConfig:
         help="engine load PUB endpoint; unset = discovered from GET /server_info",
     )
     p.add_argument(
+        "--publish-token-ids",
+        action="store_true",
+        help="include the prompt token ids of BlockStored events in what the agent publishes and in "
+        "snapshots (off by default: routers and the metrics daemon never read them, and they are prompt "
+        "content; the agent's own mirror keeps them either way)",
+    )
+    p.add_argument(
         "--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING, ...) (default: %(default)s)"
     )
     a = p.parse_args(argv)
@@ -149,4 +157,5 @@ def parse_args(argv: Sequence[str] | None = None) -> AgentConfig:
         replay_endpoint=a.replay_endpoint,
         load_endpoint=a.load_endpoint,
         log_level=a.log_level.upper(),
+        publish_token_ids=a.publish_token_ids,
     )

@@ -8,11 +8,12 @@ else on bytes from the network.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Iterable, Sequence
 
 from kvindex import protocol as wire
 
-__all__ = ["decode_kv_frame", "decode_load_frame", "decode_snapshot_request"]
+__all__ = ["decode_kv_frame", "decode_load_frame", "decode_snapshot_request", "without_token_ids"]
 
 
 def _seq_frame(frames: Sequence[bytes], topic: bytes) -> tuple[int, bytes]:
@@ -66,3 +67,12 @@ def decode_snapshot_request(frames: Sequence[bytes]) -> bytes:
     if not isinstance(msg, wire.SnapshotRequest):
         raise wire.WireError("unexpected_message", type(msg).__name__)
     return bytes(frames[0])
+
+
+def without_token_ids(events: Iterable[wire.KVEvent]) -> tuple[wire.KVEvent, ...]:
+    """``events`` with every ``BlockStored``'s ``token_ids`` emptied (hashes, parents and block size kept:
+    all a router's index reads). Pure."""
+    return tuple(
+        dataclasses.replace(e, token_ids=()) if isinstance(e, wire.BlockStored) and e.token_ids else e
+        for e in events
+    )

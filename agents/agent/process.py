@@ -52,7 +52,7 @@ from agents.agent.engine_link import (
     engine_session,
     wait_until_healthy,
 )
-from agents.agent.frames import decode_kv_frame, decode_load_frame, decode_snapshot_request
+from agents.agent.frames import decode_kv_frame, decode_load_frame, decode_snapshot_request, without_token_ids
 from agents.agent.health import EngineHealth, Health
 from agents.agent.kv_follower import KvFollower
 from kvindex import protocol as wire
@@ -349,7 +349,11 @@ class Agent:
             agent_epoch=self.epoch,
             seq=self._pub.seq - 1 if self._pub is not None else -1,
             block_size=self._block_size(),
-            events=tuple(self.mirror.snapshot_events()),
+            events=(
+                tuple(self.mirror.snapshot_events())
+                if self.cfg.publish_token_ids
+                else without_token_ids(self.mirror.snapshot_events())
+            ),
         )
         await self._router.send_multipart([identity, b"", wire.encode_message(snap)])
 
@@ -364,7 +368,10 @@ class Agent:
         await self._follower.on_batch(seq, batch)
 
     async def _emit(self, engine_seq: int, ts: float, events: tuple[wire.KVEvent, ...]) -> None:
-        """The follower's output: one ``EventBatch`` on the PUB socket."""
+        """The follower's output: one ``EventBatch`` on the PUB socket (token ids left out unless
+        ``cfg.publish_token_ids``)."""
+        if not self.cfg.publish_token_ids:
+            events = without_token_ids(events)
         await self._publish(
             wire.TOPIC_EVENTS, wire.EventBatch(self.instance, self.epoch, engine_seq, ts, events)
         )

@@ -9,8 +9,8 @@ first two ids and more) stick to one instance, as a cache-aware router makes the
 gets its real SGLang chained hash. An instance stores only the pages it does not hold yet, as SGLang's
 radix cache does, so ``BlockStored`` events carry exactly the trace's reuse. New pages are cut into events
 of at most :data:`CHUNK_TOKENS` tokens, one event per batch (SGLang publishes per prefill chunk), each
-encoded as the agent's :class:`~kvindex.protocol.EventBatch` message with token ids: the bytes the router
-receives.
+encoded as the agent's :class:`~kvindex.protocol.EventBatch` message without token ids (as agents publish
+by default; ``--publish-token-ids`` adds them): the bytes the router receives.
 
 Size: ``blocks`` counts resident (instance, block) pairs. One pass over the Mooncake trace holds ~5.7 M
 pairs of 16 tokens; to go further the trace is replayed again as an independent *tenant* (every block id
@@ -96,7 +96,6 @@ class _Builder:
         inst = zlib.crc32(repr(tuple(ids[:2])).encode()) % len(self.names)
         held = self.held[inst]
         run_h: list[int] = []
-        run_t: list[U32Array] = []
         run_parent: int | None = None
         n = len(ids)
         for k, h in enumerate(ids):
@@ -108,27 +107,23 @@ class _Builder:
             hs = self._page_hashes(ids, k)
             parent = int(hs[have - 1]) if have else (int(self._page_hashes(ids, k - 1)[-1]) if k else None)
             if run_h and parent != run_h[-1]:
-                self._emit(inst, run_h, run_t, run_parent, ts)
-                run_h, run_t = [], []
+                self._emit(inst, run_h, run_parent, ts)
+                run_h = []
             if not run_h:
                 run_parent = parent
             run_h.extend(hs[have:need].tolist())
-            run_t.append(block_tokens(h)[have * self.bs : need * self.bs])
             held[h] = need
             if self.residencies + len(run_h) >= self.target:
                 break
         if run_h:
-            self._emit(inst, run_h, run_t, run_parent, ts)
+            self._emit(inst, run_h, run_parent, ts)
         return self.residencies < self.target
 
-    def _emit(
-        self, inst: int, hashes: list[int], tokens: list[U32Array], parent: int | None, ts: float
-    ) -> None:
-        toks = np.concatenate(tokens).tolist()
+    def _emit(self, inst: int, hashes: list[int], parent: int | None, ts: float) -> None:
         per = CHUNK_TOKENS // self.bs
         for a in range(0, len(hashes), per):
             hs = hashes[a : a + per]
-            ev = BlockStored(tuple(hs), parent, tuple(toks[a * self.bs : (a + len(hs)) * self.bs]), self.bs)
+            ev = BlockStored(tuple(hs), parent, (), self.bs)  # agents publish no token ids by default
             name = self.names[inst]
             self.payloads.append((name, encode_message(EventBatch(name, 0, self.events, ts, (ev,)))))
             parent = hs[-1]
