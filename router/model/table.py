@@ -22,13 +22,22 @@ owner (the event loop, or the simulator's virtual clock), no locks.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field, fields
+from operator import attrgetter
+from typing import Any, Final, Literal
 
 from kvindex.protocol import Heartbeat, LoadReport
 from router.model.policy_base import InstanceView
 
 SyncStatus = Literal["unsynced", "resyncing", "synced"]
+
+_REPORTED: Final = tuple(
+    f.name
+    for f in fields(InstanceView)
+    if f.name in {g.name for g in fields(LoadReport)} and f.name != "queued_prefill_tokens"
+)
+"""View fields taken as reported (running, waiting, KV usage and capacity, max running requests, ...)."""
+_read_reported = attrgetter(*_REPORTED)
 
 
 @dataclass(slots=True)
@@ -99,31 +108,31 @@ class InstanceState:
         return self.heartbeat.engine_url.rstrip("/") if self.heartbeat is not None else self.static_url
 
     def view(self) -> InstanceView:
-        """The policy's view: last report plus pending dispatches (zeros before the first report)."""
+        """The policy's view: last report plus pending dispatches (zeros before the first report).
+
+        Every :class:`InstanceView` field named like a :class:`LoadReport` field is copied from the last
+        report (so a new per-instance input is a field of both, nothing here); ``batch_size`` and
+        ``queued_prefill_tokens`` add the pending dispatches.
+        """
         rep = self.load
         pend_tokens = sum(p.new_tokens for p in self.pending.values())
-        block_size = self.block_size
         if rep is None:
             return InstanceView(
                 name=self.name,
                 batch_size=len(self.pending),
                 queued_prefill_tokens=pend_tokens,
                 inflight=self.inflight,
-                block_size=block_size,
+                block_size=self.block_size,
                 routed_tokens=self.routed_tokens,
             )
         return InstanceView(
             name=self.name,
             batch_size=rep.running + rep.waiting + len(self.pending),
             queued_prefill_tokens=rep.queued_prefill_tokens + pend_tokens,
-            running=rep.running,
-            waiting=rep.waiting,
             inflight=self.inflight,
-            max_running_requests=rep.max_running_requests,
-            kv_used_tokens=rep.kv_used_tokens,
-            kv_capacity_tokens=rep.kv_capacity_tokens,
-            block_size=block_size,
+            block_size=self.block_size,
             routed_tokens=self.routed_tokens,
+            **dict(zip(_REPORTED, _read_reported(rep), strict=True)),
         )
 
     def to_json(self) -> dict[str, Any]:
