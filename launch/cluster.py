@@ -38,7 +38,7 @@ import aiohttp
 from kvindex.protocol.cluster_file import ClusterFile, ProcessEntry
 from launch.procs import Child, ChildFailed, stop_all
 from launch.sglang_engines import SGLANG_MODULE, allocate_ports, parse_gpus, server_args
-from router.model.policies import POLICIES
+from router.model.policies import POLICIES, add_param_arguments, param_args, params_from_namespace
 
 log = logging.getLogger("launch.cluster")
 
@@ -72,6 +72,7 @@ class ClusterConfig:
     sglang_args: tuple[str, ...] = ()
     engine_ready_timeout: float = 1200.0
     sglang_module: str = SGLANG_MODULE
+    policy_params: tuple[tuple[str, str, float], ...] = ()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -89,6 +90,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=d.policy,
         help="routing policy, one of router.model.policies.POLICIES (default %(default)s)",
     )
+    add_param_arguments(p)  # --POLICY-PARAM: passed on to the routers when not the default
     p.add_argument(
         "--cluster-file",
         type=Path,
@@ -218,6 +220,10 @@ def config_from_args(a: argparse.Namespace) -> ClusterConfig:
         sys.exit("launch cluster: error: --primary-timeout must be positive")
     if a.policy not in POLICIES:
         sys.exit(f"launch cluster: error: unknown --policy {a.policy!r} ({', '.join(sorted(POLICIES))})")
+    try:
+        policy_params = params_from_namespace(a)
+    except ValueError as exc:
+        sys.exit(f"launch cluster: error: {exc}")
     extra = tuple(a.sglang_args[1:] if a.sglang_args[:1] == ["--"] else a.sglang_args)
     if extra and a.engine != "sglang":
         sys.exit(
@@ -249,6 +255,7 @@ def config_from_args(a: argparse.Namespace) -> ClusterConfig:
         host=a.host,
         port=a.port,
         policy=a.policy,
+        policy_params=policy_params,
         cluster_file=a.cluster_file,
         log_dir=a.log_dir,
         profile=a.profile,
@@ -398,6 +405,7 @@ class Cluster:
     def _router_args(self, role: str) -> list[str]:
         cfg = self.cfg
         args = ["--role", role, "--host", cfg.host, "--port", str(self._router_port), "--policy", cfg.policy]
+        args += param_args(cfg.policy_params)
         args += ["--decisions-port", "0", "--admin-port", "0", "--primary-timeout", str(cfg.primary_timeout)]
         args += [x for ep in self._agents for x in ("--agent", ep)]
         if role == "standby":

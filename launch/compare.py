@@ -33,9 +33,9 @@ from agents.engine.profiles import PROFILES
 from launch.plots import cdf_title, plot_cdf
 from launch.sim.batch import Batch, Bisection, RunResult, RunSpec, bisect_rate, round_scale
 from launch.sim.cluster import SimConfig
-from launch.sim.run import add_ingest_arguments, check_ingest_arguments
+from launch.sim.run import add_ingest_arguments, check_ingest_arguments, config_json
 from launch.trace import DEFAULT_TRACE, TraceError
-from router.model.policies import POLICIES, PUBLISHED
+from router.model.policies import POLICIES, PUBLISHED, add_param_arguments, params_from_namespace
 
 __all__ = ["add_arguments", "run_compare"]
 
@@ -91,6 +91,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--seed", type=int, default=0, help="simulator and random policies' seed (default %(default)s)")
     a("--enable-mixed-chunk", action="store_true", help="engines batch decodes into prefill steps")
     add_ingest_arguments(p)
+    add_param_arguments(p)  # --POLICY-PARAM, from every policy's PARAMS (the sweep sets linear's own)
     a("--json", type=Path, default=None, help="write every number here")
     a("--markdown", type=Path, default=None, help="write the tables (Markdown) here")
     a("--plot", type=Path, default=None, metavar="DIR", help="write TTFT/TPOT CDF plots (PNG) here")
@@ -191,10 +192,12 @@ def run_compare(args: argparse.Namespace) -> int:
         if not args.trace.is_file():
             raise ValueError(f"trace file not found: {args.trace}")
         check_ingest_arguments(args)
+        policy_params = params_from_namespace(args)
     except ValueError as exc:
         print(f"launch compare: error: {exc}", file=sys.stderr)
         return 2
     cfg = SimConfig(
+        policy_params=policy_params,
         instances=args.instances,
         profile=args.profile,
         seed=args.seed,
@@ -218,7 +221,7 @@ def run_compare(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {
         "trace": str(args.trace),
         "window_s": args.window,
-        "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+        "config": config_json(cfg),
     }
     md: list[str] = [f"### {title}", ""]
     try:
@@ -258,7 +261,11 @@ def run_compare(args: argparse.Namespace) -> int:
                 sc = scales[lv]
                 rate = sc.rate_scale if isinstance(sc, Bisection) else sc
                 specs = [b.spec(p, rate) for p in policies]
-                sweep = [b.spec("linear", rate, (1.0, bb)) for bb in LINEAR_GRID] if args.linear_sweep else []
+                sweep = (
+                    [b.spec("linear", rate, {"a": 1.0, "b": bb}) for bb in LINEAR_GRID]
+                    if args.linear_sweep
+                    else []
+                )
                 t1 = time.perf_counter()
                 res = b.run(specs + sweep)
                 wall = time.perf_counter() - t1

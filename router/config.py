@@ -28,7 +28,8 @@ class RouterConfig:
     only ``/health``, ``/metrics`` and ``/router/state`` (0 = OS-assigned, None = none), which is how a
     standby is observed before it serves. ``takeover`` ``external`` leaves the decision to take over to
     someone else (keepalived, a Kubernetes leader elector), who asks with ``POST /router/promote`` on the
-    admin port. ``linear_a``/``linear_b`` are the weights of the ``linear`` policy.
+    admin port. ``policy_params``: the policies' parameters given (``--POLICY-PARAM`` flags, made from
+    each policy's ``PARAMS``; :data:`router.model.policies.PolicyParams`).
     """
 
     host: str = "127.0.0.1"
@@ -53,11 +54,13 @@ class RouterConfig:
     primary_timeout: float = 0.4
     admin_port: int | None = None
     takeover: str = "auto"
-    linear_a: float = DEFAULTS.linear_a
-    linear_b: float = DEFAULTS.linear_b
+    policy_params: tuple[tuple[str, str, float], ...] = DEFAULTS.policy_params
 
     def __post_init__(self) -> None:
+        from router.model.policies import check_policy_params
+
         self.model  # noqa: B018 (validates the routing model's settings)
+        check_policy_params(self.policy_params)
         for name in ("request_timeout", "snapshot_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -80,8 +83,7 @@ class RouterConfig:
             max_speculative_per_instance=self.max_speculative_per_instance,
             load_coverage_margin=self.load_coverage_margin,
             suspect_cooldown=self.suspect_cooldown,
-            linear_a=self.linear_a,
-            linear_b=self.linear_b,
+            policy_params=self.policy_params,
         )
 
     def _check_ha(self) -> None:
@@ -144,8 +146,9 @@ def _optional_port(text: str) -> int | None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m router`` argument parser (every flag documented for ``--help``)."""
-    from router.model.policies import (
-        POLICIES,  # late import: policies are pure and cheap, but keep config leaf
+    from router.model.policies import (  # late import: policies are pure and cheap, but keep config leaf
+        POLICIES,
+        add_param_arguments,
     )
 
     _D = RouterConfig()  # every default below is the dataclass's (itself the routing model's where shared)
@@ -174,12 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         "round_robin = rotation over live instances; the others are the published baselines "
         "(docs/results.md) and linear = argmin a x (queued prefill + new tokens) + b x batch size",
     )
-    p.add_argument(
-        "--linear-a", type=_non_negative_float, default=_D.linear_a, help="linear: weight of prefill tokens"
-    )
-    p.add_argument(
-        "--linear-b", type=_non_negative_float, default=_D.linear_b, help="linear: weight of batch size"
-    )
+    add_param_arguments(p)  # --POLICY-PARAM, from every policy's PARAMS (--linear-a, --linear-b, ...)
     p.add_argument(
         "--tokenizer",
         default=_D.tokenizer,
@@ -315,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
     """Parse command-line flags into a :class:`RouterConfig`. Exits (argparse) on bad flags."""
+    from router.model.policies import params_from_namespace
+
     parser = build_parser()
     ns = parser.parse_args(argv)
     try:
@@ -341,8 +341,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
             primary_timeout=ns.primary_timeout,
             admin_port=ns.admin_port,
             takeover=ns.takeover,
-            linear_a=ns.linear_a,
-            linear_b=ns.linear_b,
+            policy_params=params_from_namespace(ns),
         )
     except ValueError as exc:
         parser.error(str(exc))

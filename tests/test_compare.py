@@ -177,10 +177,10 @@ def test_router_takes_every_policy_and_the_linear_weights() -> None:
     from router.model.policies import POLICIES, Linear
 
     cfg = parse_args(["--policy", "linear", "--linear-a", "2", "--linear-b", "0"])
-    assert (cfg.policy, cfg.linear_a, cfg.linear_b) == ("linear", 2.0, 0.0)
+    assert (cfg.policy, cfg.policy_params) == ("linear", (("linear", "a", 2.0), ("linear", "b", 0.0)))
     core = RoutingModel(cfg.model, lambda job: None)
     assert isinstance(core.policy, Linear) and (core.policy.a, core.policy.b) == (2.0, 0.0)
     for name in POLICIES:
         assert RoutingModel(RouterConfig(policy=name).model, lambda job: None).policy.name == name
     with pytest.raises(ValueError):
-        RouterConfig(linear_a=0, linear_b=0)
+        RouterConfig(policy_params=(("linear", "a", 0.0), ("linear", "b", 0.0)))

@@ -326,12 +326,12 @@ def test_linear_is_a_times_prefill_plus_b_times_batch() -> None:
         lv("b", batch_size=1, queued_prefill_tokens=500),
     ]
     # b = 0: least prefill work (a: 0 + 100 = 100; b: 500 + 1000 = 1500)
-    assert make_policy("linear", linear_a=1, linear_b=0).choose(views, 1000, {"a": 900}).instance == "a"
+    assert make_policy("linear", params={"a": 1, "b": 0}).choose(views, 1000, {"a": 900}).instance == "a"
     # b = 200: a = 100 + 2000 = 2100 > b = 1500 + 200 = 1700
-    d = make_policy("linear", linear_b=200).choose(views, 1000, {"a": 900})
+    d = make_policy("linear", params={"b": 200}).choose(views, 1000, {"a": 900})
     assert (d.instance, d.score, d.policy) == ("b", 1700.0, "linear")
     # a = 0: least batch size
-    assert make_policy("linear", linear_a=0, linear_b=1).choose(views, 1000, {"a": 1000}).instance == "b"
+    assert make_policy("linear", params={"a": 0, "b": 1}).choose(views, 1000, {"a": 1000}).instance == "b"
     # ties as LMetric: batch size, then new tokens, then rotation
     tie = [lv("a", batch_size=2, queued_prefill_tokens=0), lv("b", batch_size=1, queued_prefill_tokens=10)]
     assert Linear(1, 10).choose(tie, 10, {}).reason == "batch_size"
@@ -425,3 +425,62 @@ def test_batch_over_prefill_fires_when_the_product_buys_a_smaller_batch_with_pre
     # an instance skipped at its cap does not count as an alternative
     views = [view("a", bs=0, queued=2000), view("b", bs=8, running=8, max_running=8)]
     assert LMetric().choose(views, 1000, {"b": 500}).failure_cases == ()
+
+
+def test_make_policy_checks_params_and_names_the_flag() -> None:
+    with pytest.raises(ValueError, match="--linear-b must be >= 0"):
+        make_policy("linear", params={"b": -1})
+    with pytest.raises(ValueError, match="--linear-a and --linear-b must not both be 0"):
+        make_policy("linear", params={"a": 0, "b": 0})
+    with pytest.raises(ValueError, match="no parameter c"):
+        make_policy("linear", params={"c": 1})
+    with pytest.raises(ValueError, match="no parameter"):
+        make_policy("lmetric", params={"a": 1})
+
+
+def test_policy_params_reach_every_driver(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A parameter declared only in a policy's PARAMS becomes a flag of ``python -m router``, ``launch
+    simulate`` and ``launch cluster``, is carried by their configs and reaches ``make_policy``."""
+    import argparse
+
+    from launch.cluster import Cluster
+    from launch.cluster import add_arguments as cluster_arguments
+    from launch.cluster import config_from_args as cluster_config
+    from launch.sim.run import add_arguments as sim_arguments
+    from launch.sim.run import config_from_args as sim_config
+    from launch.sim.run import config_json, seeded_policy
+    from router.config import RouterConfig, parse_args
+    from router.model.model import RoutingModel
+    from router.model.policies import Linear, Param
+
+    monkeypatch.setattr(Linear, "PARAMS", {**Linear.PARAMS, "c": Param(0.0, "a third weight")})
+    want = (("linear", "b", 0.0), ("linear", "c", 5.0))
+    # the router: flag -> RouterConfig -> ModelConfig -> RoutingModel's policy
+    cfg = parse_args(["--policy", "linear", "--linear-c", "5", "--linear-b", "0"])
+    assert cfg.policy_params == cfg.model.policy_params == want
+    pol = RoutingModel(cfg.model, lambda job: None).policy
+    assert isinstance(pol, Linear) and (pol.a, pol.b, vars(pol)["c"]) == (1.0, 0.0, 5.0)
+    with pytest.raises(ValueError, match="--linear-c must be >= 0"):
+        RouterConfig(policy_params=(("linear", "c", -1.0),))
+    with pytest.raises(SystemExit):
+        parse_args(["--linear-c", "-1"])
+    # the simulator: flag -> SimConfig -> the simulated policy, and the summary's config
+    p = argparse.ArgumentParser()
+    sim_arguments(p)
+    sim = sim_config(p.parse_args(["--policies", "linear", "--linear-c", "5", "--linear-b", "0"]))
+    assert sim.policy_params == want
+    assert vars(seeded_policy("linear", sim))["c"] == 5.0
+    assert config_json(sim)["policy_params"] == [list(t) for t in want]
+    # launch cluster: flag -> ClusterConfig -> the routers' command lines -> the router's config
+    p = argparse.ArgumentParser()
+    cluster_arguments(p)
+    ccfg = cluster_config(p.parse_args(["--policy", "linear", "--linear-c", "5", "--linear-b", "0"]))
+    cluster = Cluster(ccfg)
+    cluster._agents = []
+    router_cmd = cluster._router_args("primary")
+    assert router_cmd[router_cmd.index("--linear-c") + 1] == "5.0"
+    assert parse_args(router_cmd).policy_params == want
+    # defaults are not passed on
+    plain = Cluster(cluster_config(p.parse_args(["--policy", "linear"])))
+    plain._agents = []
+    assert not any(a.startswith("--linear") for a in plain._router_args("primary"))

@@ -22,7 +22,7 @@ import json
 import math
 import multiprocessing as mp
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
@@ -31,6 +31,7 @@ from launch.sim.cluster import SimConfig, simulate
 from launch.sim.prompts import PromptFactory
 from launch.sim.run import result_summary, seeded_policy
 from launch.trace import TraceRequest, load_trace, window
+from router.model.policies import POLICIES, params_for
 
 __all__ = ["SIM_VERSION", "Batch", "RunResult", "RunSpec", "bisect_rate"]
 
@@ -43,36 +44,47 @@ LMETRIC_VERSION: Final = 2
 @dataclass(frozen=True, slots=True)
 class RunSpec:
     """One simulation: ``policy`` over the requests the trace sends in its first ``window_s`` seconds
-    (trace time), arrivals divided by ``rate_scale``, on ``cfg``'s cluster. ``linear`` = (a, b)."""
+    (trace time), arrivals divided by ``rate_scale``, on ``cfg``'s cluster (its ``policy_params`` give
+    the policy's parameters)."""
 
     trace: str
     window_s: float
     rate_scale: float
     policy: str
     cfg: SimConfig
-    linear: tuple[float, float] = (1.0, 1000.0)
+
+    def params(self) -> dict[str, float]:
+        """Every parameter of the policy, defaults filled in."""
+        given = params_for(self.cfg.policy_params, self.policy)
+        return {k: given.get(k, p.default) for k, p in POLICIES[self.policy].cls.PARAMS.items()}
 
     def key(self) -> str:
-        """A stable name of this run (hash of every field and :data:`SIM_VERSION`)."""
-        body = json.dumps(
-            {
-                "v": SIM_VERSION,
-                "lv": LMETRIC_VERSION if self.policy.startswith("lmetric") else None,
-                "trace": self.trace,
-                "window_s": self.window_s,
-                "rate_scale": self.rate_scale,
-                "policy": self.policy,
-                "cfg": asdict(self.cfg),
-                "linear": list(self.linear) if self.policy == "linear" else None,
-            },
-            sort_keys=True,
-        )
-        return hashlib.sha1(body.encode()).hexdigest()[:20]
+        """A stable name of this run (hash of every field and :data:`SIM_VERSION`). Only the run's own
+        policy's parameters count; ``linear``'s under the key ``linear`` as ``[a, b]`` and no other
+        policy's when it has none, so keys made before parameters were generic stay valid."""
+        cfg = asdict(self.cfg)
+        del cfg["policy_params"]
+        body: dict[str, object] = {
+            "v": SIM_VERSION,
+            "lv": LMETRIC_VERSION if self.policy.startswith("lmetric") else None,
+            "trace": self.trace,
+            "window_s": self.window_s,
+            "rate_scale": self.rate_scale,
+            "policy": self.policy,
+            "cfg": cfg,
+            "linear": None,
+        }
+        params = self.params()
+        if self.policy == "linear":
+            body["linear"] = [params["a"], params["b"]]
+        elif params:
+            body["params"] = params
+        return hashlib.sha1(json.dumps(body, sort_keys=True).encode()).hexdigest()[:20]
 
     @property
     def label(self) -> str:
         """The policy name, with ``b`` for ``linear``."""
-        return f"linear(b={self.linear[1]:g})" if self.policy == "linear" else self.policy
+        return f"linear(b={self.params()['b']:g})" if self.policy == "linear" else self.policy
 
 
 @dataclass
@@ -107,7 +119,7 @@ _PROMPTS: PromptFactory | None = None
 
 def _run(spec: RunSpec) -> RunResult:
     plan = window(_REQS, spec.rate_scale, None)
-    policy = seeded_policy(spec.policy, spec.cfg.seed, *spec.linear)
+    policy = seeded_policy(spec.policy, spec.cfg)
     t0 = time.perf_counter()
     res = simulate(plan, policy, spec.cfg, prompts=_PROMPTS)
     wall = time.perf_counter() - t0
@@ -148,9 +160,14 @@ class Batch:
             self._pool.join()
             self._pool = None
 
-    def spec(self, policy: str, rate_scale: float, linear: tuple[float, float] = (1.0, 1000.0)) -> RunSpec:
-        """The :class:`RunSpec` of ``policy`` at ``rate_scale`` in this batch's window and cluster."""
-        return RunSpec(str(self.trace), self.window_s, round_scale(rate_scale), policy, self.cfg, linear)
+    def spec(self, policy: str, rate_scale: float, params: Mapping[str, float] | None = None) -> RunSpec:
+        """The :class:`RunSpec` of ``policy`` at ``rate_scale`` in this batch's window and cluster;
+        ``params`` replace the cluster config's parameters of ``policy``."""
+        cfg = self.cfg
+        if params is not None:
+            others = tuple(t for t in cfg.policy_params if t[0] != policy)
+            cfg = replace(cfg, policy_params=others + tuple((policy, k, float(v)) for k, v in params.items()))
+        return RunSpec(str(self.trace), self.window_s, round_scale(rate_scale), policy, cfg)
 
     def _load(self, spec: RunSpec) -> RunResult | None:
         if self.cache_dir is None:

@@ -112,7 +112,8 @@ class SimConfig:
     of KV event batches and load reports; ``load_period``: seconds between an engine's load reports;
     ``ingest_overhead + ingest_per_token * prompt tokens``: seconds of the router's ingest work per
     request, processor-shared (see :data:`INGEST_OVERHEAD_S`). Both 0: every request is routed at its
-    trace time, and equal timestamps in trace order.
+    trace time, and equal timestamps in trace order. ``policy_params``: the policies' parameters given
+    (``ModelConfig.policy_params``; :func:`launch.sim.run.seeded_policy` makes a policy with them).
     """
 
     instances: int = 16
@@ -132,6 +133,7 @@ class SimConfig:
     max_speculative_per_instance: int = DEFAULTS.max_speculative_per_instance
     vocab_size: int = DEFAULT_VOCAB_SIZE
     seed: int = 0
+    policy_params: tuple[tuple[str, str, float], ...] = DEFAULTS.policy_params
 
     def engine_config(self) -> EngineConfig:
         """The :class:`EngineConfig` every simulated engine runs with."""

@@ -156,7 +156,8 @@ Plan = Sequence[tuple[float, TraceRequest]]
 def run_sim(args: argparse.Namespace, plan: Plan, seed: int = 0) -> dict[str, Any]:
     """The simulator on ``plan`` with ``args``' settings and ``seed``, requests sent at their trace times
     (as ``launch simulate`` runs them); :func:`result_summary` of the run."""
-    return result_summary(simulate(plan, seeded_policy(args.policy, seed), _sim_config(args, seed)))
+    cfg = _sim_config(args, seed)
+    return result_summary(simulate(plan, seeded_policy(args.policy, cfg), cfg))
 
 
 def run_sim_observed(
@@ -180,7 +181,8 @@ def run_sim_observed(
     median = float(np.median(delays))
     sent = [(st, by_index[i]) for i, st, _ in rows if i in by_index]
     routes = [st + median if rt is None else rt for i, st, rt in rows if i in by_index]
-    res = simulate(sent, seeded_policy(args.policy, seed), _sim_config(args, seed), routed_at=routes)
+    cfg = _sim_config(args, seed)
+    res = simulate(sent, seeded_policy(args.policy, cfg), cfg, routed_at=routes)
     return result_summary(res)
 
 

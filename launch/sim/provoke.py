@@ -30,7 +30,7 @@ from pathlib import Path
 from launch.sim.cluster import SimConfig, simulate
 from launch.sim.run import result_summary
 from launch.trace import TRACE_BLOCK_TOKENS, load_trace, window
-from router.model.policies import make_policy
+from router.model.policies import add_param_arguments, make_policy, params_for, params_from_namespace
 
 CASES = ("at_max_running", "zero_product", "batch_over_prefill")
 
@@ -77,7 +77,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-running-requests", type=int, default=32)
     p.add_argument("--policies", default="lmetric,lmetric_plain,vllm_v1,linear:0,linear:1000,linear:10000")
     p.add_argument("--json", type=Path, default=None, help="write the summaries here")
+    add_param_arguments(p)  # --POLICY-PARAM; "linear:B" in --policies sets linear's b on top
     a = p.parse_args(argv)
+    try:
+        given = params_from_namespace(a)
+    except ValueError as exc:
+        p.error(str(exc))
     out = a.out
     if out is None:
         import tempfile
@@ -99,7 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = {}
     for spec in a.policies.split(","):
         name, _, b = spec.partition(":")
-        pol = make_policy(name, seed=0, linear_b=float(b)) if b else make_policy(name, seed=0)
+        params = params_for(given, name) | ({"b": float(b)} if b else {})
+        pol = make_policy(name, seed=0, params=params)
         s = result_summary(simulate(plan, pol, cfg))
         label = f"linear b={b}" if b else name
         report[label] = s

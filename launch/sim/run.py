@@ -26,9 +26,24 @@ from launch.sim.cluster import INGEST_OVERHEAD_S, INGEST_PER_TOKEN_S, SimConfig,
 from launch.sim.prompts import PromptFactory
 from launch.summary import format_summary, summarize
 from launch.trace import DEFAULT_TRACE, DEFAULT_VOCAB_SIZE, TraceError, TraceRequest, load_trace, window
-from router.model.policies import LINEAR_A, LINEAR_B, POLICIES, Policy, make_policy
+from router.model.policies import (
+    POLICIES,
+    Policy,
+    add_param_arguments,
+    make_policy,
+    params_for,
+    params_from_namespace,
+)
 
-__all__ = ["add_arguments", "config_from_args", "result_summary", "run_policies", "run_simulate"]
+__all__ = [
+    "add_arguments",
+    "config_from_args",
+    "config_json",
+    "result_summary",
+    "run_policies",
+    "run_simulate",
+    "seeded_policy",
+]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -104,18 +119,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="seconds between an engine's load reports (default %(default)s)",
     )
     add_ingest_arguments(p)
-    a(
-        "--linear-a",
-        type=float,
-        default=LINEAR_A,
-        help="linear policy: weight of prefill tokens (default %(default)s)",
-    )
-    a(
-        "--linear-b",
-        type=float,
-        default=LINEAR_B,
-        help="linear policy: weight of batch size (default %(default)s)",
-    )
+    add_param_arguments(p)  # --POLICY-PARAM, from every policy's PARAMS (--linear-a, --linear-b, ...)
     a("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="token ids in [0, V) (default %(default)s)")
     a("--summary-json", type=Path, default=None, help="write every policy's summary as JSON here")
     a("--plot", type=Path, default=None, metavar="DIR", help="write TTFT and TPOT CDF plots (PNG) here")
@@ -136,6 +140,7 @@ def config_from_args(a: argparse.Namespace) -> SimConfig:
     if a.rate_scale <= 0:
         raise ValueError("--rate-scale must be positive")
     return SimConfig(
+        policy_params=params_from_namespace(a),
         instances=a.instances,
         profile=a.profile,
         page_size=a.page_size,
@@ -187,9 +192,21 @@ def check_ingest_arguments(a: argparse.Namespace) -> None:
         raise ValueError("--ingest-overhead and --ingest-per-token must be >= 0")
 
 
-def seeded_policy(name: str, seed: int, linear_a: float = LINEAR_A, linear_b: float = LINEAR_B) -> Policy:
-    """``make_policy(name, seed, linear_a=..., linear_b=...)``: randomised policies draw from ``seed``."""
-    return make_policy(name, seed, linear_a=linear_a, linear_b=linear_b)
+def seeded_policy(name: str, cfg: SimConfig) -> Policy:
+    """``make_policy`` of ``name`` with ``cfg``'s seed (randomised policies draw from it) and its
+    ``policy_params``."""
+    return make_policy(name, cfg.seed, params_for(cfg.policy_params, name))
+
+
+def config_json(cfg: SimConfig) -> dict[str, Any]:
+    """``cfg``'s fields for a summary's ``config``; ``policy_params`` only when some are given (so the
+    files written before it existed compare equal)."""
+    conf = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
+    if not cfg.policy_params:
+        del conf["policy_params"]
+    else:
+        conf["policy_params"] = [list(t) for t in cfg.policy_params]
+    return conf
 
 
 def result_summary(res: SimResult) -> dict[str, Any]:
@@ -226,13 +243,12 @@ def run_policies(
     policies: Sequence[str],
     cfg: SimConfig,
     progress: bool,
-    linear: tuple[float, float] = (LINEAR_A, LINEAR_B),
 ) -> dict[str, SimResult]:
-    """One simulation per policy over the same ``plan``; results by policy name. ``linear`` = (a, b)."""
+    """One simulation per policy over the same ``plan``; results by policy name."""
     prompts = PromptFactory(cfg.page_size, cfg.vocab_size)  # shared: memoised blocks and hashes
     out: dict[str, SimResult] = {}
     for name in policies:
-        policy = seeded_policy(name, cfg.seed, *linear)
+        policy = seeded_policy(name, cfg)
         out[name] = simulate(plan, policy, cfg, prompts=prompts, progress=progress, desc=name)
     return out
 
@@ -258,7 +274,6 @@ def run_simulate(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
         names = policy_names(args.policies)
-        make_policy("linear", linear_a=args.linear_a, linear_b=args.linear_b)  # weights valid?
         plan = window(load_trace(args.trace), args.rate_scale, args.duration)
     except (ValueError, TraceError) as exc:
         print(f"launch simulate: error: {exc}", file=sys.stderr)
@@ -267,9 +282,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         f", first {args.duration:g} s" if args.duration is not None else ""
     )
     try:
-        results = run_policies(
-            plan, names, cfg, progress=not args.no_progress, linear=(args.linear_a, args.linear_b)
-        )
+        results = run_policies(plan, names, cfg, progress=not args.no_progress)
     except TraceError as exc:
         print(f"launch simulate: error: {exc}", file=sys.stderr)
         return 2
@@ -278,7 +291,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         print(format_result(s, f"== {name}: {title}"))
         print()
     if args.summary_json:
-        conf = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
+        conf = config_json(cfg)
         conf.update(trace=str(args.trace), rate_scale=args.rate_scale, duration=args.duration)
         args.summary_json.write_text(json.dumps({"runs": runs, "config": conf}, indent=2) + "\n")
     if args.plot:

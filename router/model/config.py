@@ -22,7 +22,9 @@ class ModelConfig:
     ``load_coverage_margin``: a load report stamped at least this long after a dispatch covers it.
     ``suspect_cooldown``: after a failed connection to an engine, how long before a healthy heartbeat
     makes it routable again. ``policy``: a name from :data:`router.model.policies.POLICIES`;
-    ``linear_a``/``linear_b``: the ``linear`` policy's weights (prefill token, batch slot).
+    ``policy_params``: ``(policy, parameter, value)`` triples for the policies' ``PARAMS`` (only the
+    values given; the rest keep the classes' defaults), checked by ``make_policy`` (which this leaf
+    module cannot import) when the model is built.
 
     Raises ``ValueError`` from the constructor for a value out of range.
     """
@@ -34,8 +36,7 @@ class ModelConfig:
     max_speculative_per_instance: int = 65536
     load_coverage_margin: float = 0.02
     suspect_cooldown: float = 0.5
-    linear_a: float = 1.0
-    linear_b: float = 1000.0
+    policy_params: tuple[tuple[str, str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.block_size is not None and self.block_size <= 0:
@@ -47,8 +48,9 @@ class ModelConfig:
             raise ValueError("max_speculative_per_instance must be >= 0")
         if min(self.load_coverage_margin, self.suspect_cooldown) < 0:
             raise ValueError("load_coverage_margin and suspect_cooldown must be >= 0")
-        if min(self.linear_a, self.linear_b) < 0 or self.linear_a + self.linear_b <= 0:
-            raise ValueError(f"linear weights must be >= 0, not both 0: {self.linear_a}, {self.linear_b}")
+        for triple in self.policy_params:
+            if len(triple) != 3 or not isinstance(triple[2], int | float):
+                raise ValueError(f"policy_params holds (policy, parameter, value) triples, got {triple!r}")
 
 
 DEFAULTS = ModelConfig()

@@ -26,7 +26,7 @@ from typing import Any
 
 from kvindex.hashing import block_hashes
 from router.model.config import ModelConfig
-from router.model.policies import Decision, Policy, make_policy
+from router.model.policies import Decision, Policy, make_policy, params_for
 from router.model.sync import SnapshotJob, StreamSync
 
 __all__ = ["NoLiveInstance", "Routed", "RoutingModel", "SnapshotJob"]
@@ -82,7 +82,7 @@ class RoutingModel(StreamSync):
         self.policy = (
             policy
             if policy is not None
-            else make_policy(cfg.policy, linear_a=cfg.linear_a, linear_b=cfg.linear_b)
+            else make_policy(cfg.policy, params=params_for(cfg.policy_params, cfg.policy))
         )
 
     def add_static(self, name: str, block_size: int, engine_url: str = "") -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,10 +75,43 @@ class Decision:
     skipped: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class Param:
+    """One numeric parameter of a policy: its ``default``, a ``help`` line (the flag's), and the smallest
+    value allowed (``minimum``, inclusive). The flag is ``--POLICY-PARAM`` (``--linear-b``), its value the
+    policy object's attribute of the parameter's name (:meth:`Policy.configure`)."""
+
+    default: float
+    help: str
+    minimum: float = 0.0
+
+
 class Policy(ABC):
-    """A routing policy. ``choose`` mutates only the policy's tie-breaking rotation or random state."""
+    """A routing policy. ``choose`` mutates only the policy's tie-breaking rotation or random state.
+
+    ``PARAMS`` declares the policy's numeric parameters (name -> :class:`Param`); every driver's
+    ``--POLICY-PARAM`` flags, ``ModelConfig.policy_params`` and ``make_policy`` are made from it, and
+    :meth:`configure` sets each as an attribute of the same name. Declaring a parameter is the whole change.
+    """
 
     name: str = "policy"
+    PARAMS: ClassVar[Mapping[str, Param]] = {}
+
+    @classmethod
+    def check_params(cls, values: Mapping[str, float], flag_prefix: str) -> None:
+        """Raise ``ValueError`` (naming the flag, ``flag_prefix`` + the parameter) unless ``values`` (every
+        parameter of ``PARAMS``) are in range. Overridden where parameters constrain each other."""
+        for key, spec in cls.PARAMS.items():
+            v = values[key]
+            if not v >= spec.minimum:  # also refuses NaN
+                raise ValueError(
+                    f"{flag_prefix}{key.replace('_', '-')} must be >= {spec.minimum:g}, got {v:g}"
+                )
+
+    def configure(self, values: Mapping[str, float]) -> None:
+        """Set every parameter as an attribute (``values`` already checked). Mutates."""
+        for key, v in values.items():
+            setattr(self, key, float(v))
 
     @abstractmethod
     def choose(
