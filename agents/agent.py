@@ -61,6 +61,7 @@ from agents.engine_link import (
     wait_until_healthy,
 )
 from agents.kv_follower import KvFollower
+from kvindex import curve
 from kvindex import protocol as wire
 from kvindex.logutil import RateLimitedLog
 from kvindex.mirror import BlockMirror
@@ -277,6 +278,7 @@ class Agent:
             s.close(linger=0)
         self._sockets = []
         if self._ctx is not None:
+            curve.release(self._ctx)  # its ZAP handler, if CURVE is on
             self._ctx.term()
             self._ctx = None
         if self._session is not None:
@@ -285,7 +287,7 @@ class Agent:
 
     def _sub(self, endpoint: str, topic: bytes) -> zmq.asyncio.Socket:
         assert self._ctx is not None
-        s: zmq.asyncio.Socket = subscribe(self._ctx, endpoint, topic, hwm=RCVHWM)
+        s: zmq.asyncio.Socket = subscribe(self._ctx, endpoint, topic, hwm=RCVHWM, curve=False)
         self._sockets.append(s)
         return s
 
