@@ -403,6 +403,8 @@ class HANode:
             }
             return web.json_response(body, status=503, headers={"Connection": "close"})
         resp: web.StreamResponse = await handler(request)
+        if not resp.prepared:  # which router answered, and under which epoch
+            resp.headers["X-Router-Epoch"] = f"{self.fence.term}:{self.epoch:x}"
         return resp
 
     def _register_with(self, hb: RouterHeartbeat) -> None:
