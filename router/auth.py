@@ -162,6 +162,7 @@ class Access:
         if ring is not None and not ring.accepts(request.headers.get(hdrs.AUTHORIZATION)):
             self.rejected.labels(ring.what).inc()
             _failures_log.warning(
+                ring.what,
                 "refused %s %s from %s: no valid %s key",
                 request.method,
                 request.path,
