@@ -296,3 +296,41 @@ async def test_every_receiving_socket_has_a_maximum_message_size() -> None:
     finally:
         ctx.destroy(0)
     await asyncio.sleep(0)
+
+
+async def test_launch_cluster_with_curve_routes_over_encrypted_streams(tmp_path: Path) -> None:
+    """``launch cluster --curve``: every process gets its own key file (0600), the router and the
+    standby still see the agents (so the streams work under CURVE) and a request is served."""
+    import signal
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    cfile, logs = tmp_path / "cluster.json", tmp_path / "logs"
+    cmd = [sys.executable, "-m", "launch", "cluster", "--instances", "1", "--port", "0", "--curve",
+           "--cluster-file", str(cfile), "--log-dir", str(logs), "--time-scale", "0.05"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    try:
+        deadline, out = time.monotonic() + 90, []
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            out.append(line)
+            if not line or line.startswith("router: "):
+                break
+        assert out[-1].startswith("router: "), "".join(out)
+        assert any("CURVE keys:" in ln for ln in out)
+        url = out[-1].split("router: ", 1)[1].strip()
+        secret = logs / "curve" / "secret"
+        assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in secret.iterdir())
+        async with aiohttp.ClientSession() as s:
+            for _ in range(100):
+                st, body = await call(s, "GET", url + "/health")
+                if st == 200 and body["instances_routable"] >= 1:  # the agent's stream came through CURVE
+                    break
+                await asyncio.sleep(0.1)
+            st, body = await call(s, "POST", url + "/generate", json={"text": "hello", "sampling_params": {"max_new_tokens": 2}})
+            assert st == 200, body
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
