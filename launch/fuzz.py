@@ -19,6 +19,7 @@ their input), or a dead or unresponsive router. Exit status 1 if any target cras
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import socket
@@ -81,10 +82,8 @@ def _decoder_targets() -> dict[str, tuple[Any, Callable[[Any], None]]]:
     from router.subscriber import Subscriber
 
     def only(exc: type[BaseException] | tuple[type[BaseException], ...], fn: Callable[[], Any]) -> None:
-        try:
+        with contextlib.suppress(exc):
             fn()
-        except exc:
-            pass
 
     core = RoutingModel(ModelConfig(block_size=fs.BS), lambda job: None)
     agent_sub = Subscriber([], core.on_message)
@@ -103,7 +102,12 @@ def _decoder_targets() -> dict[str, tuple[Any, Callable[[Any], None]]]:
     from kvindex.transport import NumberedSubscriber
 
     NumberedSubscriber.__init__(
-        decision_sub, [], on_decision, topic_of=DECISION_TOPIC_OF, epoch_of=router_epoch, make=DecisionReceived
+        decision_sub,
+        [],
+        on_decision,
+        topic_of=DECISION_TOPIC_OF,
+        epoch_of=router_epoch,
+        make=DecisionReceived,
     )
 
     def agent_stream(x: tuple[str, list[bytes]]) -> None:
@@ -126,7 +130,9 @@ def _decoder_targets() -> dict[str, tuple[Any, Callable[[Any], None]]]:
                 return
         only(RequestError, lambda: PARSERS[endpoint](body))
 
-    raw_json = st.binary(max_size=60) | fs.HTTP_BODIES.map(lambda b: json.dumps(b, default=repr).encode("utf-8", "surrogatepass"))
+    raw_json = st.binary(max_size=60) | fs.HTTP_BODIES.map(
+        lambda b: json.dumps(b, default=repr).encode("utf-8", "surrogatepass")
+    )
     eps = st.sampled_from(["tcp://a", "tcp://b"])
     return {
         "agent_kv_frame": (fs.frames_of([b"kv"], fs.KV_PAYLOADS), lambda f: only(wire.WireError, lambda: decode_kv_frame(f, b"kv"))),
@@ -155,7 +161,8 @@ def _decoder_targets() -> dict[str, tuple[Any, Callable[[Any], None]]]:
 
 
 def run_decoder(name: str, strategy: Any, check: Callable[[Any], None], n: int, seed: int) -> Result:
-    from hypothesis import HealthCheck, given, seed as hseed, settings
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import seed as hseed
 
     res = Result(name)
     rss0 = _rss_mb()
@@ -222,7 +229,8 @@ def _health(host: str, port: int, tries: int = 3) -> bool:
 
 
 def run_http_raw(n: int, seed: int) -> Result:
-    from hypothesis import HealthCheck, given, seed as hseed, settings
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import seed as hseed
     from hypothesis import strategies as st
 
     from launch.fuzz_strategies import HTTP_BODIES
@@ -231,7 +239,17 @@ def run_http_raw(n: int, seed: int) -> Result:
     proc, host, port = _start_router()
     try:
         rss0 = _rss_mb(proc.pid)
-        paths = st.sampled_from(["/generate", "/v1/completions", "/v1/chat/completions", "/health", "/metrics", "/router/state", "/x"])
+        paths = st.sampled_from(
+            [
+                "/generate",
+                "/v1/completions",
+                "/v1/chat/completions",
+                "/health",
+                "/metrics",
+                "/router/state",
+                "/x",
+            ]
+        )
         header = st.tuples(st.text(max_size=12), st.text(max_size=30))
         head = st.builds(
             lambda m, p, hs, body, cl, huge: (
@@ -244,7 +262,8 @@ def run_http_raw(n: int, seed: int) -> Result:
             st.sampled_from(["GET", "POST", "PUT", "G\x00T", ""]),
             paths,
             st.lists(header, max_size=4),
-            HTTP_BODIES.map(lambda b: json.dumps(b, default=repr).encode("utf-8", "surrogatepass")) | st.binary(max_size=64),
+            HTTP_BODIES.map(lambda b: json.dumps(b, default=repr).encode("utf-8", "surrogatepass"))
+            | st.binary(max_size=64),
             st.none() | st.integers(-1, 10**12),
             st.sampled_from([0, 0, 0, 9000, 70000]),
         )

@@ -118,7 +118,6 @@ def frames_of(topics: Sequence[bytes], payloads: st.SearchStrategy[bytes]) -> st
     return st.one_of(st.lists(st.binary(max_size=12), max_size=5), shaped, shaped)
 
 
-
 DECISION_MAPS = st.fixed_dictionaries(
     {"type": st.sampled_from(["RequestRouted", "RequestFinished", "RouterHeartbeat", "X"])},
     optional={
@@ -160,13 +159,17 @@ _BODY_FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "prompt": st.text(max_size=20) | st.lists(st.integers(-5, 300), max_size=8),
     "input_ids": st.lists(st.integers(-(2**40), 2**40), max_size=8),
     "messages": st.lists(
-        st.fixed_dictionaries({}, optional={"role": st.sampled_from(["user", "system", "x"]), "content": JSON}),
+        st.fixed_dictionaries(
+            {}, optional={"role": st.sampled_from(["user", "system", "x"]), "content": JSON}
+        ),
         max_size=3,
     ),
     "stream": st.booleans(),
     "max_tokens": st.integers(-5, 2**40),
     "max_new_tokens": st.integers(-5, 2**40),
-    "sampling_params": st.dictionaries(st.sampled_from(["max_new_tokens", "ignore_eos", "x"]), JSON, max_size=3),
+    "sampling_params": st.dictionaries(
+        st.sampled_from(["max_new_tokens", "ignore_eos", "x"]), JSON, max_size=3
+    ),
     "n": st.integers(-1, 3),
     "stream_options": st.dictionaries(st.sampled_from(["include_usage"]), JSON, max_size=1),
 }

@@ -329,7 +329,9 @@ async def test_launch_cluster_with_curve_routes_over_encrypted_streams(tmp_path:
                 if st == 200 and body["instances_routable"] >= 1:  # the agent's stream came through CURVE
                     break
                 await asyncio.sleep(0.1)
-            st, body = await call(s, "POST", url + "/generate", json={"text": "hello", "sampling_params": {"max_new_tokens": 2}})
+            st, body = await call(
+                s, "POST", url + "/generate", json={"text": "hello", "sampling_params": {"max_new_tokens": 2}}
+            )
             assert st == 200, body
     finally:
         proc.send_signal(signal.SIGINT)
