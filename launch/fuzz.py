@@ -81,7 +81,7 @@ def _decoder_targets() -> dict[str, tuple[Any, Callable[[Any], None]]]:
     from router.model.model import RoutingModel
     from router.subscriber import Subscriber
 
-    def only(exc: type[BaseException] | tuple[type[BaseException], ...], fn: Callable[[], Any]) -> None:
+    def only(exc: type[BaseException], fn: Callable[[], Any]) -> None:
         with contextlib.suppress(exc):
             fn()
 
