@@ -2,8 +2,10 @@
 
 Everything else in :mod:`kvindex` is pure; this module is where the bytes of :mod:`kvindex.protocol` meet
 sockets. Every socket is made by :func:`make_socket`, so every one gets the same options: linger 0, a
-high-water mark, and on receiving sockets a maximum message size (:data:`MAX_MESSAGE_SIZE`: a peer cannot
-make a process allocate more than that for one frame).
+high-water mark, on receiving sockets a maximum message size (:data:`MAX_MESSAGE_SIZE`: a peer cannot
+make a process allocate more than that for one frame), and CURVE when the process was given keys
+(:mod:`kvindex.curve`: a binding PUB/ROUTER is a CURVE server, a connecting SUB/DEALER a client; sockets
+that speak to an engine in SGLang's protocol pass ``curve=False``).
 
 Patterns:
 
@@ -39,6 +41,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from kvindex import curve as _curve
 from kvindex.logutil import RateLimitedLog
 from kvindex.protocol.frames import make_frame
 from kvindex.protocol.messages import WireMessage
@@ -77,9 +80,23 @@ def bind_address(host: str, port: int | None) -> str:
     return f"tcp://{addr}:{port or '*'}"
 
 
-def make_socket(ctx: zmq.Context[Any], kind: int, *, hwm: int = HWM) -> Any:
-    """A socket of ``kind`` from ``ctx`` (sync or asyncio) with the options every socket here gets."""
+_SERVERS: Final = frozenset({zmq.PUB, zmq.ROUTER})
+"""Socket kinds that bind here (CURVE servers); the others connect (CURVE clients)."""
+
+
+def make_socket(ctx: zmq.Context[Any], kind: int, *, hwm: int = HWM, curve: bool = True) -> Any:
+    """A socket of ``kind`` from ``ctx`` (sync or asyncio) with the options every socket here gets.
+
+    With ``curve`` (the default) and CURVE keys configured for the process (:mod:`kvindex.curve`), a PUB
+    or ROUTER is made a CURVE server and any other kind a CURVE client. Raises
+    :class:`kvindex.curve.CurveError` when CURVE is on and this process lacks the key it needs."""
     sock = ctx.socket(kind)
+    try:
+        if curve:
+            _curve.arm(ctx, sock, server=kind in _SERVERS)
+    except BaseException:
+        sock.close(0)
+        raise
     sock.setsockopt(zmq.LINGER, 0)
     if kind == zmq.PUB:
         sock.setsockopt(zmq.SNDHWM, hwm)
@@ -107,8 +124,10 @@ class Publisher:
     ``zmq.ZMQError`` from the constructor if the address cannot be bound.
     """
 
-    def __init__(self, ctx: zmq.Context[Any], host: str, port: int | None, *, hwm: int = HWM) -> None:
-        self._sock: zmq.Socket[bytes] = make_socket(_sync(ctx), zmq.PUB, hwm=hwm)
+    def __init__(
+        self, ctx: zmq.Context[Any], host: str, port: int | None, *, hwm: int = HWM, curve: bool = True
+    ) -> None:
+        self._sock: zmq.Socket[bytes] = make_socket(_sync(ctx), zmq.PUB, hwm=hwm, curve=curve)
         try:
             self._sock.bind(bind_address(host, port))
         except zmq.ZMQError:
@@ -296,10 +315,13 @@ class NumberedSubscriber(Generic[R]):
         return self._make(endpoint, topic, seq, msg, disc, lost)
 
 
-def subscribe(ctx: zmq.asyncio.Context, endpoint: str, topic: bytes = b"", *, hwm: int = HWM) -> Any:
+def subscribe(
+    ctx: zmq.asyncio.Context, endpoint: str, topic: bytes = b"", *, hwm: int = HWM, curve: bool = True
+) -> Any:
     """An asyncio SUB socket connected to ``endpoint``, subscribed to ``topic`` (raw frames; the caller
-    closes it). Raises ``zmq.ZMQError`` for a malformed endpoint."""
-    sock = make_socket(ctx, zmq.SUB, hwm=hwm)
+    closes it; ``curve=False`` for an engine's SGLang stream). Raises ``zmq.ZMQError`` for a malformed
+    endpoint."""
+    sock = make_socket(ctx, zmq.SUB, hwm=hwm, curve=curve)
     sock.setsockopt(zmq.SUBSCRIBE, topic)
     try:
         sock.connect(endpoint)
@@ -312,10 +334,11 @@ def subscribe(ctx: zmq.asyncio.Context, endpoint: str, topic: bytes = b"", *, hw
 # ------------------------------------------------------------------------------------ request / reply
 
 
-def bind_router(ctx: zmq.Context[Any], host: str, port: int | None) -> tuple[Any, str]:
-    """A ROUTER socket (asyncio if ``ctx`` is) bound on ``host:port``, and its ``tcp://`` endpoint.
-    Raises ``zmq.ZMQError`` if the address cannot be bound."""
-    sock = make_socket(ctx, zmq.ROUTER)
+def bind_router(ctx: zmq.Context[Any], host: str, port: int | None, *, curve: bool = True) -> tuple[Any, str]:
+    """A ROUTER socket (asyncio if ``ctx`` is) bound on ``host:port``, and its ``tcp://`` endpoint
+    (``curve=False``: an engine's SGLang replay socket). Raises ``zmq.ZMQError`` if the address cannot be
+    bound."""
+    sock = make_socket(ctx, zmq.ROUTER, curve=curve)
     try:
         sock.bind(bind_address(host, port))
     except zmq.ZMQError:

@@ -17,7 +17,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from launch import cluster, compare, compare_live, failover, replay, tail
+from launch import cluster, compare, compare_live, failover, fuzz, replay, tail
 from launch.sim import fidelity
 from launch.sim import run as simulate
 
@@ -93,6 +93,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
     )
+    fuzz.add_arguments(
+        sub.add_parser(
+            "fuzz",
+            help="hypothesis over every network decoder and raw malformed HTTP at a live router",
+            description=fuzz.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     p.add_argument("--log-level", default="INFO", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -119,6 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return compare.run_compare(args)
     if args.command == "compare-live":
         return compare_live.run_compare_live(args)
+    if args.command == "fuzz":
+        return fuzz.run_fuzz(args)
     if args.command == "fidelity":
         return fidelity.run_fidelity(args)
     return replay.run_replay(args)

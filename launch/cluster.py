@@ -35,9 +35,10 @@ from typing import Any
 
 import aiohttp
 
+from kvindex.curve import ClusterKeys, generate_cluster_keys
 from kvindex.protocol.cluster_file import ClusterFile, ProcessEntry
 from launch.procs import Child, ChildFailed, stop_all
-from launch.sglang_engines import SGLANG_MODULE, allocate_ports, parse_gpus, server_args
+from launch.sglang_engines import LOAD_MODES, SGLANG_MODULE, allocate_ports, parse_gpus, server_args
 from router.model.policies import POLICIES, add_param_arguments, param_args, params_from_namespace
 
 log = logging.getLogger("launch.cluster")
@@ -73,6 +74,8 @@ class ClusterConfig:
     engine_ready_timeout: float = 1200.0
     sglang_module: str = SGLANG_MODULE
     policy_params: tuple[tuple[str, str, float], ...] = ()
+    curve: bool = False
+    sglang_load_stream: str = "wildcard"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -168,6 +171,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=d.metrics_port,
         help="the metrics daemon's HTTP port; 0 = OS-assigned (default %(default)s)",
     )
+    p.add_argument(
+        "--curve",
+        action="store_true",
+        help="encrypt and authenticate every cluster ZeroMQ stream with CURVE: keys are made under "
+        "LOG_DIR/curve (secrets 0600), each process gets its own by environment (docs/security.md)",
+    )
     _add_engine_arguments(p)
 
 
@@ -205,6 +214,13 @@ def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=1200.0,
         help="seconds a real server has to load its model and answer /health (default %(default)s)",
+    )
+    g.add_argument(
+        "--sglang-load-stream",
+        choices=LOAD_MODES,
+        default="wildcard",
+        help="SGLang 0.5.23 binds its LoadStat stream (counts, no prompts) only on every interface: "
+        "'wildcard' does so, 'off' runs without it (no LoadReports; default %(default)s)",
     )
     g.add_argument(
         "--sglang-module", default=SGLANG_MODULE, help=argparse.SUPPRESS
@@ -270,6 +286,8 @@ def config_from_args(a: argparse.Namespace) -> ClusterConfig:
         primary_timeout=a.primary_timeout,
         metrics=a.metrics,
         metrics_port=a.metrics_port,
+        curve=a.curve,
+        sglang_load_stream=a.sglang_load_stream,
     )
 
 
@@ -287,12 +305,23 @@ class Cluster:
         self._router_port = cfg.port
         self._routers_started = 0
         self._failover: asyncio.Task[None] | None = None
+        self.keys: ClusterKeys | None = None
+        if cfg.curve:
+            names = [f"agent-{i}" for i in range(cfg.instances)] + [f"router-{i}" for i in range(64)]
+            self.keys = generate_cluster_keys(cfg.log_dir / "curve", [*names, "metrics", "tail"])
 
     def _child(self, role: str, instance: str | None, module: str, args: Sequence[str]) -> Child:
         stem = role if instance is None else f"{role}-{instance}"
         c = Child(role, instance, ["-m", module, *args], self.cfg.log_dir / f"{stem}.log")
+        self._arm(c, stem, server=role == "agent")
         self.children.append(c)
         return c
+
+    def _arm(self, c: Child, name: str, *, server: bool) -> None:
+        """With ``--curve``: the child's own key and the cluster's, by environment (engines speak
+        SGLang's protocol, which has no CURVE)."""
+        if self.keys is not None and c.role != "engine":
+            c.env.update(self.keys.env(name, server=server))
 
     async def start(self) -> None:
         """Start engines, agents, the routers and the metrics daemon, each stage waiting for READY.
@@ -348,7 +377,9 @@ class Cluster:
         engines: list[tuple[Child, dict[str, str]]] = []
         for i, gpu in enumerate(cfg.gpus):
             ports = allocate_ports(cfg.host)
-            args = server_args(cfg.model_path, cfg.host, ports, cfg.page_size, cfg.sglang_args)
+            args = server_args(
+                cfg.model_path, cfg.host, ports, cfg.page_size, cfg.sglang_args, cfg.sglang_load_stream
+            )
             c = self._child("engine", str(i), cfg.sglang_module, args)
             c.env["CUDA_VISIBLE_DEVICES"] = gpu
             eps = {
@@ -407,6 +438,7 @@ class Cluster:
         args = ["--role", role, "--host", cfg.host, "--port", str(self._router_port), "--policy", cfg.policy]
         args += param_args(cfg.policy_params)
         args += ["--decisions-port", "0", "--admin-port", "0", "--primary-timeout", str(cfg.primary_timeout)]
+        args += ["--exit-when-fenced"]
         args += [x for ep in self._agents for x in ("--agent", ep)]
         if role == "standby":
             assert self.primary is not None and self.primary.ready is not None
@@ -425,6 +457,7 @@ class Cluster:
             ["-m", "router", *self._router_args(role)],
             self.cfg.log_dir / f"router-{n}.log",
         )
+        self._arm(c, f"router-{n % 64}", server=True)
         self.children.append(c)
         await self._start_stage([c])
         return c
@@ -466,6 +499,9 @@ class Cluster:
         w = [max(len(r[i]) for r in rows) for i in range(3)]
         lines = [f"{r[0]:<{w[0]}}  {r[1]:<{w[1]}}  {r[2]:<{w[2]}}  {r[3]}" for r in rows]
         lines += [f"cluster file: {self.cfg.cluster_file}", f"logs: {self.cfg.log_dir}/"]
+        if self.keys is not None:
+            tail_env = " ".join(f"{k}={v}" for k, v in self.keys.env("tail", server=False).items())
+            lines.append(f"CURVE keys: {self.keys.root}/ (launch tail needs: {tail_env})")
         if self.metrics_url:
             lines.append(f"metrics: {self.metrics_url}/metrics")
         lines.append(f"router: {self.router_url}")

@@ -4,10 +4,15 @@ One server per GPU, started as ``python -m sglang.launch_server`` with the GPU p
 ``CUDA_VISIBLE_DEVICES``, its HTTP port, and the two flags that make it publish what the agents follow
 (SGLang 0.5.23, ``srt/disaggregation/kv_events.py`` and ``scheduler_components/load_publisher.py``):
 
-* ``--kv-events-config '{"publisher": "zmq", "endpoint": "tcp://*:KV", "replay_endpoint": "tcp://*:REPLAY",
-  "topic": "kv", "buffer_steps": 10000, "hwm": 100000}'`` — the KV event PUB stream and its replay
-  ROUTER socket. SGLang *binds* only endpoints containing ``*`` (others it connects), hence ``*``.
-* ``--load-publish-endpoint tcp://*:LOAD`` — the LoadStat PUB stream (off unless set).
+* ``--kv-events-config '{"publisher": "zmq", "endpoint": "tcp://HOST:KV", "bind": true,
+  "replay_endpoint": "tcp://HOST:REPLAY", "topic": "kv", "buffer_steps": 10000, "hwm": 100000}'`` — the
+  KV event PUB stream and its replay ROUTER socket, bound on the engine's host (``"bind": true``: without
+  it SGLang connects to a concrete host and binds only wildcards). These carry prompt token ids and have
+  no authentication (SGLang's protocol has none): the engine's host should be loopback or a private
+  address the agent reaches.
+* ``--load-publish-endpoint tcp://*:LOAD`` — the LoadStat PUB stream (counts only, no prompt content).
+  SGLang 0.5.23 binds it only on a wildcard host (``parse_bindable_tcp`` refuses a concrete one), so it
+  listens on every interface; ``load="off"`` leaves it off (the agent then publishes no LoadReport).
 
 The server advertises those ports in ``GET /server_info`` (``kv_events`` block), where the agent
 discovers them. Distinct ports per server come from the OS (bound and released just before the start).
@@ -58,13 +63,21 @@ def allocate_ports(host: str = "127.0.0.1") -> EnginePorts:
     return EnginePorts(*free_ports(4, host))
 
 
-def kv_events_config(ports: EnginePorts) -> str:
-    """The ``--kv-events-config`` JSON for a server on ``ports`` (bind on every interface, as SGLang requires)."""
+LOAD_MODES = ("wildcard", "off")
+
+
+def _tcp_host(host: str) -> str:
+    return "*" if host in ("", "*", "0.0.0.0") else (f"[{host}]" if ":" in host else host)
+
+
+def kv_events_config(ports: EnginePorts, host: str = "127.0.0.1") -> str:
+    """The ``--kv-events-config`` JSON for a server on ``ports``, its sockets bound on ``host``."""
     return json.dumps(
         {
             "publisher": "zmq",
-            "endpoint": f"tcp://*:{ports.kv}",
-            "replay_endpoint": f"tcp://*:{ports.replay}",
+            "endpoint": f"tcp://{_tcp_host(host)}:{ports.kv}",
+            "bind": True,
+            "replay_endpoint": f"tcp://{_tcp_host(host)}:{ports.replay}",
             "topic": KV_TOPIC,
             "buffer_steps": REPLAY_BUFFER_STEPS,
             "hwm": PUB_HWM,
@@ -73,19 +86,26 @@ def kv_events_config(ports: EnginePorts) -> str:
 
 
 def server_args(
-    model_path: str, host: str, ports: EnginePorts, page_size: int, extra: tuple[str, ...] = ()
+    model_path: str,
+    host: str,
+    ports: EnginePorts,
+    page_size: int,
+    extra: tuple[str, ...] = (),
+    load: str = "wildcard",
 ) -> list[str]:
-    """Arguments after ``python -m sglang.launch_server`` for one server.
+    """Arguments after ``python -m sglang.launch_server`` for one server (``load``: one of
+    :data:`LOAD_MODES`, module doc).
 
     ``extra`` (what the user put after ``--``) comes last, so it may override anything before it.
     """
+    load_ep = f"tcp://*:{ports.load}" if load == "wildcard" else "off"
     return [
         "--model-path", model_path,
         "--host", host,
         "--port", str(ports.http),
         "--page-size", str(page_size),
-        "--kv-events-config", kv_events_config(ports),
-        "--load-publish-endpoint", f"tcp://*:{ports.load}",
+        "--kv-events-config", kv_events_config(ports, host),
+        "--load-publish-endpoint", load_ep,
         *extra,
     ]  # fmt: skip
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from router.model.config import DEFAULTS, ModelConfig
 
@@ -55,6 +55,23 @@ class RouterConfig:
     admin_port: int | None = None
     takeover: str = "auto"
     policy_params: tuple[tuple[str, str, float], ...] = DEFAULTS.policy_params
+    # Security (docs/security.md; router/auth.py). Key *specs*, never keys in logs: ``file:PATH`` (one key
+    # a line), ``env:NAME`` (comma-separated) or the key itself. Hosts None = ``host``.
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    admin_keys: tuple[str, ...] = field(default=(), repr=False)
+    metrics_keys: tuple[str, ...] = field(default=(), repr=False)
+    forward_client_key: bool = False
+    engine_api_key: str | None = field(default=None, repr=False)
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    engine_ca_file: str | None = None
+    engine_tls_verify: bool = True
+    admin_host: str | None = None
+    decisions_host: str | None = None
+    metrics_host: str | None = None
+    metrics_port: int | None = None
+    peer_decisions: tuple[str, ...] = ()
+    exit_when_fenced: bool = False
 
     def __post_init__(self) -> None:
         from router.model.policies import check_policy_params
@@ -71,6 +88,10 @@ class RouterConfig:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port out of range: {self.port}")
         self._check_ha()
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            raise ValueError("--ssl-certfile and --ssl-keyfile go together")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port out of range: {self.metrics_port}")
 
     @property
     def model(self) -> ModelConfig:
@@ -308,7 +329,115 @@ def build_parser() -> argparse.ArgumentParser:
         "virtual IP it can bind only once keepalived moved it here); external: only when told with "
         "POST /router/promote on the admin port (a leader elector decides, e.g. a Kubernetes Lease)",
     )
+    _add_security_flags(p)
     return p
+
+
+def _add_security_flags(p: argparse.ArgumentParser) -> None:
+    """Keys, TLS, bind hosts and fencing (docs/security.md)."""
+    sec = p.add_argument_group(
+        "security (see docs/security.md)",
+        "KEY is file:PATH (one key a line, '#' comments), env:NAME (comma-separated keys) or the key "
+        "itself (visible in ps: prefer a file). Repeat a flag to accept several keys (rotation).",
+    )
+    key = {"action": "append", "default": [], "metavar": "KEY"}
+    sec.add_argument(
+        "--api-key",
+        dest="api_keys",
+        **key,  # type: ignore[arg-type]
+        help="require 'Authorization: Bearer KEY' on the generation endpoints and /v1/models "
+        "(/health stays open); none = open",
+    )
+    sec.add_argument(
+        "--admin-key",
+        dest="admin_keys",
+        **key,  # type: ignore[arg-type]
+        help="the key for /router/* (state, promote, peers) on every port; default: the --api-key keys",
+    )
+    sec.add_argument(
+        "--metrics-key",
+        dest="metrics_keys",
+        **key,  # type: ignore[arg-type]
+        help="the key for /metrics; default: the admin keys, else the API keys, else open",
+    )
+    sec.add_argument(
+        "--forward-client-key",
+        action="store_true",
+        help="pass the client's Authorization header on to the engine (default: dropped once the router "
+        "checks keys itself; passed through when it does not)",
+    )
+    sec.add_argument(
+        "--engine-api-key",
+        default=None,
+        metavar="KEY",
+        help="send 'Authorization: Bearer KEY' to the engines (SGLang's --api-key); one key",
+    )
+    sec.add_argument("--ssl-certfile", default=None, metavar="PATH", help="serve HTTPS with this certificate")
+    sec.add_argument("--ssl-keyfile", default=None, metavar="PATH", help="the certificate's private key")
+    sec.add_argument(
+        "--engine-ca-file", default=None, metavar="PATH", help="CA bundle to verify HTTPS engines with"
+    )
+    sec.add_argument(
+        "--no-engine-tls-verify",
+        dest="engine_tls_verify",
+        action="store_false",
+        help="do not verify HTTPS engines' certificates (testing only)",
+    )
+    sec.add_argument(
+        "--admin-host", default=None, metavar="ADDR", help="address of the admin port (default: --host)"
+    )
+    sec.add_argument(
+        "--decisions-host",
+        default=None,
+        metavar="ADDR",
+        help="address of the decision stream (default: --host); with a virtual IP as --host, this "
+        "host's own address",
+    )
+    sec.add_argument(
+        "--metrics-port",
+        type=_optional_port,
+        default=None,
+        metavar="PORT",
+        help="serve /metrics on this port instead of the HTTP port (0 = OS-assigned; default off: "
+        "/metrics on the HTTP and admin ports)",
+    )
+    sec.add_argument(
+        "--metrics-host", default=None, metavar="ADDR", help="address of --metrics-port (default: --host)"
+    )
+    sec.add_argument(
+        "--peer-decisions",
+        action="append",
+        default=[],
+        metavar="ENDPOINT",
+        help="another router's decision stream to watch for a higher fencing epoch (a standby also "
+        "registers itself with its primary on its own); repeatable",
+    )
+    sec.add_argument(
+        "--exit-when-fenced",
+        action="store_true",
+        help="exit (status 0) after stepping down for a router with a higher epoch, so a supervisor "
+        "replaces this router (launch cluster sets it)",
+    )
+
+
+def _security_kwargs(ns: argparse.Namespace) -> dict[str, object]:
+    return {
+        "api_keys": tuple(ns.api_keys),
+        "admin_keys": tuple(ns.admin_keys),
+        "metrics_keys": tuple(ns.metrics_keys),
+        "forward_client_key": ns.forward_client_key,
+        "engine_api_key": ns.engine_api_key,
+        "ssl_certfile": ns.ssl_certfile,
+        "ssl_keyfile": ns.ssl_keyfile,
+        "engine_ca_file": ns.engine_ca_file,
+        "engine_tls_verify": ns.engine_tls_verify,
+        "admin_host": ns.admin_host,
+        "decisions_host": ns.decisions_host,
+        "metrics_host": ns.metrics_host,
+        "metrics_port": ns.metrics_port,
+        "peer_decisions": tuple(ns.peer_decisions),
+        "exit_when_fenced": ns.exit_when_fenced,
+    }
 
 
 def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
@@ -342,6 +471,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
             admin_port=ns.admin_port,
             takeover=ns.takeover,
             policy_params=params_from_namespace(ns),
+            **_security_kwargs(ns),  # type: ignore[arg-type]
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -38,6 +38,7 @@ from typing import Final
 import zmq
 import zmq.asyncio
 
+from kvindex import curve
 from kvindex.protocol import (
     TOPIC_DECISIONS,
     DecisionMessage,
@@ -71,10 +72,13 @@ class DecisionPublisher:
 
     def __init__(self, host: str, port: int, router_epoch: int) -> None:
         self.router_epoch = router_epoch
+        self.term = 0
+        """The fencing epoch stamped on every frame (set by the HA node)."""
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         try:
             self._pub = Publisher(self._ctx, host, port)
-        except zmq.ZMQError:
+        except (zmq.ZMQError, curve.CurveError):
+            curve.release(self._ctx)
             self._ctx.term()
             raise
         self.endpoint = self._pub.endpoint
@@ -89,24 +93,31 @@ class DecisionPublisher:
 
     def routed(self, r: Routed, prompt_tokens: int, request_id: str | None) -> None:
         """Publish the decision ``r`` for a prompt of ``prompt_tokens`` tokens."""
-        msg = routed_message(self.router_epoch, r, prompt_tokens, request_id)
+        msg = routed_message(self.router_epoch, r, prompt_tokens, request_id, term=self.term)
         self._request_ids[r.ticket] = msg.request_id
         self.publish(TOPIC_DECISIONS, msg)
 
     def finished(self, r: Routed, status: str) -> None:
         """Publish the end of the request decided as ``r`` (``status``: the router's outcome label)."""
         rid = self._request_ids.pop(r.ticket, None)
-        self.publish(TOPIC_DECISIONS, finished_message(self.router_epoch, r, status, rid))
+        self.publish(TOPIC_DECISIONS, finished_message(self.router_epoch, r, status, rid, term=self.term))
 
     def close(self) -> None:
         """Close the socket and the context. Idempotent."""
         if not self._ctx.closed:
             self._pub.close()
+            curve.release(self._ctx)
             self._ctx.term()
 
 
 def routed_message(
-    router_epoch: int, r: Routed, prompt_tokens: int, request_id: str | None, ts: float | None = None
+    router_epoch: int,
+    r: Routed,
+    prompt_tokens: int,
+    request_id: str | None,
+    ts: float | None = None,
+    *,
+    term: int = 0,
 ) -> RequestRouted:
     """The :class:`RequestRouted` of decision ``r`` (``request_id`` made up from the ticket if None;
     ``ts`` the dispatch time, Unix seconds, now if None)."""
@@ -123,18 +134,29 @@ def routed_message(
         score=d.score,
         block_hashes=r.hashes,
         failure_cases=d.failure_cases,
+        term=term,
     )
 
 
 def finished_message(
-    router_epoch: int, r: Routed, status: str, request_id: str | None = None
+    router_epoch: int, r: Routed, status: str, request_id: str | None = None, *, term: int = 0
 ) -> RequestFinished:
     """The :class:`RequestFinished` of the request decided as ``r``."""
     rid = request_id or f"{router_epoch:x}-{r.ticket}"
-    return RequestFinished(router_epoch, rid, r.ticket, r.instance, status, time.time())
+    return RequestFinished(router_epoch, rid, r.ticket, r.instance, status, time.time(), term)
 
 
-def heartbeat_of(core: RoutingModel, router_epoch: int, role: str, http: str, pid: int) -> RouterHeartbeat:
+def heartbeat_of(
+    core: RoutingModel,
+    router_epoch: int,
+    role: str,
+    http: str,
+    pid: int,
+    *,
+    term: int = 0,
+    admin: str = "",
+    decisions: str = "",
+) -> RouterHeartbeat:
     """A :class:`RouterHeartbeat` describing ``core`` now. Does not mutate."""
     idx = core.index
     tickets = tuple(sorted(t for st in core.table for t in st.open_tickets))
@@ -150,6 +172,9 @@ def heartbeat_of(core: RoutingModel, router_epoch: int, role: str, http: str, pi
         instances_routable=core.routable_count(),
         interval=ROUTER_HEARTBEAT_INTERVAL,
         open_tickets=tickets,
+        term=term,
+        admin=admin,
+        decisions=decisions,
     )
 
 

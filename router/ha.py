@@ -19,7 +19,8 @@ primary that was merely slow keeps its port (the standby goes back to waiting wh
 Once bound, the standby closes its decision subscription, releases the dispatches it mirrored (their
 requests died with the primary's connections), starts serving from its warm state and heartbeats as
 ``primary``: a new standby can follow it. Across machines the port check means nothing; a virtual IP
-(keepalived) or a Kubernetes Lease decides instead (docs/ha.md).
+(keepalived) or a Kubernetes Lease decides instead (docs/ha.md). Whichever way two routers came to serve
+at once (a frozen primary resumed, a split healed), the fencing epoch settles it: :mod:`router.fence`.
 
 Requests that can fail: those the primary had accepted when it died (their connections close with it),
 and connections made while no process listens (between the primary's death and the standby's bind the
@@ -29,6 +30,7 @@ kernel refuses them). Every request that connects after the bind is served by th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -38,17 +40,22 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
+import zmq
 from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from kvindex.protocol import TOPIC_ROUTER_HEARTBEAT
+from kvindex.protocol import TOPIC_ROUTER_HEARTBEAT, RouterHeartbeat
+from kvindex.protocol.numbered import DecisionReceived
+from router import auth
 from router.decisions import (
     ROUTER_HEARTBEAT_INTERVAL,
     DecisionPublisher,
     DecisionSubscriber,
     heartbeat_of,
 )
+from router.fence import Fence
 from router.model.mirror import DecisionMirror
 
 if TYPE_CHECKING:
@@ -93,6 +100,12 @@ class HANode:
         self.cfg = cfg
         self.role = cfg.role
         self.epoch = secrets.randbelow(2**62 - 1) + 1
+        """This process's incarnation id (random; not comparable between routers)."""
+        self.fence = Fence(1 if cfg.role == "primary" else 0, self.epoch, cfg.primary_timeout)
+        self.fenced = asyncio.Event()
+        """Set once this router stepped down for a primary with a higher epoch."""
+        self.peers: DecisionSubscriber | None = None
+        self._registered_with: str | None = None
         self.publisher: DecisionPublisher | None = None
         self.follower: DecisionSubscriber | None = None
         self.mirror = DecisionMirror(server.core)
@@ -105,6 +118,8 @@ class HANode:
         self._started = time.monotonic()
         self._admin: web.AppRunner | None = None
         self.admin_url: str | None = None
+        self._metrics_site: web.AppRunner | None = None
+        self.metrics_url: str | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._promoted = asyncio.Event()
         self._promoting = False
@@ -116,16 +131,20 @@ class HANode:
         the following and the takeover watch. Raises ``OSError`` / ``zmq.ZMQError`` on a bind failure."""
         server, cfg = self.server, self.cfg
         if cfg.decisions_port is not None:
-            self.publisher = DecisionPublisher(cfg.host, cfg.decisions_port, self.epoch)
+            self.publisher = DecisionPublisher(cfg.decisions_host or cfg.host, cfg.decisions_port, self.epoch)
+            self.publisher.term = self.fence.term
             server.decisions = self.publisher
         server.extra_state = self.state_json
         server.metrics.registry.register(_HACollector(self))
+        server.middlewares.append(self._gate)
         await server.start(bind=self.role == "primary")
         loop = asyncio.get_running_loop()
+        self.peers = DecisionSubscriber(cfg.peer_decisions, self._on_peer, ctx=server.subscriber.ctx)
+        self.peers.start()
         if self.role == "standby":
             assert cfg.primary_decisions is not None  # RouterConfig checks it
             self.follower = DecisionSubscriber(
-                [cfg.primary_decisions], self.mirror.on_message, ctx=server.subscriber.ctx
+                [cfg.primary_decisions], self._on_primary_stream, ctx=server.subscriber.ctx
             )
             self.follower.start()
             self._started = time.monotonic()
@@ -135,6 +154,8 @@ class HANode:
             self._tasks.append(loop.create_task(self._beat(), name="ha-heartbeat"))
         if cfg.admin_port is not None:
             await self._start_admin(cfg.admin_port)
+        if cfg.metrics_port is not None:
+            await self._start_metrics(cfg.metrics_port)
         log.info(
             "router %s (epoch %x): decisions %s, admin %s%s",
             self.role,
@@ -147,12 +168,18 @@ class HANode:
     def endpoints(self) -> dict[str, str]:
         """The READY line's endpoints: ``http`` (served, or to be served after a takeover), ``decisions``
         and ``admin`` when on."""
-        http = self.server.url if self.server.port else f"http://{self.cfg.host}:{self.cfg.port}"
+        http = (
+            self.server.url
+            if self.server.port
+            else f"{auth.scheme(self.cfg)}://{self.cfg.host}:{self.cfg.port}"
+        )
         eps = {"http": http}
         if self.publisher is not None:
             eps["decisions"] = self.publisher.endpoint
         if self.admin_url is not None:
             eps["admin"] = self.admin_url
+        if self.metrics_url is not None:
+            eps["metrics"] = self.metrics_url
         return eps
 
     async def wait_for_primary(self, timeout: float) -> bool:
@@ -170,25 +197,43 @@ class HANode:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-        if self.follower is not None:
-            await self.follower.close()
-        if self._admin is not None:
-            await self._admin.cleanup()
-            self._admin = None
+        for sub in (self.follower, self.peers):
+            if sub is not None:
+                await sub.close()
+        for runner in (self._admin, self._metrics_site):
+            if runner is not None:
+                await runner.cleanup()
+        self._admin = self._metrics_site = None
         await self.server.stop()
         if self.publisher is not None:
             self.publisher.close()
 
     async def _start_admin(self, port: int) -> None:
-        app = web.Application()
+        app = web.Application(middlewares=[self.server.access.middleware])
         app.router.add_get("/health", self._handle_admin_health)
-        app.router.add_get("/metrics", self._handle_admin_metrics)
+        if self.cfg.metrics_port is None:
+            app.router.add_get("/metrics", self._handle_admin_metrics)
         app.router.add_get("/router/state", self._handle_admin_state)
         app.router.add_post("/router/promote", self._handle_promote)
-        self._admin = web.AppRunner(app, access_log=None)
-        await self._admin.setup()
-        await web.TCPSite(self._admin, self.cfg.host, port).start()
-        self.admin_url = f"http://{self.cfg.host}:{int(self._admin.addresses[0][1])}"
+        app.router.add_post("/router/peers", self._handle_peers)
+        self._admin, self.admin_url = await self._site(app, self.cfg.admin_host or self.cfg.host, port)
+
+    async def _start_metrics(self, port: int) -> None:
+        app = web.Application(middlewares=[self.server.access.middleware])
+        app.router.add_get("/metrics", self._handle_admin_metrics)
+        app.router.add_get("/health", self._handle_admin_health)
+        host = self.cfg.metrics_host or self.cfg.host
+        self._metrics_site, self.metrics_url = await self._site(app, host, port)
+
+    async def _site(self, app: web.Application, host: str, port: int) -> tuple[web.AppRunner, str]:
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port, ssl_context=self.server.ssl).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        return runner, f"{auth.scheme(self.cfg)}://{host}:{int(runner.addresses[0][1])}"
 
     # -------------------------------------------------------------------------------------- following
 
@@ -200,6 +245,8 @@ class HANode:
         hb_at = self.mirror.heartbeat_at
         if hb_at is None:  # never heard from it: allow one timeout from our start to connect
             return now - self._started <= self.cfg.primary_timeout
+        if self.mirror.primary is not None and self.mirror.primary.role == "fenced":
+            return False
         return f.connected(self.cfg.primary_decisions) and now - hb_at <= self.cfg.primary_timeout
 
     async def _watch(self) -> None:
@@ -248,9 +295,12 @@ class HANode:
             sock.close()
             return
         self._promoting = True
-        if self.follower is not None:
-            await self.follower.close()
+        # The old primary's stream stays open: no more mirroring (the role check in
+        # _on_primary_stream), but if that router comes back it is seen, and fenced (router/fence.py).
         released = self.mirror.release()
+        self.fence.term = self.fence.promotion_term()
+        if self.publisher is not None:
+            self.publisher.term = self.fence.term
         await self.server.bind(sock)
         self.role = "primary"
         self.takeovers += 1
@@ -259,8 +309,9 @@ class HANode:
         self._promoted.set()
         lost = self.primary_lost_at
         log.warning(
-            "took over as primary on %s %.0f ms after the primary was seen gone; %d mirrored dispatches "
-            "released; index %d blocks",
+            "took over as primary (epoch %d) on %s %.0f ms after the primary was seen gone; %d mirrored "
+            "dispatches released; index %d blocks",
+            self.fence.term,
             self.server.url,
             1000 * (self.promoted_at - lost) if lost else 0.0,
             released,
@@ -276,16 +327,124 @@ class HANode:
     def _publish_heartbeat(self) -> None:
         if self.publisher is None:
             return
-        hb = heartbeat_of(self.server.core, self.epoch, self.role, self.endpoints()["http"], os.getpid())
+        hb = heartbeat_of(
+            self.server.core,
+            self.epoch,
+            self.role,
+            self.endpoints()["http"],
+            os.getpid(),
+            term=self.fence.term,
+            admin=self.admin_url or "",
+            decisions=self.publisher.endpoint,
+        )
         self.publisher.publish(TOPIC_ROUTER_HEARTBEAT, hb)
 
     async def _beat(self) -> None:
         while True:
+            self.fence.beat()
             try:
                 self._publish_heartbeat()
             except Exception:  # a bug here must not stop the heartbeat for good
                 log.exception("router heartbeat failed")
             await asyncio.sleep(ROUTER_HEARTBEAT_INTERVAL)
+
+    # -------------------------------------------------------------------------------------- fencing
+
+    def _on_primary_stream(self, rec: DecisionReceived) -> None:
+        """The followed primary's stream: mirrored while standing by, watched for its epoch always."""
+        if self.role == "standby":
+            self.mirror.on_message(rec)
+        if isinstance(rec.msg, RouterHeartbeat):
+            self._observe(rec.msg)
+            if self.role == "standby" and rec.msg.role == "primary":
+                self._register_with(rec.msg)
+
+    def _on_peer(self, rec: DecisionReceived) -> None:
+        if isinstance(rec.msg, RouterHeartbeat):
+            self._observe(rec.msg)
+
+    def _observe(self, hb: RouterHeartbeat) -> None:
+        if self.fence.observe(hb) and self.role == "primary":
+            self._tasks.append(asyncio.get_running_loop().create_task(self._step_down(hb), name="fence"))
+
+    async def _step_down(self, hb: RouterHeartbeat) -> None:
+        if self.role != "primary":
+            return
+        self.role = "fenced"
+        self.fence.fenced_by = hb
+        await self.server.unbind()
+        self._publish_heartbeat()
+        log.error(
+            "FENCED: router %x serves %s as primary with epoch %d > this router's %d; stopped serving and "
+            "released %s:%d",
+            hb.router_epoch,
+            hb.http,
+            hb.term,
+            self.fence.term,
+            self.cfg.host,
+            self.server.port,
+        )
+        self.fenced.set()
+
+    @web.middleware
+    async def _gate(
+        self, request: web.Request, handler: Any
+    ) -> web.StreamResponse:  # an aiohttp middleware on the HTTP port
+        while self.role == "primary" and self.fence.suspect():
+            await asyncio.sleep(0.01)
+        if self.role != "primary":
+            body = {
+                "error": {
+                    "message": "this router was fenced by a primary with a higher epoch",
+                    "type": "service_unavailable",
+                    "param": None,
+                    "code": 503,
+                }
+            }
+            return web.json_response(body, status=503, headers={"Connection": "close"})
+        resp: web.StreamResponse = await handler(request)
+        if not resp.prepared:  # which router answered, and under which epoch
+            resp.headers["X-Router-Epoch"] = f"{self.fence.term}:{self.epoch:x}"
+        return resp
+
+    def _register_with(self, hb: RouterHeartbeat) -> None:
+        """Once per primary: ask it to watch this standby's stream (so it sees a takeover)."""
+        if not hb.admin or self.publisher is None or self._registered_with == hb.admin:
+            return
+        self._registered_with = hb.admin
+        self._tasks.append(asyncio.get_running_loop().create_task(self._register(hb.admin), name="register"))
+
+    async def _register(self, admin: str) -> None:
+        key = self.server.access.client_key
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        ssl_ctx = auth.client_ssl(self.cfg)
+        body = {"decisions": self.publisher.endpoint if self.publisher else ""}
+        for attempt in range(20):
+            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                async with (
+                    aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as s,
+                    s.post(f"{admin}/router/peers", json=body, headers=headers, ssl=ssl_ctx) as r,
+                ):
+                    if r.status == 200:
+                        log.info("registered with the primary at %s as its peer", admin)
+                        return
+                    log.warning("primary at %s refused the peer registration: %d", admin, r.status)
+                    if r.status in (401, 403, 404):
+                        return
+            await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
+
+    async def _handle_peers(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+            ep = body["decisions"]
+            if not isinstance(ep, str) or not ep.startswith("tcp://") or len(ep) > 200:
+                raise ValueError("decisions must be a tcp:// endpoint")
+            assert self.peers is not None
+            self.peers.add_endpoint(ep)
+        except (ValueError, KeyError, TypeError, zmq.ZMQError) as exc:
+            return web.json_response({"error": f"bad peer registration: {exc}"}, status=400)
+        log.info("watching peer decision stream %s", ep)
+        return web.json_response({"peers": list(self.peers.endpoints)})
 
     # ----------------------------------------------------------------------------------------- state
 
@@ -298,6 +457,13 @@ class HANode:
             "role": self.role,
             "pid": os.getpid(),
             "router_epoch": f"{self.epoch:x}",
+            "term": self.fence.term,
+            "highest_term_seen": self.fence.highest.term if self.fence.highest else None,
+            "fenced_by": None
+            if self.fence.fenced_by is None
+            else {"http": self.fence.fenced_by.http, "term": self.fence.fenced_by.term},
+            "stalls": self.fence.stalls,
+            "peers": list(self.peers.endpoints) if self.peers else [],
             "decisions": self.publisher.endpoint if self.publisher else None,
             "admin": self.admin_url,
             "following": self.cfg.primary_decisions if self.cfg.role == "standby" else None,
@@ -349,9 +515,15 @@ class _HACollector(Collector):
     def collect(self) -> Iterator[Metric]:
         n = self._node
         role = GaugeMetricFamily("router_role", "1 for this router's current role", labels=["role"])
-        for r in ("primary", "standby"):
+        for r in ("primary", "standby", "fenced"):
             role.add_metric([r], 1.0 if n.role == r else 0.0)
         yield role
+        yield GaugeMetricFamily("router_epoch", "This router's fencing epoch (term)", value=n.fence.term)
+        yield CounterMetricFamily(
+            "router_fenced",
+            "Times this router stopped serving for a primary with a higher epoch",
+            value=1 if n.fence.fenced_by is not None else 0,
+        )
         yield CounterMetricFamily(
             "router_takeovers", "Times this router took the port over", value=n.takeovers
         )

@@ -8,14 +8,19 @@ of their own). Composition lives here so that the HTTP shell (:mod:`router.serve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+import signal
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 import zmq
 
+from kvindex.curve import CurveError
 from kvindex.protocol.ready import announce_ready
 from kvindex.protocol.tokenizer import TokenizerError
 from kvindex.transport import Stop, run_process, stop_signals
+from router.auth import AuthConfigError
 from router.config import RouterConfig, parse_args
 from router.ha import HANode
 from router.server import RouterServer
@@ -44,9 +49,28 @@ async def serve(
         await _run(cfg, stopped, on_ready)
 
 
+async def _first(*aws: Coroutine[Any, Any, Any]) -> None:
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def _reload_keys(server: RouterServer) -> None:
+    try:
+        server.access.reload()
+    except AuthConfigError as exc:
+        log.error("SIGHUP: keys not reloaded, the old ones stay: %s", exc)
+
+
 async def _run(cfg: RouterConfig, stop: Stop, on_ready: Callable[[RouterServer], None] | None) -> None:
     server = RouterServer(cfg)
     node = HANode(server)
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        loop.add_signal_handler(signal.SIGHUP, _reload_keys, server)
     try:
         await node.start()
         if cfg.warmup_timeout > 0 and not await server.warm_up(cfg.warmup_timeout):
@@ -62,8 +86,9 @@ async def _run(cfg: RouterConfig, stop: Stop, on_ready: Callable[[RouterServer],
             on_ready(server)
         else:
             announce_ready(f"router-{cfg.role}", node.endpoints())
-        await stop.wait()
-        log.info("router shutting down")
+        waits = [stop.wait()] + ([node.fenced.wait()] if cfg.exit_when_fenced else [])
+        await _first(*waits)
+        log.info("router shutting down%s", " (fenced)" if node.fenced.is_set() else "")
     finally:
         await node.stop()
 
@@ -76,5 +101,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         lambda: serve(cfg),
         what="the router",
         log_level=cfg.log_level,
-        fatal=(OSError, zmq.ZMQError, TokenizerError),
+        fatal=(OSError, zmq.ZMQError, TokenizerError, AuthConfigError, CurveError),
     )

@@ -31,6 +31,7 @@ from aiohttp import web
 from kvindex.hashing import BlockHash, block_hashes
 from kvindex.protocol.http import PARSERS, PATHS, GenerationRequest, RequestError, error_body
 from kvindex.protocol.tokenizer import Tokenizer, load_tokenizer
+from router import auth
 from router.config import RouterConfig
 from router.decisions import DecisionPublisher
 from router.forward import ConnectFailed, Outcome, forward
@@ -93,6 +94,10 @@ class RouterServer:
         self.core = RoutingModel(cfg.model, self._request_snapshot)
         self.subscriber = Subscriber(cfg.agents, self._on_agent_message)
         self.metrics = RouterMetrics(self.core, self.subscriber)
+        self.access = auth.Access(cfg, self.metrics.registry)
+        self.ssl = auth.server_ssl(cfg)
+        self.middlewares: list[Any] = []
+        """Extra aiohttp middlewares, inside the key check (the HA node's fence gate)."""
         self.port = 0
         self._started_at = int(time.time())
         self._session: aiohttp.ClientSession | None = None
@@ -112,18 +117,20 @@ class RouterServer:
     @property
     def url(self) -> str:
         """``http://host:port`` actually bound (valid after :meth:`start`)."""
-        return f"http://{self.cfg.host}:{self.port}"
+        return f"{auth.scheme(self.cfg)}://{self.cfg.host}:{self.port}"
 
     # ------------------------------------------------------------------------------------- lifecycle
 
     def make_app(self) -> web.Application:
         """The aiohttp application (routes only; no sockets)."""
-        app = web.Application(client_max_size=CLIENT_MAX_SIZE, middlewares=[json_http_errors])
+        middlewares = [json_http_errors, self.access.middleware, *self.middlewares]
+        app = web.Application(client_max_size=CLIENT_MAX_SIZE, middlewares=middlewares)
         for path in PATHS:
             app.router.add_post(path, self._handle_generation)
         app.router.add_get("/v1/models", self._handle_models)
         app.router.add_get("/health", self._handle_health)
-        app.router.add_get("/metrics", self._handle_metrics)
+        if self.cfg.metrics_port is None:  # else on its own port (router.ha)
+            app.router.add_get("/metrics", self._handle_metrics)
         app.router.add_get("/router/state", self._handle_state)
         return app
 
@@ -134,7 +141,9 @@ class RouterServer:
         self.subscriber.start()
         connect = min(10.0, self.cfg.request_timeout)
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=8192, limit_per_host=4096, keepalive_timeout=30),
+            connector=aiohttp.TCPConnector(
+                limit=8192, limit_per_host=4096, keepalive_timeout=30, ssl=auth.client_ssl(self.cfg)
+            ),
             timeout=aiohttp.ClientTimeout(total=self.cfg.request_timeout, sock_connect=connect),
         )
         self._runner = web.AppRunner(
@@ -159,12 +168,23 @@ class RouterServer:
         assert self._runner is not None, "server not started"
         if sock is None:
             site: web.BaseSite = web.TCPSite(
-                self._runner, self.cfg.host, self.cfg.port, reuse_address=True, reuse_port=False
+                self._runner,
+                self.cfg.host,
+                self.cfg.port,
+                reuse_address=True,
+                reuse_port=False,
+                ssl_context=self.ssl,
             )
         else:
-            site = web.SockSite(self._runner, sock)
+            site = web.SockSite(self._runner, sock, ssl_context=self.ssl)
         await site.start()
         self.port = int(self._runner.addresses[0][1])
+
+    async def unbind(self) -> None:
+        """Stop listening on the HTTP port (requests already accepted finish). Idempotent."""
+        if self._runner is not None:
+            for site in list(self._runner.sites):
+                await site.stop()
 
     async def warm_up(self, timeout: float) -> bool:
         """Wait until every configured agent has a routable instance, at most ``timeout`` seconds.

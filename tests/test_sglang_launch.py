@@ -29,9 +29,14 @@ def test_server_args_publish_events_replay_and_load() -> None:
     args = server_args("/models/llama", "127.0.0.1", EnginePorts(8000, 8001, 8002, 8003), 16, ("--tp", "1"))
     assert args[:6] == ["--model-path", "/models/llama", "--host", "127.0.0.1", "--port", "8000"]
     kv = json.loads(args[args.index("--kv-events-config") + 1])
-    assert kv["publisher"] == "zmq" and kv["endpoint"] == "tcp://*:8001"
-    assert kv["replay_endpoint"] == "tcp://*:8002" and kv["topic"] == "kv"
+    # the KV stream and replay carry prompt token ids: bound on the engine's host, never on "*"
+    assert kv["publisher"] == "zmq" and kv["endpoint"] == "tcp://127.0.0.1:8001" and kv["bind"] is True
+    assert kv["replay_endpoint"] == "tcp://127.0.0.1:8002" and kv["topic"] == "kv"
+    # SGLang 0.5.23 binds the load stream (counts only) on a wildcard host or not at all
     assert args[args.index("--load-publish-endpoint") + 1] == "tcp://*:8003"
+    off = server_args("/m", "10.0.0.5", EnginePorts(8000, 8001, 8002, 8003), 16, load="off")
+    assert off[off.index("--load-publish-endpoint") + 1] == "off"
+    assert json.loads(off[off.index("--kv-events-config") + 1])["endpoint"] == "tcp://10.0.0.5:8001"
     assert args[args.index("--page-size") + 1] == "16"
     assert args[-2:] == ["--tp", "1"]  # the user's extra arguments come last
 

@@ -296,7 +296,7 @@ class ReplayClient:
 
     def _socket(self) -> zmq.asyncio.Socket:
         if self._sock is None:
-            sock = make_socket(self._ctx, zmq.DEALER)
+            sock = make_socket(self._ctx, zmq.DEALER, curve=False)  # SGLang's replay: no CURVE
             sock.connect(self.endpoint)
             self._sock = sock
         return self._sock

@@ -55,6 +55,7 @@ from agents.agent.engine_link import (
 from agents.agent.frames import decode_kv_frame, decode_load_frame, decode_snapshot_request, without_token_ids
 from agents.agent.health import EngineHealth, Health
 from agents.agent.kv_follower import KvFollower
+from kvindex import curve
 from kvindex import protocol as wire
 from kvindex.logutil import RateLimitedLog
 from kvindex.mirror import BlockMirror
@@ -209,6 +210,7 @@ class Agent:
             s.close(linger=0)
         self._sockets = []
         if self._ctx is not None:
+            curve.release(self._ctx)  # its ZAP handler, if CURVE is on
             self._ctx.term()
             self._ctx = None
         if self._session is not None:
@@ -217,7 +219,7 @@ class Agent:
 
     def _sub(self, endpoint: str, topic: bytes) -> zmq.asyncio.Socket:
         assert self._ctx is not None
-        s: zmq.asyncio.Socket = subscribe(self._ctx, endpoint, topic, hwm=RCVHWM)
+        s: zmq.asyncio.Socket = subscribe(self._ctx, endpoint, topic, hwm=RCVHWM, curve=False)
         self._sockets.append(s)
         return s
 

@@ -119,7 +119,7 @@ class EngineServer:
         self.endpoints[name] = f"tcp://{self.cfg.host}:{port}"
 
     def _publisher(self, name: str, port: int) -> Publisher:
-        pub = Publisher(self._actx, self.cfg.host, port)
+        pub = Publisher(self._actx, self.cfg.host, port, curve=False)  # SGLang's protocol: no CURVE
         self._pubs.append(pub)
         self._advertise(name, pub.port)
         return pub
@@ -129,7 +129,9 @@ class EngineServer:
         cfg = self.cfg
         self._wake = asyncio.Event()
         self._kv_pub = self._publisher("kv", cfg.kv_events_port)
-        self._replay_sock, replay_endpoint = bind_router(self._actx, cfg.host, cfg.kv_replay_port)
+        self._replay_sock, replay_endpoint = bind_router(
+            self._actx, cfg.host, cfg.kv_replay_port, curve=False
+        )
         self._advertise("replay", int(replay_endpoint.rsplit(":", 1)[1]))
         self._load_pub = self._publisher("load", cfg.load_port)
         self._runner = web.AppRunner(

@@ -2,8 +2,11 @@
 
 Pure. Multipart ``(topic, seq as 8-byte big-endian, payload)`` like an agent's stream, one sequence number
 across both topics, payloads msgpack maps tagged by ``"type"`` (coded by :mod:`kvindex.protocol.messages`).
-``router_epoch`` changes whenever the router process restarts (its seq restarts at 0). Delivery is at most
-once (PUB/SUB): a follower detects a lost frame by the seq and counts it.
+``router_epoch`` changes whenever the router process restarts (its seq restarts at 0): a random
+incarnation id, not comparable between routers. ``term`` is the fencing epoch: a router started as
+primary has term 1, a standby takes ``1 +`` the highest term it has seen when it takes over, and a router
+that sees a primary with a higher ``(term, router_epoch)`` than its own stops serving (``router/fence.py``).
+Delivery is at most once (PUB/SUB): a follower detects a lost frame by the seq and counts it.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ class RequestRouted:
     score: float
     block_hashes: tuple[int, ...] = ()
     failure_cases: tuple[str, ...] = ()
+    term: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,14 +58,17 @@ class RequestFinished:
     instance: str
     status: str
     ts: float
+    term: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class RouterHeartbeat:
     """Liveness and role of a router (topic ``router-hb``), sent every ``interval`` seconds.
 
-    ``role`` is ``"primary"`` (serving ``http``) or ``"standby"`` (following a primary, ready to take
-    ``http`` over). The counts are the router's at ``ts`` (wall clock, Unix seconds): distinct blocks in
+    ``role`` is ``"primary"`` (serving ``http``), ``"standby"`` (following a primary, ready to take
+    ``http`` over) or ``"fenced"`` (a former primary that saw a higher term and stopped serving).
+    ``term`` is its fencing epoch (module doc); ``admin`` and ``decisions`` its admin URL and decision
+    stream endpoint ("" when off). The counts are the router's at ``ts`` (wall clock, Unix seconds): distinct blocks in
     its index, speculative entries, requests in flight, routable instances. ``open_tickets`` are the
     tickets of its requests in flight: a follower that lost a ``RequestFinished`` (a seq gap) forgets
     every mirrored ticket not listed, since the frames of one stream arrive in publishing order.
@@ -78,6 +85,9 @@ class RouterHeartbeat:
     instances_routable: int = 0
     interval: float = 0.1
     open_tickets: tuple[int, ...] = ()
+    term: int = 0
+    admin: str = ""
+    decisions: str = ""
 
 
 DecisionMessage: TypeAlias = RequestRouted | RequestFinished | RouterHeartbeat

@@ -67,6 +67,8 @@ _FIELD_TYPES: Final[dict[str, tuple[type, ...]]] = {
     "status": (str,),
     "role": (str,),
     "http": (str,),
+    "admin": (str,),
+    "decisions": (str,),
 }
 
 

@@ -1,0 +1,28 @@
+"""``python -m launch fuzz`` with a few hundred examples per target: no crash, the live router alive."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="open finding: after the raw-HTTP examples, with 50 slow senders connected, the router sometimes "
+    "does not answer /health within 3 x 5 s on a loaded 2-CPU machine (not reproduced on a fresh router)",
+)
+def test_fuzz_benchmark_small_finds_no_crash() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "launch", "fuzz", "--examples", "200"],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "9 targets" in out.stdout and ", 0 crashes" in out.stdout
