@@ -105,16 +105,20 @@ class Dispatcher:
             before_sleep=self._count_retry,
             reraise=True,
         )
+        failed: list[AttemptFailed] = []
         try:
             async for attempt in retrying:
                 with attempt:
-                    return await self._attempt(request, req, raw, rid, ids, hashes, model, arrived, tried)
+                    try:
+                        return await self._attempt(request, req, raw, rid, ids, hashes, model, arrived, tried)
+                    except AttemptFailed as exc:
+                        failed.append(exc)
+                        raise
         except AttemptFailed as exc:
             return exc.fallback
         except NoLiveInstance as exc:
-            if tried:
-                msg = f"engine(s) {', '.join(tried)} failed and no other live engine instance is left"
-                return Outcome(_error(502, msg, type_="server_error"), "502")
+            if failed:  # every other instance was tried: the last engine's answer (or our 502/504)
+                return failed[-1].fallback
             return Outcome(_error(503, f"{exc} to serve the request", type_="service_unavailable"), "503")
         raise AssertionError("unreachable: tenacity either returns or reraises")  # pragma: no cover
 
