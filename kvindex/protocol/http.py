@@ -262,8 +262,9 @@ _AT = re.compile(r" - at `\$(.*)`$")
 
 
 def _param(path: str) -> str | None:
-    """``$.messages[0].role`` (msgspec's path) as ``messages[0].role``; the root as None."""
-    return path.lstrip(".") or None
+    """``$.messages[0].role`` (msgspec's path) as ``messages[0].role``; a map's value (msgspec's
+    ``[...]``) as the map; the root as None."""
+    return path.replace("[...]", "").lstrip(".") or None
 
 
 def _validation_error(exc: msgspec.ValidationError) -> RequestError:
