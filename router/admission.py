@@ -45,7 +45,7 @@ class Admission:
         self.queue_timeout = queue_timeout
         self.inflight = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
-        self.rejected: dict[str, int] = {"queue_full": 0, "queue_timeout": 0}
+        self.rejected: dict[str, int] = {"queue_full": 0, "queue_timeout": 0, "overloaded": 0}
 
     @property
     def queued(self) -> int:

@@ -28,7 +28,9 @@ class RouterConfig:
     per-instance circuit breakers (:mod:`router.breaker`); ``stall_after`` the longest silence of an
     engine's load stream before it is ejected as stalled (0 = off); ``max_inflight_per_instance`` x
     routable instances requests in flight, ``max_queue`` waiting at most ``queue_timeout`` s, the rest 429
-    (:mod:`router.admission`); ``max_body_size`` bytes per request body (413 above).
+    (:mod:`router.admission`); while every routable instance has at least ``max_queued_prefill_tokens``
+    queued prefill tokens (0 = no such bound), new requests get 429 at once; ``max_body_size`` bytes per
+    request body (413 above).
 
     High availability (:mod:`router.ha`): a ``primary`` serves ``port``; a ``standby`` follows the
     primary's decision stream at ``primary_decisions`` and takes ``port`` over once the primary is gone
@@ -61,6 +63,7 @@ class RouterConfig:
     max_ejected: float = 0.5
     stall_after: float = 3.0
     max_inflight_per_instance: int = 256
+    max_queued_prefill_tokens: int = 65536
     max_queue: int = 1024
     queue_timeout: float = 2.0
     max_body_size: int = 64 * 2**20
@@ -88,7 +91,12 @@ class RouterConfig:
         for name in ("breaker_failures", "max_inflight_per_instance", "max_body_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.retry_backoff < 0 or self.stall_after < 0 or self.max_queue < 0:
+        if (
+            self.retry_backoff < 0
+            or self.stall_after < 0
+            or self.max_queue < 0
+            or self.max_queued_prefill_tokens < 0
+        ):
             raise ValueError("retry_backoff, stall_after and max_queue must be >= 0")
         if not 0 <= self.max_ejected <= 1:
             raise ValueError(f"max_ejected must be in [0, 1], got {self.max_ejected}")
@@ -386,6 +394,12 @@ def _add_robustness_flags(p: argparse.ArgumentParser, d: RouterConfig) -> None:
         help="requests in flight through the router, per routable instance; more wait in the queue",
     )  # fmt: skip
     g.add_argument(
+        "--max-queued-prefill-tokens", type=_non_negative_int, default=d.max_queued_prefill_tokens, metavar="N",
+        help="while every routable instance has at least N prefill tokens queued (its last load report plus "
+        "the router's own dispatches), new requests get 429 at once: the engines' queues are the queue "
+        "(0 = no such bound)",
+    )  # fmt: skip
+    g.add_argument(
         "--max-queue", type=_non_negative_int, default=d.max_queue, metavar="N",
         help="requests waiting for a slot; beyond: 429 with Retry-After at once",
     )  # fmt: skip
@@ -426,6 +440,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
             max_ejected=ns.max_ejected,
             stall_after=ns.stall_after,
             max_inflight_per_instance=ns.max_inflight_per_instance,
+            max_queued_prefill_tokens=ns.max_queued_prefill_tokens,
             max_queue=ns.max_queue,
             queue_timeout=ns.queue_timeout,
             max_body_size=ns.max_body_size,

@@ -37,7 +37,7 @@ from tenacity.wait import wait_random_exponential
 from kvindex.protocol.http import GenerationRequest, error_body
 from router.breaker import Breakers
 from router.config import RouterConfig
-from router.forward import Attempt, AttemptFailed, Outcome, Timeouts, forward, with_rid
+from router.forward import INSTANCE_HEADER, Attempt, AttemptFailed, Outcome, Timeouts, forward, with_rid
 from router.metrics import RouterMetrics
 from router.model.model import NoLiveInstance, RoutingModel
 
@@ -165,6 +165,7 @@ class Dispatcher:
             return out
         except AttemptFailed as exc:
             status = exc.kind
+            exc.fallback.response.headers.setdefault(INSTANCE_HEADER, inst)
             self._failed(inst, exc.kind, url, rid, accepted=exc.accepted)
             raise
         except asyncio.CancelledError:

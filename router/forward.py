@@ -12,6 +12,7 @@ client* (:class:`AttemptFailed`), which the caller may retry on another instance
 * a non-streamed body, or a stream before its first chunk, breaks off or goes idle;
 * the instance was declared down meanwhile (:attr:`Attempt.killed`, set by the router's tick).
 
+Every answer from an engine, and every error about one, carries ``X-Router-Instance: <instance>``.
 The client's response is prepared only when the stream's first chunk has arrived, so that everything
 before it can be retried. After it, chunks are written as they arrive (nothing buffered: ``write``
 waits for the client, so a slow client slows the engine's reading, never the router's memory); a
@@ -37,6 +38,8 @@ from kvindex.protocol.http import error_body
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _FORWARDED_HEADERS = ("Authorization", "X-Request-Id")
+INSTANCE_HEADER = "X-Router-Instance"
+"""Response header naming the instance that answered (or whose failure is being reported)."""
 ERROR_BODY_LIMIT = 65536
 """Bytes of an engine's error body kept (the rest is dropped)."""
 
@@ -252,7 +255,9 @@ async def _pass_whole(
         _uncancel()
         raise _fail("instance_down", 502, f"instance {attempt.instance} went down") from None
     ctype = upstream.headers.get("Content-Type", "application/json")
-    resp = web.Response(status=upstream.status, body=data, headers={"Content-Type": ctype})
+    resp = web.Response(
+        status=upstream.status, body=data, headers={"Content-Type": ctype, INSTANCE_HEADER: attempt.instance}
+    )
     if upstream.status == 429 and "Retry-After" in upstream.headers:
         resp.headers["Retry-After"] = upstream.headers["Retry-After"]
     return Outcome(resp, str(upstream.status), e2e=time.monotonic() - arrived)
@@ -287,7 +292,7 @@ async def _pass_stream(
         raise _fail("instance_down", 502, f"instance {attempt.instance} went down") from None
     if not first:
         raise _fail("broken", 502, "engine ended the stream before its first chunk")
-    resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
+    resp = web.StreamResponse(status=200, headers={**SSE_HEADERS, INSTANCE_HEADER: attempt.instance})
     try:
         await resp.prepare(request)
     except ConnectionResetError:

@@ -108,11 +108,12 @@ class RouterMetrics:
         )
         self.rejected = Counter(
             "router_rejected_total",
-            "Requests refused before routing, by reason (queue_full, queue_timeout: 429; body_too_large: 413)",
+            "Requests refused before routing, by reason (queue_full, queue_timeout, overloaded: 429; "
+            "body_too_large: 413)",
             ["reason"],
             registry=r,
         )
-        for reason in ("queue_full", "queue_timeout", "body_too_large"):
+        for reason in ("queue_full", "queue_timeout", "overloaded", "body_too_large"):
             self.rejected.labels(reason)
         self.queue_wait = Histogram(
             "router_queue_wait_seconds",

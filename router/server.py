@@ -124,6 +124,14 @@ class RouterServer:
     def decisions(self, publisher: DecisionPublisher | None) -> None:
         self.dispatcher.decisions = publisher
 
+    def _overloaded(self) -> bool:
+        """Whether every routable instance has ``max_queued_prefill_tokens`` or more queued."""
+        bound = self.cfg.max_queued_prefill_tokens
+        if bound <= 0:
+            return False
+        views = self.core.table.views()
+        return bool(views) and all(v.queued_prefill_tokens >= bound for v in views)
+
     def _inflight_limit(self) -> int:
         return self.cfg.max_inflight_per_instance * max(1, self.core.routable_count())
 
@@ -285,15 +293,19 @@ class RouterServer:
         if request.content_length is not None and request.content_length > self.cfg.max_body_size:
             return self._too_large()
         try:
+            if self._overloaded():
+                self.admission.rejected["overloaded"] += 1
+                raise Rejected("overloaded")
             waited = await self.admission.acquire()
         except Rejected as exc:
             self.metrics.rejected.labels(exc.reason).inc()
             retry_after = max(1, math.ceil(self.cfg.queue_timeout))
-            msg = (
-                "the router is at capacity: "
-                + ("its queue is full" if exc.reason == "queue_full" else "no slot freed in time")
-                + f"; retry after {retry_after} s"
-            )
+            why = {
+                "queue_full": "its queue is full",
+                "queue_timeout": "no slot freed in time",
+                "overloaded": "every engine's prefill queue is full",
+            }
+            msg = f"the router is at capacity: {why[exc.reason]}; retry after {retry_after} s"
             resp = _error(429, msg, type_="rate_limit_exceeded")
             resp.headers["Retry-After"] = str(retry_after)
             return Outcome(resp, "429")
