@@ -14,7 +14,8 @@ router posts ``/abort_request {"rid"}`` to that engine (docs/sglang-contract.md 
 decoding for nobody. The pending dispatch is always released (:meth:`RoutingModel.finish`).
 
 The tick (:meth:`Dispatcher.tick`, every 50-100 ms) ends the attempts in flight on instances the model
-took down (their agent said so, or went silent): each is cancelled with :attr:`Attempt.killed` set, so a
+took down because their agent said the engine is unhealthy (not when the agent itself went silent: the
+engine may be serving fine): each is cancelled with :attr:`Attempt.killed` set, so a
 request that had sent nothing is retried elsewhere and a stream already under way ends with an error
 event, instead of waiting for a timeout. It also ejects instances whose engine load stream went silent
 while their agent still beats (a stopped or hung engine publishes nothing): a refused connection is
@@ -230,7 +231,9 @@ class Dispatcher:
         table = self.core.table
         for inst, atts in self._attempts.items():
             st = table.get(inst)
-            if atts and (st is None or not st.up):
+            # Only when the agent says its engine is unhealthy: an agent gone silent (heartbeat timeout)
+            # says nothing about the engine, whose streams may be running fine.
+            if atts and (st is None or (not st.up and st.down_reason == "engine_unhealthy")):
                 for a in list(atts):
                     if a.killed is None and a.task is not None and not a.task.done():
                         a.killed = "instance_down"

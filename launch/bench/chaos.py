@@ -294,12 +294,13 @@ async def watch_event(
                     and any(p.pid == ev.pid and p.status != "running" for p in procs)
                 ):
                     ev.detect_s = time.time() - ev.at
-            healed = any(
-                p.role == "router-standby" and p.status == "running" and p.pid != ev.pid for p in procs
+            standby = any(
+                p.role == "router-standby"
+                and p.status == "running"
+                and (ev.action == "stop" or p.pid != ev.pid)
+                for p in procs
             )
-            healed = healed and any(p.role == "router-primary" and p.status == "running" for p in procs)
-            if ev.action == "stop":
-                healed = healed and ev.resumed_at is not None
+            healed = standby and any(p.role == "router-primary" and p.status == "running" for p in procs)
             if ev.heal_s is None and healed and (ev.action == "kill" or ev.resumed_at is not None):
                 ev.heal_s = time.time() - ev.at
             await asyncio.sleep(POLL)
