@@ -63,7 +63,7 @@ class RouterConfig:
     max_ejected: float = 0.5
     stall_after: float = 3.0
     max_inflight_per_instance: int = 256
-    max_queued_prefill_tokens: int = 65536
+    max_queued_prefill_tokens: int = 32768
     max_queue: int = 1024
     queue_timeout: float = 2.0
     max_body_size: int = 64 * 2**20

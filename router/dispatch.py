@@ -35,7 +35,7 @@ from aiohttp import web
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 from tenacity.wait import wait_random_exponential
 
-from kvindex.protocol.http import GenerationRequest, error_body
+from kvindex.protocol.http import error_body
 from router.breaker import Breakers
 from router.config import RouterConfig
 from router.forward import INSTANCE_HEADER, Attempt, AttemptFailed, Outcome, Timeouts, forward, with_rid
@@ -82,19 +82,21 @@ class Dispatcher:
     async def dispatch(
         self,
         request: web.Request,
-        req: GenerationRequest,
         raw: bytes,
-        ids: Sequence[int],
-        hashes: Sequence[int] | None,
+        rid: str | None,
+        stream: bool,
+        prompt_tokens: int,
+        hashes: Sequence[int],
         model: str | None,
         arrived: float,
     ) -> Outcome:
-        """Answer ``request`` from the best instance, retrying on others while nothing was sent.
+        """Answer ``request`` (body ``raw``; its prompt ``prompt_tokens`` long, whose full blocks hash to
+        ``hashes``) from the best instance, retrying on others while nothing was sent. Only the hashes
+        are kept for the retries, not the token ids: a long prompt's ids are megabytes of Python ints.
 
         Raises:
             asyncio.CancelledError: the client went away (the engine was asked to abort).
         """
-        rid = req.rid
         if rid is None:
             rid = f"lmr-{uuid.uuid4().hex}"
             raw = with_rid(raw, rid)
@@ -111,7 +113,9 @@ class Dispatcher:
             async for attempt in retrying:
                 with attempt:
                     try:
-                        return await self._attempt(request, req, raw, rid, ids, hashes, model, arrived, tried)
+                        return await self._attempt(
+                            request, raw, rid, stream, prompt_tokens, hashes, model, arrived, tried
+                        )
                     except AttemptFailed as exc:
                         failed.append(exc)
                         raise
@@ -129,11 +133,11 @@ class Dispatcher:
     async def _attempt(
         self,
         request: web.Request,
-        req: GenerationRequest,
         raw: bytes,
         rid: str,
-        ids: Sequence[int],
-        hashes: Sequence[int] | None,
+        stream: bool,
+        prompt_tokens: int,
+        hashes: Sequence[int],
         model: str | None,
         arrived: float,
         tried: list[str],
@@ -141,20 +145,20 @@ class Dispatcher:
         assert self.session is not None, "dispatcher not started"
         blocked = self.breakers.blocked()
         exclude = set(tried) | blocked if blocked else tried
-        routed = self.core.route(ids, hashes=hashes, model=model, exclude=exclude)
+        routed = self.core.route_hashes(prompt_tokens, hashes, model=model, exclude=exclude)
         inst = routed.instance
         tried.append(inst)
         self.breakers.on_dispatch(inst)
-        self.metrics.observe_decision(routed.decision, len(ids))
+        self.metrics.observe_decision(routed.decision, prompt_tokens)
         if self.decisions is not None:
-            self.decisions.routed(routed, len(ids), request.headers.get("X-Request-Id"))
+            self.decisions.routed(routed, prompt_tokens, request.headers.get("X-Request-Id"))
         att = Attempt(inst, asyncio.current_task())
         self._attempts.setdefault(inst, set()).add(att)
         status = "client_closed"  # unless forward returns or raises something else
         url = routed.engine_url
         try:
             out = await forward(
-                self.session, request, url + request.path_qs, raw, req.stream, arrived, self.timeouts, att
+                self.session, request, url + request.path_qs, raw, stream, arrived, self.timeouts, att
             )
             status = out.label
             if out.failure is not None:  # broke mid-stream: final, but the engine's fault

@@ -17,6 +17,9 @@ tokens (last load report plus its own not-yet-reported dispatches), requests in 
 dispatches and speculative blocks. HA metrics (role, takeovers, mirroring) come from :mod:`router.ha`.
 Staleness of the agents' streams: ``router_kv_event_age_seconds`` (engine publish to router receipt of a
 KV event batch) and ``router_load_report_age_seconds`` (agent receipt to router receipt of a load report).
+Failing fast and overload (docs/robustness.md): timeouts by kind, failed attempts by kind, retries,
+aborts sent to engines, rejections by reason, queue wait; read at scrape time, the admission gauges and
+each instance's breaker state (:class:`_RobustnessCollector`).
 """
 
 from __future__ import annotations

@@ -335,21 +335,24 @@ class RouterServer:
             msg = f"model {model!r} is not served by any live instance (served: {served})"
             return Outcome(_error(400, msg, param="model"), "400")
         try:
-            ids, hashes = await self._tokenize(req)
+            n_tokens, hashes = await self._tokenize(req)
         except RequestError as exc:
             return Outcome(_error(exc.status, exc.message, exc.param, exc.type), str(exc.status))
-        return await self.dispatcher.dispatch(request, req, raw, ids, hashes, model, arrived)
+        rid, stream = req.rid, req.stream
+        del req  # the token ids are no longer needed: only the hashes are kept while the request runs
+        return await self.dispatcher.dispatch(request, raw, rid, stream, n_tokens, hashes, model, arrived)
 
-    async def _tokenize(self, req: GenerationRequest) -> tuple[list[int], list[BlockHash] | None]:
-        """The prompt's token ids, and for a long prompt its block hashes too (both off the loop)."""
-        if req.prompt_size <= THREAD_WORK_SIZE:
-            return req.prompt_ids(self.tokenizer), None
-        block_size = self.core.block_size  # fixed once learned, so hashes stay valid for the index
+    async def _tokenize(self, req: GenerationRequest) -> tuple[int, list[BlockHash]]:
+        """The prompt's length in tokens and its full blocks' hashes (off the loop for a long prompt)."""
+        block_size = self.core.block_size  # fixed once learned (known: an instance is routable)
+        assert block_size is not None
 
-        def work() -> tuple[list[int], list[BlockHash] | None]:
+        def work() -> tuple[int, list[BlockHash]]:
             ids = req.prompt_ids(self.tokenizer)
-            return ids, block_hashes(ids, block_size) if block_size else None
+            return len(ids), block_hashes(ids, block_size)
 
+        if req.prompt_size <= THREAD_WORK_SIZE:
+            return work()
         return await asyncio.to_thread(work)
 
     async def _handle_models(self, request: web.Request) -> web.Response:
