@@ -55,7 +55,12 @@ def test_overload_figures() -> None:
     assert (f["sent"], f["ok"], f["rejected_429"], f["other"]) == (4, 1, 2, 1)
     assert f["ttft_p99_s"] == 0.5 and abs(f["reject_max_ms"] - 4.0) < 1e-9 and f["rss_end_kib"] == 105
     fig = {"capacity_rps": 1.0, "overload_rps": 10.0, "at_capacity": f, "overload": f, "machine": "m"}
-    fig |= {"ttft_p99_ratio": 1.0, "rss_growth": 0.05}
+    fig |= {
+        "ttft_p99_ratio": 1.0,
+        "rss_growth": 0.05,
+        "index_blocks_before_overload": 1,
+        "index_blocks_after_overload": 2,
+    }
     assert "429 p99 (ms)" in overload_report(fig)
 
 

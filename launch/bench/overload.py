@@ -194,6 +194,7 @@ def figures(phase: Phase) -> dict[str, Any]:
         "rss_start_kib": rss[0][1] if rss else None,
         "rss_end_kib": rss[-1][1] if rss else None,
         "rss_max_kib": max(k for _, k in rss) if rss else None,
+        "rss_series_kib": [(round(t - rss[0][0], 1), k) for t, k in rss],
     }
 
 
@@ -216,6 +217,14 @@ async def start_router(
     return proc, f"http://127.0.0.1:{port}/generate"
 
 
+async def index_blocks(url: str) -> int | None:
+    """The router's index size in blocks (``GET /router/state``), to tell index growth from a leak."""
+    with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError):
+        async with aiohttp.ClientSession() as s, s.get(url.replace("/generate", "/router/state")) as r:
+            return int((await r.json())["index"]["total_blocks"])
+    return None
+
+
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     workdir = args.log_dir or Path(tempfile.mkdtemp(prefix="overload-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -235,13 +244,17 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             flush=True,
         )
         at_cap = await open_loop(url, bodies, capacity, args.baseline, router.pid, 1)
+        index_before = await index_blocks(url)
         rate = args.factor * capacity
         print(f"overload at {rate:.1f} req/s for {args.duration:g} s ...", file=sys.stderr, flush=True)
         over = await open_loop(url, bodies, rate, args.duration, router.pid, 2)
+        index_after = await index_blocks(url)
     finally:
         await stop_cluster(cluster, [router] if router is not None else [])
     fig = {
         "capacity_rps": capacity,
+        "index_blocks_before_overload": index_before,
+        "index_blocks_after_overload": index_after,
         "overload_rps": rate,
         "at_capacity": figures(at_cap),
         "overload": figures(over),
@@ -276,6 +289,10 @@ def format_report(fig: dict[str, Any]) -> str:
         f"machine: {fig['machine']}",
     ]
     lines += [f"{r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:>{w[2]}}" for r in rows]
+    lines.append(
+        f"router index blocks: {fig['index_blocks_before_overload']} before the overload, "
+        f"{fig['index_blocks_after_overload']} after"
+    )
     lines.append(
         f"admitted TTFT p99 / at capacity: {f(fig['ttft_p99_ratio'], '.2f')}; "
         f"router RSS growth during overload: {f(None if fig['rss_growth'] is None else 100 * fig['rss_growth'], '.1f')} %"
