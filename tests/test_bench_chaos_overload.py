@@ -21,6 +21,8 @@ def test_a_failure_is_explained_only_by_an_event_it_depended_on_while_in_flight(
     assert explained(Done(107.0, 108.0, False, "x", "1"), events, 2.0) is None  # after the grace
     assert explained(Done(190.0, 201.0, False, "x", "3"), events, 2.0) is router  # every request needs it
     assert explained(Done(10.0, 20.0, False, "x", "1"), events, 2.0) is None
+    standby = Event(at=300.0, role="router-standby", instance=None, action="stop", pid=3, resumed_at=305.0)
+    assert explained(Done(299.0, 301.0, False, "x", "1"), [standby], 2.0) is None
 
 
 def test_chaos_analysis_counts_unexplained_failures() -> None:

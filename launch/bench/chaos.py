@@ -19,7 +19,7 @@ the cluster file:
   snapshot fetched from the agent), polled every 0.25 s for 5 s.
 
 Per request: failures, each attributed to an event whose process the request depended on while it was in
-flight (the instance that served it, from the router's ``X-Router-Instance`` header, or any router);
+flight (the instance that served it, from the router's ``X-Router-Instance`` header, or the primary router);
 the target is 0 unexplained failures. The primary router's RSS is sampled every 2 s. A table and JSON.
 """
 
@@ -427,12 +427,13 @@ async def replay(url: str, plan: list[tuple[float, TraceRequest]], run: Run) -> 
 def explained(d: Done, events: list[Event], grace: float) -> Event | None:
     """The event that explains failed request ``d``: its process was hit while ``d`` was in flight (plus
     ``grace`` s for the failure to surface) and ``d`` depended on it (any router; the engine or agent of
-    the instance that served ``d``, or any engine/agent if the router could not say which)."""
+    the instance that served ``d``, or any engine/agent if the router could not say which). A standby
+    router serves nothing, so it explains nothing."""
     for ev in events:
         hit_until = (ev.resumed_at or ev.at) + grace
         if not (d.start - grace <= hit_until and ev.at <= d.end):
             continue
-        if ev.role.startswith("router") or d.instance is None or d.instance == ev.instance:
+        if ev.role == "router-primary" or d.instance is None or d.instance == ev.instance:
             return ev
     return None
 
