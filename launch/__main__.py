@@ -5,6 +5,8 @@ Commands:
   tail      print the agents' ZeroMQ event and load streams live
   replay    replay a Mooncake or Azure trace against a router or engine URL, streamed
   failover-bench  SIGKILL the primary router mid-replay; report takeover, failures, hit ratio
+  chaos-bench     kill -9 or SIGSTOP a random engine, agent or router every 20 s under a replay
+  overload-bench  10x the cluster's measured capacity: 429s, admitted TTFT, router memory
   compare   LMetric against every baseline policy in the simulator, at three load levels
   compare-live  the same trace through our router (per policy) and SGLang's router, live
 """
@@ -18,6 +20,7 @@ import sys
 from collections.abc import Sequence
 
 from launch import cluster, compare, compare_live, failover, fuzz, replay, tail
+from launch.bench import chaos, overload
 from launch.sim import fidelity
 from launch.sim import run as simulate
 
@@ -77,6 +80,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
     )
+    chaos.add_arguments(
+        sub.add_parser(
+            "chaos-bench",
+            help="kill or stop random engines, agents and routers under a replay; failures, detection, healing",
+            description=chaos.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
+    overload.add_arguments(
+        sub.add_parser(
+            "overload-bench",
+            help="10x the cluster's measured capacity: 429 latency, admitted TTFT, router memory",
+            description=overload.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     compare.add_arguments(
         sub.add_parser(
             "compare",
@@ -121,6 +140,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return tail.run_tail(args)
     if args.command == "failover-bench":
         return failover.run_failover_bench(args)
+    if args.command == "chaos-bench":
+        return chaos.run_chaos_bench(args)
+    if args.command == "overload-bench":
+        return overload.run_overload_bench(args)
     if args.command == "simulate":
         return simulate.run_simulate(args)
     if args.command == "compare":

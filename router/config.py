@@ -19,7 +19,18 @@ class RouterConfig:
 
     ``port`` 0 asks the OS for a free port (the bound one is reported by the server). ``block_size``
     ``None`` means "learn it from the first heartbeat". ``max_retries`` counts extra attempts on other
-    instances after a connection failure (so a request makes at most ``1 + max_retries`` attempts).
+    instances after a failed attempt (so a request makes at most ``1 + max_retries`` attempts).
+
+    Forwarding and overload (docs/robustness.md): ``connect_timeout`` (TCP connect to an engine),
+    ``headers_timeout`` (send to response headers, streamed requests), ``idle_timeout`` (longest gap
+    between two chunks of a stream, the first included), ``request_timeout`` (total); ``retry_backoff``
+    the base of the jittered exponential wait between attempts; ``breaker_*`` and ``max_ejected`` the
+    per-instance circuit breakers (:mod:`router.breaker`); ``stall_after`` the longest silence of an
+    engine's load stream before it is ejected as stalled (0 = off); ``max_inflight_per_instance`` x
+    routable instances requests in flight, ``max_queue`` waiting at most ``queue_timeout`` s, the rest 429
+    (:mod:`router.admission`); while every routable instance has at least ``max_queued_prefill_tokens``
+    queued prefill tokens (0 = no such bound), new requests get 429 at once; ``max_body_size`` bytes per
+    request body (413 above).
 
     High availability (:mod:`router.ha`): a ``primary`` serves ``port``; a ``standby`` follows the
     primary's decision stream at ``primary_decisions`` and takes ``port`` over once the primary is gone
@@ -42,7 +53,21 @@ class RouterConfig:
     speculative_ttl: float = DEFAULTS.speculative_ttl
     load_coverage_margin: float = DEFAULTS.load_coverage_margin
     request_timeout: float = 3600.0
-    max_retries: int = 1
+    connect_timeout: float = 3.0
+    headers_timeout: float = 30.0
+    idle_timeout: float = 120.0
+    max_retries: int = 2
+    retry_backoff: float = 0.02
+    breaker_failures: int = 3
+    breaker_window: float = 10.0
+    breaker_open: float = 2.0
+    max_ejected: float = 0.5
+    stall_after: float = 3.0
+    max_inflight_per_instance: int = 256
+    max_queued_prefill_tokens: int = 32768
+    max_queue: int = 1024
+    queue_timeout: float = 2.0
+    max_body_size: int = 64 * 2**20
     suspect_cooldown: float = DEFAULTS.suspect_cooldown
     snapshot_timeout: float = 2.0
     warmup_timeout: float = 5.0
@@ -78,9 +103,23 @@ class RouterConfig:
 
         self.model  # noqa: B018 (validates the routing model's settings)
         check_policy_params(self.policy_params)
-        for name in ("request_timeout", "snapshot_timeout"):
+        positive: tuple[str, ...] = ("request_timeout", "snapshot_timeout", "connect_timeout")
+        positive += ("headers_timeout", "idle_timeout", "breaker_window", "breaker_open", "queue_timeout")
+        for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("breaker_failures", "max_inflight_per_instance", "max_body_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if (
+            self.retry_backoff < 0
+            or self.stall_after < 0
+            or self.max_queue < 0
+            or self.max_queued_prefill_tokens < 0
+        ):
+            raise ValueError("retry_backoff, stall_after and max_queue must be >= 0")
+        if not 0 <= self.max_ejected <= 1:
+            raise ValueError(f"max_ejected must be in [0, 1], got {self.max_ejected}")
         if self.warmup_timeout < 0:
             raise ValueError(f"warmup_timeout must be >= 0, got {self.warmup_timeout}")
         if self.max_retries < 0:
@@ -239,20 +278,6 @@ def build_parser() -> argparse.ArgumentParser:
         "stamped at least this many seconds after the dispatch arrives",
     )
     p.add_argument(
-        "--request-timeout",
-        type=_positive_float,
-        default=_D.request_timeout,
-        metavar="S",
-        help="total seconds allowed for one forwarded request (including streaming)",
-    )
-    p.add_argument(
-        "--max-retries",
-        type=_non_negative_int,
-        default=_D.max_retries,
-        metavar="N",
-        help="extra attempts on another instance when connecting to the chosen engine fails",
-    )
-    p.add_argument(
         "--suspect-cooldown",
         type=_non_negative_float,
         default=_D.suspect_cooldown,
@@ -283,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="cap on speculative blocks per instance (oldest evicted first)",
     )
     p.add_argument("--log-level", default=_D.log_level, type=str.upper, choices=LOG_LEVELS, help="log level")
+    _add_robustness_flags(p, _D)
     ha = p.add_argument_group("high availability (see docs/ha.md)")
     ha.add_argument(
         "--role",
@@ -440,6 +466,80 @@ def _security_kwargs(ns: argparse.Namespace) -> dict[str, object]:
     }
 
 
+def _add_robustness_flags(p: argparse.ArgumentParser, d: RouterConfig) -> None:
+    """Timeouts, retries, circuit breakers and admission control (docs/robustness.md)."""
+    g = p.add_argument_group("forwarding and overload (see docs/robustness.md)")
+    g.add_argument(
+        "--connect-timeout", type=_positive_float, default=d.connect_timeout, metavar="S",
+        help="seconds to open a TCP connection to an engine (then: retry on another instance)",
+    )  # fmt: skip
+    g.add_argument(
+        "--headers-timeout", type=_positive_float, default=d.headers_timeout, metavar="S",
+        help="streamed requests: seconds from sending to the engine's response headers (a non-streamed "
+        "answer's headers come with its end, so only --request-timeout bounds it)",
+    )  # fmt: skip
+    g.add_argument(
+        "--idle-timeout", type=_positive_float, default=d.idle_timeout, metavar="S",
+        help="streamed requests: longest gap between two chunks from the engine, the first included",
+    )  # fmt: skip
+    g.add_argument(
+        "--request-timeout", type=_positive_float, default=d.request_timeout, metavar="S",
+        help="total seconds allowed for one forwarded request (including streaming)",
+    )  # fmt: skip
+    g.add_argument(
+        "--max-retries", type=_non_negative_int, default=d.max_retries, metavar="N",
+        help="extra attempts, each on another instance, while nothing was sent to the client: after a "
+        "connection failure, a timeout, an engine 5xx or 429, or a stream broken before its first byte",
+    )  # fmt: skip
+    g.add_argument(
+        "--retry-backoff", type=_non_negative_float, default=d.retry_backoff, metavar="S",
+        help="base of the jittered exponential wait before a retry (full jitter, capped at 0.5 s)",
+    )  # fmt: skip
+    g.add_argument(
+        "--breaker-failures", type=_positive_int, default=d.breaker_failures, metavar="N",
+        help="failed attempts in a row on an instance that open its circuit breaker (eject it)",
+    )  # fmt: skip
+    g.add_argument(
+        "--breaker-window", type=_positive_float, default=d.breaker_window, metavar="S",
+        help="those failures must fall within this many seconds",
+    )  # fmt: skip
+    g.add_argument(
+        "--breaker-open", type=_positive_float, default=d.breaker_open, metavar="S",
+        help="seconds an open breaker waits before one probe request may close it",
+    )  # fmt: skip
+    g.add_argument(
+        "--max-ejected", type=float, default=d.max_ejected, metavar="SHARE",
+        help="largest share of instances ejected at once by breakers and stall detection (0..1)",
+    )  # fmt: skip
+    g.add_argument(
+        "--stall-after", type=_non_negative_float, default=d.stall_after, metavar="S",
+        help="eject an up instance whose engine load stream went silent for this long, or for 5x its "
+        "usual interval if shorter (at least 0.3 s); it comes back with the next report (0 = off)",
+    )  # fmt: skip
+    g.add_argument(
+        "--max-inflight-per-instance", type=_positive_int, default=d.max_inflight_per_instance, metavar="N",
+        help="requests in flight through the router, per routable instance; more wait in the queue",
+    )  # fmt: skip
+    g.add_argument(
+        "--max-queued-prefill-tokens", type=_non_negative_int, default=d.max_queued_prefill_tokens, metavar="N",
+        help="while every routable instance has at least N prefill tokens queued (its last load report plus "
+        "the router's own dispatches), new requests get 429 at once: the engines' queues are the queue "
+        "(0 = no such bound)",
+    )  # fmt: skip
+    g.add_argument(
+        "--max-queue", type=_non_negative_int, default=d.max_queue, metavar="N",
+        help="requests waiting for a slot; beyond: 429 with Retry-After at once",
+    )  # fmt: skip
+    g.add_argument(
+        "--queue-timeout", type=_positive_float, default=d.queue_timeout, metavar="S",
+        help="longest wait in the queue; then 429 with Retry-After",
+    )  # fmt: skip
+    g.add_argument(
+        "--max-body-size", type=_positive_int, default=d.max_body_size, metavar="BYTES",
+        help="largest request body accepted; larger: 413",
+    )  # fmt: skip
+
+
 def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
     """Parse command-line flags into a :class:`RouterConfig`. Exits (argparse) on bad flags."""
     from router.model.policies import params_from_namespace
@@ -459,6 +559,20 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
             load_coverage_margin=ns.load_coverage_margin,
             request_timeout=ns.request_timeout,
             max_retries=ns.max_retries,
+            connect_timeout=ns.connect_timeout,
+            headers_timeout=ns.headers_timeout,
+            idle_timeout=ns.idle_timeout,
+            retry_backoff=ns.retry_backoff,
+            breaker_failures=ns.breaker_failures,
+            breaker_window=ns.breaker_window,
+            breaker_open=ns.breaker_open,
+            max_ejected=ns.max_ejected,
+            stall_after=ns.stall_after,
+            max_inflight_per_instance=ns.max_inflight_per_instance,
+            max_queued_prefill_tokens=ns.max_queued_prefill_tokens,
+            max_queue=ns.max_queue,
+            queue_timeout=ns.queue_timeout,
+            max_body_size=ns.max_body_size,
             suspect_cooldown=ns.suspect_cooldown,
             snapshot_timeout=ns.snapshot_timeout,
             warmup_timeout=ns.warmup_timeout,

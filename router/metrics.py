@@ -17,6 +17,9 @@ tokens (last load report plus its own not-yet-reported dispatches), requests in 
 dispatches and speculative blocks. HA metrics (role, takeovers, mirroring) come from :mod:`router.ha`.
 Staleness of the agents' streams: ``router_kv_event_age_seconds`` (engine publish to router receipt of a
 KV event batch) and ``router_load_report_age_seconds`` (agent receipt to router receipt of a load report).
+Failing fast and overload (docs/robustness.md): timeouts by kind, failed attempts by kind, retries,
+aborts sent to engines, rejections by reason, queue wait; read at scrape time, the admission gauges and
+each instance's breaker state (:class:`_RobustnessCollector`).
 """
 
 from __future__ import annotations
@@ -30,9 +33,12 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from kvindex.protocol import EventBatch, LoadReport
+from router.breaker import STATE_VALUES
 from router.model.policies import FAILURE_KINDS, Decision
 
 if TYPE_CHECKING:
+    from router.admission import Admission
+    from router.breaker import Breakers
     from router.model.model import RoutingModel
     from router.subscriber import Subscriber
 
@@ -78,7 +84,45 @@ class RouterMetrics:
             registry=r,
         )
         self.retries = Counter(
-            "router_retries_total", "Requests re-routed after an engine connection failure", registry=r
+            "router_retries_total",
+            "Attempts re-routed to another instance after a failed attempt (nothing sent to the client)",
+            registry=r,
+        )
+        self.attempt_failures = Counter(
+            "router_attempt_failures_total",
+            "Failed attempts on an engine, by kind (connect, timeout_connect, timeout_headers, "
+            "timeout_idle, timeout_total, status_429, status_5xx, broken, instance_down)",
+            ["kind"],
+            registry=r,
+        )
+        self.timeouts = Counter(
+            "router_upstream_timeouts_total",
+            "Engine waits that timed out, by kind (connect, headers, idle, total)",
+            ["kind"],
+            registry=r,
+        )
+        for kind in ("connect", "headers", "idle", "total"):
+            self.timeouts.labels(kind)
+        self.aborts = Counter(
+            "router_upstream_aborts_total",
+            "POST /abort_request sent to an engine, by reason (client_closed, attempt_failed)",
+            ["reason"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "router_rejected_total",
+            "Requests refused before routing, by reason (queue_full, queue_timeout, overloaded: 429; "
+            "body_too_large: 413)",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("queue_full", "queue_timeout", "overloaded", "body_too_large"):
+            self.rejected.labels(reason)
+        self.queue_wait = Histogram(
+            "router_queue_wait_seconds",
+            "Time admitted requests waited in the admission queue (0 for those admitted at once)",
+            buckets=_AGE_BUCKETS,
+            registry=r,
         )
         self.score = Histogram(
             "router_decision_score",
@@ -110,6 +154,10 @@ class RouterMetrics:
             registry=r,
         )
         r.register(_StateCollector(core, subscriber))
+
+    def watch(self, admission: Admission, breakers: Breakers, core: RoutingModel) -> None:
+        """Export the admission gauges and the breakers' states, read at scrape time."""
+        self.registry.register(_RobustnessCollector(admission, breakers, core))
 
     def observe_decision(self, decision: Decision, prompt_tokens: int) -> None:
         """Count one routing decision for a prompt of ``prompt_tokens`` tokens."""
@@ -257,3 +305,50 @@ def _instance_gauges(core: RoutingModel) -> Iterator[Metric]:
         for (name, _), val in zip(_INSTANCE_GAUGES, values, strict=True):
             fams[name].add_metric([st.name], val)
     yield from fams.values()
+
+
+class _RobustnessCollector(Collector):
+    """Admission gauges and per-instance breaker states, read at scrape time."""
+
+    def __init__(self, admission: Admission, breakers: Breakers, core: RoutingModel) -> None:
+        self._adm = admission
+        self._br = breakers
+        self._core = core
+
+    def collect(self) -> Iterator[Metric]:
+        adm = self._adm
+        yield GaugeMetricFamily(
+            "router_inflight_requests", "Requests admitted and not finished", value=adm.inflight
+        )
+        yield GaugeMetricFamily("router_queued_requests", "Requests waiting for admission", value=adm.queued)
+        yield GaugeMetricFamily(
+            "router_inflight_limit",
+            "Current bound on requests in flight (per instance x routable)",
+            value=adm.limit(),
+        )
+        state = GaugeMetricFamily(
+            "router_instance_breaker_state",
+            "Circuit breaker of the instance: 0 closed, 1 half-open, 2 open",
+            labels=["instance"],
+        )
+        stalled = GaugeMetricFamily(
+            "router_instance_stalled",
+            "1 while the instance's engine load stream is silent",
+            labels=["instance"],
+        )
+        opens = CounterMetricFamily(
+            "router_breaker_opens", "Times the instance's circuit breaker opened", labels=["instance"]
+        )
+        names = sorted({st.name for st in self._core.table} | set(self._br.names()))
+        for name in names:
+            state.add_metric([name], STATE_VALUES[self._br.state(name)])
+            stalled.add_metric([name], float(self._br.is_stalled(name)))
+            opens.add_metric([name], self._br.opens(name))
+        yield state
+        yield stalled
+        yield opens
+        yield CounterMetricFamily(
+            "router_breaker_ejections_capped",
+            "Ejections refused because the cap on ejected instances was reached",
+            value=self._br.capped,
+        )

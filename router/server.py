@@ -9,40 +9,51 @@ Tasks inside one event loop: one reader per agent SUB socket (frames go straight
 aiohttp's request handlers. All of them call the core synchronously, so the core has a single owner: the
 loop.
 
-Endpoints: ``POST /generate``, ``/v1/completions``, ``/v1/chat/completions`` (parsed with
-:mod:`kvindex.protocol.http`, tokenized, routed, forwarded by :mod:`router.forward`); ``GET /v1/models``,
+Endpoints: ``POST /generate``, ``/v1/completions``, ``/v1/chat/completions``; ``GET /v1/models``,
 ``/health``, ``/metrics``, ``/router/state``. Every error body is :func:`kvindex.protocol.http.error_body`,
 aiohttp's own 404 and 405 included (:func:`json_http_errors`).
+
+A generation request, in order: a ``Content-Length`` over the body limit is refused (413) before
+anything else; admission (:mod:`router.admission`: a slot, or a place in the bounded queue, or 429 with
+``Retry-After``) before the body is read, so a waiting request holds no body; the body is read (413
+past the limit) and decoded and validated in one pass (:func:`kvindex.protocol.http.decode_request`,
+400 naming the field); tokenized; then routed, forwarded and retried by :class:`router.dispatch.Dispatcher`.
+docs/robustness.md has the defaults and why.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import math
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from kvindex.hashing import BlockHash, block_hashes
-from kvindex.protocol.http import PARSERS, PATHS, GenerationRequest, RequestError, error_body
+from kvindex.protocol import LoadReport
+from kvindex.protocol.http import PATHS, GenerationRequest, RequestError, decode_request, error_body
 from kvindex.protocol.tokenizer import Tokenizer, load_tokenizer
 from router import auth
+from router.admission import Admission, Rejected
 from router.config import RouterConfig
 from router.decisions import DecisionPublisher
-from router.forward import ConnectFailed, Outcome, forward
+from router.dispatch import Dispatcher
+from router.forward import Outcome
 from router.metrics import RouterMetrics
-from router.model.model import NoLiveInstance, RoutingModel, SnapshotJob
+from router.model.model import RoutingModel, SnapshotJob
 from router.subscriber import Received, SnapshotError, Subscriber, fetch_snapshot
 
 log = logging.getLogger(__name__)
 
-CLIENT_MAX_SIZE = 256 * 2**20
-"""Largest request body accepted, in bytes (prompts can be megabytes)."""
+UPSTREAM_KEEPALIVE = 4.0
+"""Seconds an idle pooled connection to an engine is kept: below SGLang's 5 s (uvicorn
+``timeout_keep_alive``, docs/sglang-contract.md row 8), so the router never sends on a connection the
+engine is closing."""
 THREAD_WORK_SIZE = 65536
 """Prompts longer than this (characters or token ids) are tokenized and block-hashed in a worker thread,
 and bodies longer than 16x this (bytes) JSON-decoded there, so the event loop keeps serving."""
@@ -98,21 +109,43 @@ class RouterServer:
         self.ssl = auth.server_ssl(cfg)
         self.middlewares: list[Any] = []
         """Extra aiohttp middlewares, inside the key check (the HA node's fence gate)."""
+        self.dispatcher = Dispatcher(cfg, self.core, self.metrics)
+        self.admission = Admission(self._inflight_limit, cfg.max_queue, cfg.queue_timeout)
+        self.metrics.watch(self.admission, self.dispatcher.breakers, self.core)
         self.port = 0
         self._started_at = int(time.time())
-        self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._fetches: set[asyncio.Task[None]] = set()
-        self.decisions: DecisionPublisher | None = None
-        """Where decisions and request ends are published (set by :class:`router.ha.HANode`)."""
         self.extra_state: Callable[[], dict[str, Any]] | None = None
         """Adds the ``ha`` section to ``GET /router/state``."""
+
+    @property
+    def decisions(self) -> DecisionPublisher | None:
+        """Where decisions and request ends are published (set by :class:`router.ha.HANode`)."""
+        return self.dispatcher.decisions
+
+    @decisions.setter
+    def decisions(self, publisher: DecisionPublisher | None) -> None:
+        self.dispatcher.decisions = publisher
+
+    def _overloaded(self) -> bool:
+        """Whether every routable instance has ``max_queued_prefill_tokens`` or more queued."""
+        bound = self.cfg.max_queued_prefill_tokens
+        if bound <= 0:
+            return False
+        views = self.core.table.views()
+        return bool(views) and all(v.queued_prefill_tokens >= bound for v in views)
+
+    def _inflight_limit(self) -> int:
+        return self.cfg.max_inflight_per_instance * max(1, self.core.routable_count())
 
     def _on_agent_message(self, rec: Received) -> None:
         """Record how stale the stream is, then hand the frame to the core."""
         self.metrics.observe_stream_age(rec.msg, time.time())
         self.core.on_message(rec)
+        if isinstance(rec.msg, LoadReport):
+            self.dispatcher.on_load(rec.msg.instance, time.monotonic())
 
     @property
     def url(self) -> str:
@@ -124,7 +157,7 @@ class RouterServer:
     def make_app(self) -> web.Application:
         """The aiohttp application (routes only; no sockets)."""
         middlewares = [json_http_errors, self.access.middleware, *self.middlewares]
-        app = web.Application(client_max_size=CLIENT_MAX_SIZE, middlewares=middlewares)
+        app = web.Application(client_max_size=self.cfg.max_body_size, middlewares=middlewares)
         for path in PATHS:
             app.router.add_post(path, self._handle_generation)
         app.router.add_get("/v1/models", self._handle_models)
@@ -139,12 +172,14 @@ class RouterServer:
         :meth:`bind`), start the ticker. Raises ``OSError`` if the port cannot be bound and
         ``zmq.ZMQError`` for a malformed agent endpoint."""
         self.subscriber.start()
-        connect = min(10.0, self.cfg.request_timeout)
-        self._session = aiohttp.ClientSession(
+        self.dispatcher.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
-                limit=8192, limit_per_host=4096, keepalive_timeout=30, ssl=auth.client_ssl(self.cfg)
+                limit=8192,
+                limit_per_host=4096,
+                keepalive_timeout=UPSTREAM_KEEPALIVE,
+                ssl=auth.client_ssl(self.cfg),
             ),
-            timeout=aiohttp.ClientTimeout(total=self.cfg.request_timeout, sock_connect=connect),
+            timeout=aiohttp.ClientTimeout(total=None),  # each attempt sets its own (router.forward.Timeouts)
         )
         self._runner = web.AppRunner(
             self.make_app(), handler_cancellation=True, access_log=None, shutdown_timeout=3.0
@@ -211,9 +246,11 @@ class RouterServer:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._ticker = None
         self._fetches.clear()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        session = self.dispatcher.session
+        if session is not None:
+            await self.dispatcher.close()
+            await session.close()
+            self.dispatcher.session = None
         await self.subscriber.close()
 
     async def _tick_loop(self) -> None:
@@ -221,6 +258,8 @@ class RouterServer:
         while True:
             try:
                 self.core.tick()
+                self.dispatcher.tick(time.monotonic())
+                self.admission.wake()  # the limit follows the routable instances
             except Exception:  # a bug here must not stop heartbeat checks forever
                 log.exception("router tick failed")
             await asyncio.sleep(period)
@@ -250,7 +289,7 @@ class RouterServer:
         label = "client_closed"
         try:
             try:
-                out = await self._generation(request, endpoint, arrived)
+                out = await self._admitted(request, endpoint, arrived)
             except Exception:  # a router bug: answer with a JSON error, not aiohttp's HTML 500
                 log.exception("internal error on %s", request.path)
                 out = Outcome(_error(500, "internal router error"), "500")
@@ -265,21 +304,48 @@ class RouterServer:
         finally:
             self.metrics.requests.labels(endpoint, label).inc()
 
+    def _too_large(self) -> Outcome:
+        self.metrics.rejected.labels("body_too_large").inc()
+        msg = f"request body larger than {self.cfg.max_body_size} bytes (--max-body-size)"
+        return Outcome(_error(413, msg, type_="request_too_large"), "413")
+
+    async def _admitted(self, request: web.Request, endpoint: str, arrived: float) -> Outcome:
+        """Body-size check, then admission (a slot held until the answer is complete), then the rest."""
+        if request.content_length is not None and request.content_length > self.cfg.max_body_size:
+            return self._too_large()
+        try:
+            if self._overloaded():
+                self.admission.rejected["overloaded"] += 1
+                raise Rejected("overloaded")
+            waited = await self.admission.acquire()
+        except Rejected as exc:
+            self.metrics.rejected.labels(exc.reason).inc()
+            retry_after = max(1, math.ceil(self.cfg.queue_timeout))
+            why = {
+                "queue_full": "its queue is full",
+                "queue_timeout": "no slot freed in time",
+                "overloaded": "every engine's prefill queue is full",
+            }
+            msg = f"the router is at capacity: {why[exc.reason]}; retry after {retry_after} s"
+            resp = _error(429, msg, type_="rate_limit_exceeded")
+            resp.headers["Retry-After"] = str(retry_after)
+            return Outcome(resp, "429")
+        self.metrics.queue_wait.observe(waited)
+        try:
+            return await self._generation(request, endpoint, arrived)
+        finally:
+            self.admission.release()
+
     async def _generation(self, request: web.Request, endpoint: str, arrived: float) -> Outcome:
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            return Outcome(_error(413, f"request body larger than {CLIENT_MAX_SIZE} bytes"), "413")
+            return self._too_large()
         try:
-            body = (
-                await asyncio.to_thread(json.loads, raw)
-                if len(raw) > 16 * THREAD_WORK_SIZE
-                else json.loads(raw)
-            )
-        except ValueError as exc:
-            return Outcome(_error(400, f"request body is not valid JSON: {exc}"), "400")
-        try:
-            req = PARSERS[endpoint](body)
+            if len(raw) > 16 * THREAD_WORK_SIZE:
+                req = await asyncio.to_thread(decode_request, PATHS[request.path], raw)
+            else:
+                req = decode_request(PATHS[request.path], raw)
         except RequestError as exc:
             return Outcome(_error(exc.status, exc.message, exc.param, exc.type), str(exc.status))
         if self.core.routable_count() == 0:
@@ -290,69 +356,25 @@ class RouterServer:
             msg = f"model {model!r} is not served by any live instance (served: {served})"
             return Outcome(_error(400, msg, param="model"), "400")
         try:
-            ids, hashes = await self._tokenize(req)
+            n_tokens, hashes = await self._tokenize(req)
         except RequestError as exc:
             return Outcome(_error(exc.status, exc.message, exc.param, exc.type), str(exc.status))
-        return await self._route_and_forward(request, req, raw, ids, hashes, model, arrived)
+        rid, stream = req.rid, req.stream
+        del req  # the token ids are no longer needed: only the hashes are kept while the request runs
+        return await self.dispatcher.dispatch(request, raw, rid, stream, n_tokens, hashes, model, arrived)
 
-    async def _tokenize(self, req: GenerationRequest) -> tuple[list[int], list[BlockHash] | None]:
-        """The prompt's token ids, and for a long prompt its block hashes too (both off the loop)."""
-        size = len(req.text or req.input_ids or ()) + sum(
-            len(str(m.get("content"))) for m in req.messages or ()
-        )
-        if size <= THREAD_WORK_SIZE:
-            return req.prompt_ids(self.tokenizer), None
-        block_size = self.core.block_size  # fixed once learned, so hashes stay valid for the index
+    async def _tokenize(self, req: GenerationRequest) -> tuple[int, list[BlockHash]]:
+        """The prompt's length in tokens and its full blocks' hashes (off the loop for a long prompt)."""
+        block_size = self.core.block_size  # fixed once learned (known: an instance is routable)
+        assert block_size is not None
 
-        def work() -> tuple[list[int], list[BlockHash] | None]:
+        def work() -> tuple[int, list[BlockHash]]:
             ids = req.prompt_ids(self.tokenizer)
-            return ids, block_hashes(ids, block_size) if block_size else None
+            return len(ids), block_hashes(ids, block_size)
 
+        if req.prompt_size <= THREAD_WORK_SIZE:
+            return work()
         return await asyncio.to_thread(work)
-
-    async def _route_and_forward(
-        self,
-        request: web.Request,
-        req: GenerationRequest,
-        raw: bytes,
-        ids: Sequence[int],
-        hashes: Sequence[int] | None,
-        model: str | None,
-        arrived: float,
-    ) -> Outcome:
-        assert self._session is not None, "server not started"
-        tried: list[str] = []
-        while True:
-            try:
-                routed = self.core.route(ids, hashes=hashes, model=model, exclude=tried)
-            except NoLiveInstance as exc:
-                if tried:
-                    msg = f"engine(s) {', '.join(tried)} unreachable and no other live engine instance"
-                    return Outcome(_error(502, msg, type_="server_error"), "502")
-                return Outcome(_unavailable(f"{exc} to serve the request"), "503")
-            self.metrics.observe_decision(routed.decision, len(ids))
-            if self.decisions is not None:
-                self.decisions.routed(routed, len(ids), request.headers.get("X-Request-Id"))
-            status = "client_closed"  # unless forward returns or raises something else
-            try:
-                out = await forward(
-                    self._session, request, routed.engine_url + request.path_qs, raw, req.stream, arrived
-                )
-                status = out.label
-                return out
-            except ConnectFailed as exc:
-                status = "connect_failed"
-                log.warning("engine of %s unreachable (%s)", routed.instance, exc)
-                self.core.mark_suspect(routed.instance)
-                tried.append(routed.instance)
-                if len(tried) > self.cfg.max_retries:
-                    msg = f"engine of instance {routed.instance} unreachable: {exc}"
-                    return Outcome(_error(502, msg, type_="server_error"), "502")
-                self.metrics.retries.inc()
-            finally:
-                self.core.finish(routed.instance, routed.ticket)
-                if self.decisions is not None:
-                    self.decisions.finished(routed, status)
 
     async def _handle_models(self, request: web.Request) -> web.Response:
         data = [
@@ -385,6 +407,14 @@ class RouterServer:
             "malformed": dict(ss.malformed),
             "discontinuities": dict(ss.discontinuities),
             "lost_frames": ss.lost_frames,
+        }
+        state["forwarding"] = self.dispatcher.state_json()
+        adm = self.admission
+        state["admission"] = {
+            "inflight": adm.inflight,
+            "queued": adm.queued,
+            "limit": adm.limit(),
+            "rejected": dict(adm.rejected),
         }
         if self.extra_state is not None:
             state["ha"] = self.extra_state()

@@ -168,20 +168,21 @@ def exact(core: RoutingModel, node: Node) -> bool:
 
 
 class RouteLog:
-    """Wraps ``core.route`` to record, per decision, the instance and what held at that moment."""
+    """Wraps ``core.route_hashes`` (what the router calls, with the prompt's hashes) to record, per
+    decision, the instance and what held at that moment."""
 
     def __init__(self, core: RoutingModel, probe: Callable[[str], Any] = lambda name: None) -> None:
         self.entries: list[tuple[str, str, Any]] = []  # (instance, its sync status, probe(instance))
-        orig = core.route
+        orig = core.route_hashes
 
-        def route(token_ids: Sequence[int], **kw: Any) -> Routed:
-            routed = orig(token_ids, **kw)
+        def route_hashes(prompt_tokens: int, hashes: Sequence[int], **kw: Any) -> Routed:
+            routed = orig(prompt_tokens, hashes, **kw)
             st = core.table.get(routed.instance)
             assert st is not None
             self.entries.append((routed.instance, st.sync, probe(routed.instance)))
             return routed
 
-        core.route = route  # type: ignore[method-assign]
+        core.route_hashes = route_hashes  # type: ignore[method-assign]
 
     def to(self, name: str) -> list[tuple[str, str, Any]]:
         return [e for e in self.entries if e[0] == name]

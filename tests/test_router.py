@@ -345,7 +345,7 @@ def test_parse_args_round_trip() -> None:
         ["--port", "0", "--agent", "tcp://a:1", "--agent", "tcp://b:2", "--policy", "round_robin"]
     )
     assert cfg.agents == ("tcp://a:1", "tcp://b:2") and cfg.port == 0 and cfg.policy == "round_robin"
-    assert cfg.block_size is None and cfg.max_retries == 1
+    assert cfg.block_size is None and cfg.max_retries == 2
     with pytest.raises(SystemExit):
         parse_args(["--block-size", "0"])
 
@@ -567,10 +567,9 @@ async def test_routes_to_instance_holding_prefix_from_snapshot() -> None:
         for _ in range(3):
             status, body = await c.post("/generate", {"text": PROMPT + " and more", "sampling_params": {}})
             assert (status, body["instance"]) == (200, "i1")
-        assert c.engines[1].received[0] == (
-            "/generate",
-            {"text": PROMPT + " and more", "sampling_params": {}},
-        )
+        path, sent = c.engines[1].received[0]
+        assert sent.pop("rid").startswith("lmr-")  # the router's request id, for /abort_request
+        assert (path, sent) == ("/generate", {"text": PROMPT + " and more", "sampling_params": {}})
 
 
 async def test_long_prompt_is_routed_by_prefix() -> None:
@@ -592,9 +591,9 @@ async def test_routes_to_prefix_learned_from_event_batches() -> None:
         await wait_until(lambda: c.router.core.index.blocks_of("i0") == 12, "events applied")  # type: ignore[union-attr]
         status, body = await c.post("/v1/completions", {"model": MODEL, "prompt": PROMPT, "max_tokens": 4})
         assert (status, body["instance"]) == (200, "i0")
-        assert c.engines[0].received == [
-            ("/v1/completions", {"model": MODEL, "prompt": PROMPT, "max_tokens": 4})
-        ]
+        [(path, sent)] = c.engines[0].received
+        assert sent.pop("rid").startswith("lmr-")
+        assert (path, sent) == ("/v1/completions", {"model": MODEL, "prompt": PROMPT, "max_tokens": 4})
 
 
 async def test_stream_age_histograms() -> None:

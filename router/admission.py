@@ -1,0 +1,106 @@
+"""Admission control: a bound on requests in flight and a bounded FIFO queue with a timeout.
+
+A request takes a slot with :meth:`Admission.acquire` before its body is read (so a queued request holds
+only its connection, never its body) and gives it back with :meth:`Admission.release`. While fewer than
+``limit()`` requests are in flight it passes at once; otherwise it waits in a FIFO queue of at most
+``max_queue`` requests, at most ``queue_timeout`` seconds; past either bound it is refused at once
+(:class:`Rejected`, answered 429 with ``Retry-After``). Memory is bounded whatever the load: the queue
+holds at most ``max_queue`` futures, and the in-flight requests' bodies are bounded by the body limit.
+
+The limit is a function (the router passes ``max_inflight_per_instance x routable instances``), read at
+every acquire and release, so the router admits less while instances are down.
+
+One owner: the event loop (no locks; asyncio only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable
+
+
+class Rejected(Exception):
+    """The request was not admitted. ``reason``: ``queue_full`` or ``queue_timeout``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Admission:
+    """In-flight bound + bounded queue (see the module docstring).
+
+    Args:
+        limit: the current bound on requests in flight (>= 1 is enforced).
+        max_queue: requests that may wait for a slot (0 = none wait).
+        queue_timeout: seconds one may wait.
+    """
+
+    def __init__(self, limit: Callable[[], int], max_queue: int, queue_timeout: float) -> None:
+        self._limit = limit
+        self.max_queue = max_queue
+        self.queue_timeout = queue_timeout
+        self.inflight = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self.rejected: dict[str, int] = {"queue_full": 0, "queue_timeout": 0, "overloaded": 0}
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a slot now."""
+        return len(self._waiters)
+
+    def limit(self) -> int:
+        return max(1, self._limit())
+
+    async def acquire(self) -> float:
+        """Take a slot, waiting in the queue if need be. Returns the seconds waited.
+
+        Raises:
+            Rejected: the queue is full, or the wait exceeded ``queue_timeout``.
+            asyncio.CancelledError: the caller was cancelled while waiting (no slot is held).
+        """
+        if self.inflight < self.limit() and not self._waiters:
+            self.inflight += 1
+            return 0.0
+        if len(self._waiters) >= self.max_queue:
+            self.rejected["queue_full"] += 1
+            raise Rejected("queue_full")
+        start = time.monotonic()
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), self.queue_timeout)
+        except asyncio.TimeoutError:
+            if fut.done() and not fut.cancelled():  # granted just as the wait ended: keep the slot
+                return time.monotonic() - start
+            self._drop(fut)
+            self.rejected["queue_timeout"] += 1
+            raise Rejected("queue_timeout") from None
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # the slot was handed over to a caller that is gone
+            else:
+                self._drop(fut)
+            raise
+        return time.monotonic() - start
+
+    def _drop(self, fut: asyncio.Future[None]) -> None:
+        fut.cancel()
+        with contextlib.suppress(ValueError):
+            self._waiters.remove(fut)
+
+    def release(self) -> None:
+        """Give a slot back; the longest waiter (if any) takes it."""
+        self.inflight -= 1
+        self.wake()
+
+    def wake(self) -> None:
+        """Hand free slots to waiters (also after the limit grew)."""
+        while self._waiters and self.inflight < self.limit():
+            fut = self._waiters.popleft()
+            if not fut.done():
+                self.inflight += 1
+                fut.set_result(None)
