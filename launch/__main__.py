@@ -7,6 +7,7 @@ Commands:
   failover-bench  SIGKILL the primary router mid-replay; report takeover, failures, hit ratio
   compare   LMetric against every baseline policy in the simulator, at three load levels
   compare-live  the same trace through our router (per policy) and SGLang's router, live
+  train-rl  train the Intelligent Router's Double DQN in the simulator and evaluate it (needs scikit-learn)
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from launch import cluster, compare, compare_live, failover, replay, tail
+from launch import cluster, compare, compare_live, failover, replay, rl, tail
 from launch.sim import fidelity
 from launch.sim import run as simulate
 
@@ -93,6 +94,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
     )
+    rl.add_arguments(
+        sub.add_parser(
+            "train-rl",
+            help="train the Intelligent Router (Double DQN) in the simulator, then evaluate it",
+            description=rl.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     p.add_argument("--log-level", default="INFO", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -121,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return compare_live.run_compare_live(args)
     if args.command == "fidelity":
         return fidelity.run_fidelity(args)
+    if args.command == "train-rl":
+        return rl.run_train_rl(args)
     return replay.run_replay(args)
 
 

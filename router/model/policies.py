@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Final
 
 from router.model.baselines import Bailian, Dynamo, PowerOfTwo, RandomChoice, SglangCacheAware, VllmV1
+from router.model.intelligent import IntelligentRouter, MixingPenalty
 from router.model.policy_base import Decision, InstanceView, Param, Policy, by_name, new_tokens
 
 __all__ = [
@@ -266,6 +267,8 @@ POLICIES: dict[str, Registered] = {
     "power_of_two": Registered(PowerOfTwo, PowerOfTwo),
     "linear": Registered(Linear, lambda seed: Linear()),
     "lmetric_plain": Registered(LMetric, lambda seed: LMetric(mitigate=False)),
+    "mixing_penalty": Registered(MixingPenalty, lambda seed: MixingPenalty()),
+    "intelligent_router": Registered(IntelligentRouter, lambda seed: IntelligentRouter()),
 }
 """Policies by name (``--policy``). Add a policy by registering its class and factory here; its
 parameters (``PARAMS``) then become flags of every driver."""
