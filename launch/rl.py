@@ -83,6 +83,7 @@ class _Acting(IntelligentRouter):
         super().__init__(net, predictor)
         self.rng = rng
         self.epsilon = 0.0
+        self.n_actions = 0  # 0: every action; n: only the first n (no hold)
         self.trace: list[tuple[npt.NDArray[np.float64], int]] = []
 
     def choose(self, views: Sequence[InstanceView], prompt_tokens: int, cached: Any) -> Any:
@@ -90,8 +91,9 @@ class _Acting(IntelligentRouter):
 
         ordered = by_name(views)
         scores = self.action_scores(ordered, prompt_tokens, cached)
+        k = self.n_actions or len(scores)
         explore = self.rng.random() < self.epsilon
-        a = self.rng.randrange(len(scores)) if explore else int(np.argmax(scores))
+        a = self.rng.randrange(k) if explore else int(np.argmax(scores[:k]))
         assert self.last_state is not None
         self.trace.append((self.last_state, a))
         return self.decide_action(ordered, prompt_tokens, cached, a, scores)
@@ -139,6 +141,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--eval-rates", default="", help="LEVEL=X,... rate scales to evaluate at (default: the training one)")
     a("--oracle-accuracy", type=float, default=0.79)
     a("--no-eval", action="store_true")
+    a("--no-hold", action="store_true", help="never hold at the router (train and evaluate without it)")
 
 
 def run_train_rl(args: argparse.Namespace) -> int:
@@ -181,6 +184,7 @@ def run_train_rl(args: argparse.Namespace) -> int:
             continue
         pol = _Acting(_qnet(reg, n) if ep > 0 else None, predictor, rng)
         pol.guidance = guidance
+        pol.n_actions = n if args.no_hold else 0
         pol.epsilon = max(0.02, args.epsilon * (1 - ep / max(args.episodes - 1, 1)))
         order: list[int] = []
         res = _episode(reqs, args.rate_scale, pol, cfg, prompts, order)
@@ -244,6 +248,7 @@ def run_train_rl(args: argparse.Namespace) -> int:
             if name.startswith("intelligent_router"):
                 ir = IntelligentRouter(final, predictor)
                 ir.guidance = guidance
+                ir.allow_hold = not args.no_hold
                 hook = _oracle_hook(ir, ev, args.oracle_accuracy, args.seed) if name.endswith("oracle") else \
                     _held_hook(ir)  # fmt: skip
                 res = simulate(window(ev, rate, None), ir, cfg, prompts=prompts, before_route=hook)
