@@ -9,6 +9,7 @@ Commands:
   overload-bench  10x the cluster's measured capacity: 429s, admitted TTFT, router memory
   compare   LMetric against every baseline policy in the simulator, at three load levels
   compare-live  the same trace through our router (per policy) and SGLang's router, live
+  train-rl  train the Intelligent Router's Double DQN in the simulator and evaluate it (needs scikit-learn)
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from launch import cluster, compare, compare_live, failover, fuzz, replay, tail
+from launch import cluster, compare, compare_live, failover, fuzz, replay, rl, tail
 from launch.bench import chaos, overload
 from launch.sim import fidelity
 from launch.sim import run as simulate
@@ -120,6 +121,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
     )
+    rl.add_arguments(
+        sub.add_parser(
+            "train-rl",
+            help="train the Intelligent Router (Double DQN) in the simulator, then evaluate it",
+            description=rl.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     p.add_argument("--log-level", default="INFO", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -154,6 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fuzz.run_fuzz(args)
     if args.command == "fidelity":
         return fidelity.run_fidelity(args)
+    if args.command == "train-rl":
+        return rl.run_train_rl(args)
     return replay.run_replay(args)
 
 

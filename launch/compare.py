@@ -114,6 +114,7 @@ def _row(label: str, r: RunResult, lm: RunResult | None) -> dict[str, Any]:
         "ttft_p99": s["ttft"]["p99"],
         "tpot_mean": s["tpot"]["mean"],
         "tpot_p99": s["tpot"]["p99"],
+        "e2e_mean": s["e2e"]["mean"],
         "hit_ratio": s["hit_ratio"],
         "failed": s["failed"],
         "failure_cases": s.get("failure_cases", {}),

@@ -484,3 +484,17 @@ def test_policy_params_reach_every_driver(monkeypatch: pytest.MonkeyPatch) -> No
     plain = Cluster(cluster_config(p.parse_args(["--policy", "linear"])))
     plain._agents = []
     assert not any(a.startswith("--linear") for a in plain._router_args("primary"))
+
+
+def test_lmetric_does_not_queue_more_prefill_behind_fresh_requests() -> None:
+    """``stalls_fresh``: the product picks ``a`` (smaller batch, but a fresh request's prefill queued
+    there); ``b`` has less prefill work and only requests already decoding, so the mitigation takes it."""
+    a = InstanceView(name="a", batch_size=1, running=1, queued_prefill_tokens=4000)
+    b = InstanceView(name="b", batch_size=2, running=2, queued_prefill_tokens=0)
+    plain = make_policy("lmetric_plain").choose([a, b], 60_000, {})
+    assert plain.instance == "a"  # 64000 * 2 < 60000 * 3
+    d = make_policy("lmetric").choose([a, b], 60_000, {})
+    assert (d.instance, d.reason) == ("b", "fresh_guard") and "stalls_fresh" in d.failure_cases
+    # no calmer alternative (b also fresh): the product decides
+    b_fresh = InstanceView(name="b", batch_size=3, running=2, queued_prefill_tokens=0)
+    assert make_policy("lmetric").choose([a, b_fresh], 60_000, {}).instance == "a"

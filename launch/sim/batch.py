@@ -37,7 +37,7 @@ __all__ = ["SIM_VERSION", "Batch", "RunResult", "RunSpec", "bisect_rate"]
 
 SIM_VERSION: Final = 2
 """Bump when the simulator or a policy changes what a run produces: cached runs are then ignored."""
-LMETRIC_VERSION: Final = 2
+LMETRIC_VERSION: Final = 3
 """Bump when LMetric's mitigations change: only its cached runs are then ignored."""
 
 

@@ -33,7 +33,7 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from tqdm import tqdm
@@ -51,6 +51,11 @@ from router.model.policies import Policy
 __all__ = ["INGEST_OVERHEAD_S", "INGEST_PER_TOKEN_S", "SimConfig", "SimResult", "ingest_times", "simulate"]
 
 _DONE, _TICK, _ARRIVAL, _KICK = 0, 1, 2, 3
+
+HOLD_S = 0.02
+"""How long a held request waits at the router before it is routed again (the paper acts every 0.02 s)."""
+MAX_HOLDS = 50
+"""A request is held at most this many times (1 s), then routed where the policy ranks best."""
 
 INGEST_OVERHEAD_S = 0.001
 INGEST_PER_TOKEN_S = 0.26e-6
@@ -193,6 +198,7 @@ def simulate(
     progress: bool = False,
     desc: str = "",
     routed_at: Sequence[float] | None = None,
+    before_route: Callable[[TraceRequest, int], None] | None = None,
 ) -> SimResult:
     """Replay ``plan`` (``(send seconds, request)`` pairs, as :func:`launch.trace.window` gives) through
     ``cfg.instances`` simulated engines routed by ``policy``; runs until every request has finished.
@@ -202,6 +208,13 @@ def simulate(
     ``prompts`` may be shared between runs of the same page size (it only memoises). Raises
     :class:`launch.trace.TraceError` if a request has too few ``hash_ids``, ``ValueError`` for an unknown
     profile, a bad config or a ``routed_at`` of another length than ``plan``.
+
+    ``before_route(request, held)`` is called before each routing decision with the number of requests
+    held at the router. A decision whose ``reason`` is ``hold`` (``intelligent_router``) is undone (the
+    dispatch forgotten; its speculative index entries expire by TTL) and the request asks again
+    :data:`HOLD_S` later, at most :data:`MAX_HOLDS` times; the load reports it then reads are the newest
+    computed for first arrivals (a held request may see a report up to one period older than the
+    newest one a live router would have).
     """
     if cfg.instances < 1 or cfg.load_period <= 0 or cfg.event_delay < 0:
         raise ValueError("need instances >= 1, load_period > 0 and event_delay >= 0")
@@ -278,13 +291,17 @@ def simulate(
     kicked: set[int] = set()
     push, pop = heapq.heappush, heapq.heappop
     now = 0.0
-    arrived = 0  # arrivals popped so far: plan[arrived] is the next one
+    arrived = 0  # first arrivals popped so far: plan[arrived] is the next one
+    holds: dict[int, int] = {}  # plan position -> times held
+    rearrive: list[float] = []  # when held requests ask again (a heap)
     while heap:
         now, kind, _, x = pop(heap)
         if kind == _DONE:
             # An instance's steps interact with the rest only at arrivals (routing reads the router's
             # state; a kick) and at its own load report: it may run ahead of other instances' steps.
             horizon = plan[arrived][0] if arrived < len(plan) else math.inf
+            if rearrive and rearrive[0] < horizon:
+                horizon = rearrive[0]
             tp = tick_pos[x]
             if tp < len(ticks[x]) and ticks[x][tp] < horizon:
                 horizon = ticks[x][tp]
@@ -299,10 +316,22 @@ def simulate(
                 push(heap, (ticks[x][tick_pos[x]], _TICK, seq, x))
                 seq += 1
         elif kind == _ARRIVAL:
-            arrived += 1
+            if x in holds:
+                heapq.heappop(rearrive)
+            else:
+                arrived += 1
             req = plan[x][1]
             tokens = prompts.tokens(req)
-            i, ticket, _ = router.route(now, prompts.hashes(req, tokens), len(tokens))
+            if before_route is not None:
+                before_route(req, len(rearrive))
+            i, ticket, decision = router.route(now, prompts.hashes(req, tokens), len(tokens))
+            if decision.reason == "hold" and holds.get(x, 0) < MAX_HOLDS:
+                router.finish(i, ticket)
+                holds[x] = holds.get(x, 0) + 1
+                push(heap, (now + HOLD_S, _ARRIVAL, seq, x))
+                seq += 1
+                heapq.heappush(rearrive, now + HOLD_S)
+                continue
             inst = insts[i]
             lv = LiveRequest(req.index, now, ticket, len(tokens))
             try:

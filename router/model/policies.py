@@ -37,7 +37,17 @@ Where the product fails (derived in ``docs/lmetric.md``; each case is detected o
   so this choice costs the request TTFT to spare other requests' TPOT. Detected and counted only: how
   many prefill tokens one batch slot is worth is exactly the weight LMetric does without.
 
-``lmetric_plain`` is the authors' formula with neither mitigation, kept for the ablation.
+* ``stalls_fresh`` (an R1 case that costs TPOT): the product chose an instance with more prefill work
+  (queued + new tokens) than another candidate for its smaller batch, but that batch holds *fresh*
+  requests (prefill work queued there, or dispatches no load report covers yet). Under prefill-first
+  scheduling those requests get their first token and then stall for this request's whole prefill:
+  a long prompt queued right behind a short answer stretches that answer's few decode steps by seconds,
+  and those few requests carry most of the mean TPOT (docs/lmetric.md, "The TPOT loss"). Mitigation:
+  when a candidate with less prefill work holds no fresh request, the least product among those wins
+  (it is better for the request's own TTFT and stalls only requests already decoding). No weight: the
+  switch happens only when the alternative is better on prefill work and holds no fresh request.
+
+``lmetric_plain`` is the authors' formula with no mitigation, kept for the ablation.
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Final
 
 from router.model.baselines import Bailian, Dynamo, PowerOfTwo, RandomChoice, SglangCacheAware, VllmV1
+from router.model.intelligent import IntelligentRouter, MixingPenalty
 from router.model.policy_base import Decision, InstanceView, Param, Policy, by_name, new_tokens
 
 __all__ = [
@@ -80,7 +91,8 @@ AT_MAX_RUNNING: Final = "at_max_running"
 ALL_AT_MAX_RUNNING: Final = "all_at_max_running"
 FULLY_CACHED: Final = "fully_cached"
 BATCH_OVER_PREFILL: Final = "batch_over_prefill"
-FAILURE_KINDS: Final = (AT_MAX_RUNNING, ALL_AT_MAX_RUNNING, FULLY_CACHED, BATCH_OVER_PREFILL)
+STALLS_FRESH: Final = "stalls_fresh"
+FAILURE_KINDS: Final = (AT_MAX_RUNNING, ALL_AT_MAX_RUNNING, FULLY_CACHED, BATCH_OVER_PREFILL, STALLS_FRESH)
 
 LINEAR_A: Final = 1.0
 LINEAR_B: Final = 1000.0
@@ -161,6 +173,20 @@ class LMetric(_Argmin):
         else:  # detection only: every instance competes
             candidates, skipped = scored, []
         key, chosen, reason = self._pick(candidates)
+        if self.mitigate and _holds_fresh(chosen):
+            # R1 onto fresh requests: the product took more prefill work for a smaller batch, but that
+            # batch holds requests not decoding yet, which the request's prefill stalls right after their
+            # first token. An instance with less prefill work and no fresh request wins on both counts.
+            prefill = chosen.queued_prefill_tokens + key[2]
+            calm = [
+                (k, v)
+                for k, v in candidates
+                if v.queued_prefill_tokens + k[2] < prefill and not _holds_fresh(v)
+            ]
+            if calm:
+                failures.append(STALLS_FRESH)
+                key, chosen, _ = self._pick(calm)
+                reason = "fresh_guard"
         if below and at_cap and min(k for k, _ in at_cap)[0] <= key[0]:
             failures.append(AT_MAX_RUNNING)  # the product preferred (or chose) an instance at its cap
         if key[0] == 0 and any(k[1] < key[1] for k, _ in candidates):
@@ -208,6 +234,12 @@ class Linear(_Argmin):
 
     def _score(self, view: InstanceView, new: int) -> float:
         return self.a * (view.queued_prefill_tokens + new) + self.b * view.batch_size
+
+
+def _holds_fresh(view: InstanceView) -> bool:
+    """Whether ``view`` holds requests that have not started decoding: prefill work queued (waiting or
+    being prefilled) or dispatches the router made that no load report covers yet."""
+    return view.queued_prefill_tokens > 0 or view.unreported > 0
 
 
 def _deciding_criterion(best: _Key, runner_up: _Key) -> str:
@@ -266,6 +298,8 @@ POLICIES: dict[str, Registered] = {
     "power_of_two": Registered(PowerOfTwo, PowerOfTwo),
     "linear": Registered(Linear, lambda seed: Linear()),
     "lmetric_plain": Registered(LMetric, lambda seed: LMetric(mitigate=False)),
+    "mixing_penalty": Registered(MixingPenalty, lambda seed: MixingPenalty()),
+    "intelligent_router": Registered(IntelligentRouter, lambda seed: IntelligentRouter()),
 }
 """Policies by name (``--policy``). Add a policy by registering its class and factory here; its
 parameters (``PARAMS``) then become flags of every driver."""
