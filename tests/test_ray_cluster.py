@@ -287,6 +287,39 @@ def test_a_killed_node_rejoins_with_an_exact_index(rig: RayRig) -> None:
     assert counts[inst] >= 0 and sum(counts.values()) > 0
 
 
+def test_a_lost_node_comes_back_through_its_bundle(rig: RayRig) -> None:
+    """The whole node goes (raylet, host actor and all): its bundle is placed again when a node with the
+    same resources joins, a new host actor starts the pair there, and the index is exact again."""
+    inst = next(e for e in rig.procs("engine") if e["endpoints"]["node"] == W1)["instance"]
+    agent = next(a for a in rig.procs("agent") if a["instance"] == inst)
+    t = time.monotonic()
+    rig.ray.remove_node(rig.nodes[W1], allow_graceful=False)
+    time.sleep(2.0)
+    rig.nodes[W1] = rig.ray.add_node(
+        object_store_memory=OBJECT_STORE,
+        num_cpus=2,
+        node_ip_address=W1,
+        resources={"lmr-w1": 1, "lmr-engine": 1},
+    )
+
+    def back() -> bool:  # engine and agent running on the node that joined
+        here = [p for r in ("engine", "agent") for p in rig.procs(r) if p["instance"] == inst]
+        return len(here) == 2 and all(p["endpoints"]["ray_node_id"] == rig.nodes[W1].node_id for p in here)
+
+    deadline = time.monotonic() + 180
+    while not back() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert back(), "the pair did not come back on the new node:\n" + rig.log_tail()
+    rig.times["node_removed_to_pair_back"] = time.monotonic() - t
+    new_agent = next(a for a in rig.procs("agent") if a["instance"] == inst)
+    assert new_agent["endpoints"]["pub"] == agent["endpoints"]["pub"]
+    asyncio.run(_wait_exact(rig, timeout=90))
+    rig.times["node_removed_to_exact"] = time.monotonic() - t
+    s = _replay(rig, rig.info()["router"], seed=5)
+    assert s["requests"] == 8 and s["failed"] == 0
+    asyncio.run(_wait_exact(rig))
+
+
 def test_sigint_stops_everything(rig: RayRig) -> None:
     pids = [p["pid"] for p in rig.info()["processes"] if p["pid"] and p["status"] == "running"]
     assert rig.proc is not None
