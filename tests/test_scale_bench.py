@@ -11,7 +11,7 @@ from router.model.model import RoutingModel
 
 def test_scale_bench_reports_and_restores() -> None:
     before = {n: getattr(RoutingModel, n) for n in ("route_hashes", "on_events", "on_load", "__init__")}
-    out = measure(4, DEFAULT_TRACE, 5.0, 0.25, "lmetric", SimConfig())
+    out = measure(4, DEFAULT_TRACE, 10.0, 1.0, "lmetric", SimConfig())
     assert {n: getattr(RoutingModel, n) for n in before} == before
     assert out["instances"] == 4 and out["requests"] > 0
     assert 0 < out["decision_us"]["p50"] <= out["decision_us"]["p99"]
