@@ -320,6 +320,29 @@ def test_a_lost_node_comes_back_through_its_bundle(rig: RayRig) -> None:
     asyncio.run(_wait_exact(rig))
 
 
+def test_primary_router_killed_standby_takes_over_on_its_node(rig: RayRig) -> None:
+    """The standby (on W0) takes over; the cluster file's router URL moves to its node; the new standby
+    goes on the other router node (the head), never beside the new primary; requests still flow."""
+    (primary,), (standby,) = rig.procs("router-primary"), rig.procs("router-standby")
+    t = time.monotonic()
+    os.kill(primary["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        info = rig.info()
+        prim = [p for p in info["processes"] if p["role"] == "router-primary" and p["status"] == "running"]
+        stby = [p for p in info["processes"] if p["role"] == "router-standby" and p["status"] == "running"]
+        if prim and prim[0]["pid"] == standby["pid"] and stby and info["router"].startswith(f"http://{W0}:"):
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("no takeover:\n" + json.dumps(rig.info(), indent=1) + rig.log_tail())
+    rig.times["primary_killed_to_new_pair"] = time.monotonic() - t
+    assert stby[0]["endpoints"]["node"] == HEAD != prim[0]["endpoints"]["node"]
+    s = _replay(rig, rig.info()["router"], seed=7)
+    assert s["requests"] == 8 and s["failed"] == 0
+    asyncio.run(_wait_exact(rig))
+
+
 def test_sigint_stops_everything(rig: RayRig) -> None:
     pids = [p["pid"] for p in rig.info()["processes"] if p["pid"] and p["status"] == "running"]
     assert rig.proc is not None
