@@ -1,7 +1,8 @@
 """``python -m launch COMMAND``: run the cluster, watch its streams, replay traces.
 
 Commands:
-  cluster   start emulated engines, agents and the router on this machine (Ctrl-C stops all)
+  cluster   start emulated engines, agents and the router on this machine, or on a Ray cluster with
+            --ray ADDRESS (Ctrl-C stops all)
   tail      print the agents' ZeroMQ event and load streams live
   replay    replay a Mooncake or Azure trace against a router or engine URL, streamed
   failover-bench  SIGKILL the primary router mid-replay; report takeover, failures, hit ratio
@@ -20,7 +21,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from launch import cluster, compare, compare_live, failover, fuzz, replay, rl, tail
+from launch import cluster, compare, compare_live, failover, fuzz, ray_cluster, replay, rl, tail
 from launch.bench import chaos, overload
 from launch.sim import fidelity
 from launch.sim import run as simulate
@@ -139,12 +140,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "cluster":
         cfg = cluster.config_from_args(args)
+        # --ray: the same cluster, its processes placed on a Ray cluster (launch/ray_cluster.py)
+        c = ray_cluster.RayCluster(cfg) if cfg.ray is not None else None
         try:
             import uvloop
 
-            return uvloop.run(cluster.run_cluster(cfg))
+            return uvloop.run(cluster.run_cluster(cfg, c))
         except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
-            return asyncio.run(cluster.run_cluster(cfg))
+            return asyncio.run(cluster.run_cluster(cfg, c))
     if args.command == "tail":
         return tail.run_tail(args)
     if args.command == "failover-bench":

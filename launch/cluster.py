@@ -37,6 +37,7 @@ import aiohttp
 
 from kvindex.curve import ClusterKeys, generate_cluster_keys
 from kvindex.protocol.cluster_file import ClusterFile, ProcessEntry
+from launch.placement import RayOptions, add_ray_arguments, ray_options_from_args
 from launch.procs import Child, ChildFailed, stop_all
 from launch.sglang_engines import LOAD_MODES, SGLANG_MODULE, allocate_ports, parse_gpus, server_args
 from router.model.policies import POLICIES, add_param_arguments, param_args, params_from_namespace
@@ -76,6 +77,7 @@ class ClusterConfig:
     policy_params: tuple[tuple[str, str, float], ...] = ()
     curve: bool = False
     sglang_load_stream: str = "wildcard"
+    ray: RayOptions | None = None  # --ray: every process on a Ray cluster (launch/ray_cluster.py)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -178,6 +180,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "LOG_DIR/curve (secrets 0600), each process gets its own by environment (docs/security.md)",
     )
     _add_engine_arguments(p)
+    add_ray_arguments(p)
 
 
 def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
@@ -251,6 +254,9 @@ def config_from_args(a: argparse.Namespace) -> ClusterConfig:
         gpus = tuple(parse_gpus(a.gpus, a.instances)) if a.engine == "sglang" and not a.attach else ()
     except ValueError as exc:
         sys.exit(f"launch cluster: error: {exc}")
+    ray = ray_options_from_args(a)
+    if ray is not None and a.attach:
+        sys.exit("launch cluster: error: --ray starts its engines; it does not take --attach")
     tokenizer = a.tokenizer
     if (
         tokenizer is None
@@ -288,6 +294,7 @@ def config_from_args(a: argparse.Namespace) -> ClusterConfig:
         metrics_port=a.metrics_port,
         curve=a.curve,
         sglang_load_stream=a.sglang_load_stream,
+        ray=ray,
     )
 
 
@@ -462,7 +469,7 @@ class Cluster:
         await self._start_stage([c])
         return c
 
-    async def _start_stage(self, stage: list[Child]) -> None:
+    async def _start_stage(self, stage: Sequence[Child]) -> None:
         for c in stage:
             await c.start()
         await asyncio.gather(*(c.wait_ready(self.cfg.ready_timeout) for c in stage))
@@ -590,13 +597,14 @@ class Cluster:
             self.cfg.cluster_file.unlink()
 
 
-async def run_cluster(cfg: ClusterConfig) -> int:
-    """Run the cluster until SIGINT/SIGTERM. Returns the process exit code (0 on a clean stop)."""
+async def run_cluster(cfg: ClusterConfig, cluster: Cluster | None = None) -> int:
+    """Run ``cluster`` (default: this machine's :class:`Cluster` of ``cfg``; ``launch.ray_cluster`` passes
+    its own) until SIGINT/SIGTERM. Returns the process exit code (0 on a clean stop)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    cluster = Cluster(cfg)
+    cluster = cluster if cluster is not None else Cluster(cfg)
     code = 0
     try:
         starting = asyncio.create_task(cluster.start())
