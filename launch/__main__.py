@@ -7,6 +7,7 @@ Commands:
   failover-bench  SIGKILL the primary router mid-replay; report takeover, failures, hit ratio
   compare   LMetric against every baseline policy in the simulator, at three load levels
   compare-live  the same trace through our router (per policy) and SGLang's router, live
+  overhead-bench  router CPU per request, latency and throughput: direct, ours, sglang-router
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 from collections.abc import Sequence
 
 from launch import cluster, compare, compare_live, failover, replay, tail
+from launch.bench import overhead
 from launch.sim import fidelity
 from launch.sim import run as simulate
 
@@ -93,6 +95,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
     )
+    overhead.add_arguments(
+        sub.add_parser(
+            "overhead-bench",
+            help="router CPU per request against direct-to-engine and sglang-router (pinned CPUs)",
+            description=overhead.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     p.add_argument("--log-level", default="INFO", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -119,6 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return compare.run_compare(args)
     if args.command == "compare-live":
         return compare_live.run_compare_live(args)
+    if args.command == "overhead-bench":
+        return overhead.run_overhead_bench(args)
     if args.command == "fidelity":
         return fidelity.run_fidelity(args)
     return replay.run_replay(args)
