@@ -522,22 +522,33 @@ class GlobalIndex:
         alive = self._all_mask
         dropped_at: dict[int, int] = {}
         depth = 0
-        # Look-ups a chunk at a time from C (misses overlap), the walk on the fetched masks.
-        for a in range(0, len(hashes), _MATCH_CHUNK):
+        n = len(hashes)
+        size = _MATCH_CHUNK
+        # Look-ups a chunk at a time from C (misses overlap; chunks double, so a prompt that matches
+        # nothing costs one small chunk). Inside a chunk the walk runs in C too: the next hash where the
+        # set of instances still matching shrinks is found with map + list.index, so Python runs once per
+        # instance dropping out, not once per block.
+        while depth < n and alive:
+            masks = list(map(get, hashes[depth : depth + size], repeat(0)))
+            j = 0
+            while alive:
+                try:
+                    k = j + list(map(alive.__eq__, map(alive.__and__, masks[j:]))).index(False)
+                except ValueError:  # every instance still matching holds the rest of the chunk
+                    break
+                new = alive & masks[k]
+                gone = alive ^ new
+                while gone:
+                    low = gone & -gone
+                    dropped_at[low.bit_length() - 1] = depth + k
+                    gone ^= low
+                alive = new
+                j = k + 1
             if not alive:
+                depth += k
                 break
-            for m in list(map(get, hashes[a : a + _MATCH_CHUNK], repeat(0))):
-                new = alive & m
-                if new != alive:
-                    gone = alive ^ new
-                    while gone:
-                        low = gone & -gone
-                        dropped_at[low.bit_length() - 1] = depth
-                        gone ^= low
-                    alive = new
-                    if not alive:
-                        break
-                depth += 1
+            depth += len(masks)
+            size *= 2
         # Instances still alive hold every hash walked; every other one has its drop depth recorded.
         bs = self._block_size
         cached = {name: dropped_at.get(i, depth) * bs for name, i in self._id_of.items()}
@@ -559,7 +570,18 @@ class GlobalIndex:
         holders = self._holders
         get = holders.get
         added = 0
-        for h in hashes:
+        # The prefix ``name`` already holds (usually most of the request: the policy chose it for its
+        # match) is found from C; in it only speculative entries need a refresh.
+        held = list(map(bit.__and__, map(get, hashes, repeat(0))))
+        try:
+            k = held.index(0)
+        except ValueError:
+            k = len(held)
+        if spec and k:
+            for h in filter(spec.__contains__, hashes[:k]):
+                spec.move_to_end(h)
+                spec[h] = now
+        for h in hashes[k:]:
             m = get(h)
             if m is None:
                 holders[h] = bit

@@ -28,7 +28,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from kvindex.hashing import BlockHash, block_hashes
+from kvindex.hashing import BlockHash, PrefixHashCache
 from kvindex.protocol.http import PARSERS, PATHS, GenerationRequest, RequestError, error_body
 from kvindex.protocol.tokenizer import Tokenizer, load_tokenizer
 from router.config import RouterConfig
@@ -93,6 +93,8 @@ class RouterServer:
         self.core = RoutingModel(cfg.model, self._request_snapshot)
         self.subscriber = Subscriber(cfg.agents, self._on_agent_message)
         self.metrics = RouterMetrics(self.core, self.subscriber)
+        self.prefix_hashes = PrefixHashCache()
+        """Block hashing for every request: digests of a prefix an earlier request shared are reused."""
         self.port = 0
         self._started_at = int(time.time())
         self._session: aiohttp.ClientSession | None = None
@@ -275,19 +277,25 @@ class RouterServer:
             return Outcome(_error(exc.status, exc.message, exc.param, exc.type), str(exc.status))
         return await self._route_and_forward(request, req, raw, ids, hashes, model, arrived)
 
-    async def _tokenize(self, req: GenerationRequest) -> tuple[list[int], list[BlockHash] | None]:
-        """The prompt's token ids, and for a long prompt its block hashes too (both off the loop)."""
+    async def _tokenize(self, req: GenerationRequest) -> tuple[Sequence[int], list[BlockHash] | None]:
+        """The prompt's token ids and, once the block size is known, its block hashes (reusing the
+        digests of a prefix an earlier request shared, :class:`PrefixHashCache`); off the loop for a
+        long prompt."""
         size = len(req.text or req.input_ids or ()) + sum(
             len(str(m.get("content"))) for m in req.messages or ()
         )
-        if size <= THREAD_WORK_SIZE:
-            return req.prompt_ids(self.tokenizer), None
         block_size = self.core.block_size  # fixed once learned, so hashes stay valid for the index
 
-        def work() -> tuple[list[int], list[BlockHash] | None]:
-            ids = req.prompt_ids(self.tokenizer)
-            return ids, block_hashes(ids, block_size) if block_size else None
+        def work() -> tuple[Sequence[int], list[BlockHash] | None]:
+            ids = (
+                self.tokenizer.encode_ids(req.text)
+                if req.text is not None
+                else req.prompt_ids(self.tokenizer)
+            )
+            return ids, self.prefix_hashes.block_hashes(ids, block_size) if block_size else None
 
+        if size <= THREAD_WORK_SIZE:
+            return work()
         return await asyncio.to_thread(work)
 
     async def _route_and_forward(

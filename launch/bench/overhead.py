@@ -77,6 +77,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--router-env", action="append", default=[], metavar="K=V", help="environment for our routers")
     a("--ready-timeout", type=float, default=60.0, help="seconds for a process to come up")
     a("--json", type=Path, default=None, help="write every row here")
+    a(
+        "--py-spy",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="profile our router over each measured window with py-spy (pip install py-spy), writing "
+        "DIR/CELL.txt (collapsed stacks) and DIR/CELL.top.txt (functions by own and total samples)",
+    )
     a("--log-dir", type=Path, default=None, help="children's logs (default: a temporary directory)")
 
 
@@ -272,11 +280,23 @@ def _measure(
     maker = PromptMaker(cell.chars, cell.stream)
     marks: list[tuple[float, float]] = []
 
+    spy: list[subprocess.Popen[bytes]] = []
+    spy_out = None
+    if args.py_spy is not None and router_pid and cell.target != "sglang-router":
+        args.py_spy.mkdir(parents=True, exist_ok=True)
+        spy_out = args.py_spy / (cell.id.replace("/", "_") + ".txt")
+
     def edge() -> None:
         marks.append((_cpu_seconds(router_pid) if router_pid else 0.0, rig.others_cpu()))
+        if spy_out is not None and router_pid and len(marks) == 1:
+            spy.append(_start_py_spy(router_pid, args.cell_seconds, spy_out))
 
     warm = args.warmup if args.warmup is not None else max(0.2, args.cell_seconds / 4)
     res = asyncio.run(run_cell(urls, maker, cell.stream, cell.concurrency, args.cell_seconds, warm, edge))
+    for sp in spy:
+        sp.wait(timeout=60)
+        if spy_out is not None and spy_out.is_file():
+            spy_out.with_suffix(".top.txt").write_text(top_functions(spy_out.read_text()))
     n = max(1, res.requests)
     p50, p99 = res.percentile(0.5), res.percentile(0.99)
     row: dict[str, Any] = {
@@ -300,18 +320,49 @@ def _measure(
     return row
 
 
+def _start_py_spy(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes]:
+    exe = Path(sys.executable).parent / "py-spy"
+    cmd = [str(exe if exe.is_file() else "py-spy"), "record", "-p", str(pid), "-d", str(max(1, round(seconds))),
+           "-r", "250", "-f", "raw", "-o", str(out), "--nonblocking"]  # fmt: skip
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def top_functions(collapsed: str, n: int = 25) -> str:
+    """The ``n`` functions with the most samples of their own, then the ``n`` with the most in total
+    (own + callees), from py-spy's collapsed stacks (``frame;frame;... count`` a line). Pure."""
+    own: dict[str, int] = {}
+    total: dict[str, int] = {}
+    grand = 0
+    for line in collapsed.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        c = int(count)
+        grand += c
+        frames = [f.split(" (")[0] + " (" + f.split(" (")[-1].split(":")[0].rsplit("/", 1)[-1] + ")"
+                  if " (" in f else f for f in stack.split(";")]  # fmt: skip
+        own[frames[-1]] = own.get(frames[-1], 0) + c
+        for f in set(frames):
+            total[f] = total.get(f, 0) + c
+    lines = [f"{grand} samples", "", "own %   function"]
+    lines += [f"{100 * v / grand:5.1f}  {k}" for k, v in sorted(own.items(), key=lambda kv: -kv[1])[:n]]
+    lines += ["", "total % function"]
+    lines += [f"{100 * v / grand:5.1f}  {k}" for k, v in sorted(total.items(), key=lambda kv: -kv[1])[:n]]
+    return "\n".join(lines) + "\n"
+
+
 def _run_target(
     target: str, cells: list[Cell], rig: Rig, args: argparse.Namespace, tok: Path
 ) -> list[dict[str, Any]]:
     if target == "sglang-router" and not (args.sglang_venv / "bin" / "python").is_file():
         return _failed(cells, f"{args.sglang_venv} missing: see python -m launch compare-live --help")
-    if target == "ours":
-        rig.start_agents()
-    else:
-        rig.stop_agents()  # the agents' CPU is part of "ours" only
-    flush_engines(rig.engine_urls)
     router: Proc | None = None
     try:
+        if target == "ours":
+            rig.start_agents()
+        else:
+            rig.stop_agents()  # the agents' CPU is part of "ours" only
+        flush_engines(rig.engine_urls)
         if target == "direct":
             urls = [u + "/generate" for u in rig.engine_urls]
         else:
