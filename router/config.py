@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from router.model.config import DEFAULTS, ModelConfig
 
@@ -55,6 +56,11 @@ class RouterConfig:
     takeover: str = "auto"
     linear_a: float = DEFAULTS.linear_a
     linear_b: float = DEFAULTS.linear_b
+    # Without agents (sglang-router's command line; router/static_workers.py): see add_worker_arguments.
+    worker_urls: tuple[str, ...] = ()
+    routed_cache_tokens: int | None = None
+    worker_startup_timeout: float = 300.0
+    max_payload_size: int = 256 * 2**20
 
     def __post_init__(self) -> None:
         self.model  # noqa: B018 (validates the routing model's settings)
@@ -68,6 +74,10 @@ class RouterConfig:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port out of range: {self.port}")
         self._check_ha()
+        if self.worker_urls and self.agents:
+            raise ValueError("give either agents (--agent) or --worker-urls, not both")
+        if self.max_payload_size <= 0:
+            raise ValueError(f"max_payload_size must be positive, got {self.max_payload_size}")
 
     @property
     def model(self) -> ModelConfig:
@@ -168,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--policy",
-        choices=sorted(POLICIES),
+        choices=sorted(POLICIES) + sorted(SGLANG_POLICY_ALIASES),
         default=_D.policy,
         help="routing policy: lmetric = argmin (queued prefill + new tokens) x (batch size + 1); "
         "round_robin = rotation over live instances; the others are the published baselines "
@@ -310,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
         "virtual IP it can bind only once keepalived moved it here); external: only when told with "
         "POST /router/promote on the admin port (a leader elector decides, e.g. a Kubernetes Lease)",
     )
+    add_worker_arguments(p)
     return p
 
 
@@ -322,7 +333,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
             host=ns.host,
             port=ns.port,
             agents=tuple(ns.agents),
-            policy=ns.policy,
+            policy=SGLANG_POLICY_ALIASES.get(ns.policy, ns.policy),
             tokenizer=ns.tokenizer,
             block_size=ns.block_size,
             heartbeat_timeout=ns.heartbeat_timeout,
@@ -339,10 +350,82 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
             primary_decisions=ns.primary_decisions,
             decisions_port=ns.decisions_port,
             primary_timeout=ns.primary_timeout,
-            admin_port=ns.admin_port,
+            admin_port=ns.admin_port if ns.admin_port is not None else ns.prometheus_port,
             takeover=ns.takeover,
             linear_a=ns.linear_a,
             linear_b=ns.linear_b,
+            **worker_fields(ns),
         )
     except ValueError as exc:
         parser.error(str(exc))
+
+
+# ---- sglang-router's command line ------------------------------------------------------------------
+
+SGLANG_POLICY_ALIASES = {"cache_aware": "lmetric"}
+"""sglang-router policy names that are not ours. ``cache_aware`` maps to LMetric, which is cache-aware
+and load-aware without thresholds; ``--policy sglang_cache_aware`` is a replica of sglang-router's own
+rule. ``round_robin``, ``random`` and ``power_of_two`` are the same names in both."""
+
+
+def add_worker_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of a router without agents, named as sglang-router names them, so that a user of
+    ``python -m sglang_router.launch_router`` swaps the command and keeps the rest."""
+    g = p.add_argument_group("without agents (sglang-router's flags; see router/static_workers.py)")
+    g.add_argument(
+        "--worker-urls",
+        nargs="+",
+        default=[],
+        metavar="URL",
+        help="engines' HTTP base URLs: route to them with no agents; the index is what this router routed "
+        "to each (a bounded LRU per engine), as sglang-router keeps it",
+    )
+    g.add_argument(
+        "--routed-cache-tokens",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="tokens each worker's routed LRU holds; default: the engine's max_total_num_tokens from "
+        "/server_info (1M if it reports none)",
+    )
+    g.add_argument(
+        "--worker-startup-timeout-secs",
+        dest="worker_startup_timeout",
+        type=_non_negative_float,
+        default=300.0,
+        metavar="S",
+        help="wait this long for each worker's /server_info at start; one that never answers is "
+        "declared anyway and routed to once its /health answers",
+    )
+    g.add_argument(
+        "--max-payload-size",
+        type=_positive_int,
+        default=256 * 2**20,
+        metavar="BYTES",
+        help="largest request body accepted (413 beyond)",
+    )
+    g.add_argument(
+        "--prometheus-port",
+        type=_optional_port,
+        default=None,
+        metavar="PORT",
+        help="serve /metrics (with /health and /router/state) on this port too: the admin port "
+        "(--admin-port wins if both are given); /metrics is always on the main port as well",
+    )
+    g.add_argument(
+        "--prometheus-host",
+        default=None,
+        metavar="HOST",
+        help="accepted for sglang-router compatibility; the metrics port binds --host",
+    )
+
+
+def worker_fields(ns: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`RouterConfig` fields of :func:`add_worker_arguments`' flags (``--prometheus-port`` is
+    read where the admin port is)."""
+    return {
+        "worker_urls": tuple(ns.worker_urls),
+        "routed_cache_tokens": ns.routed_cache_tokens,
+        "worker_startup_timeout": ns.worker_startup_timeout,
+        "max_payload_size": ns.max_payload_size,
+    }

@@ -36,12 +36,11 @@ from router.decisions import DecisionPublisher
 from router.forward import ConnectFailed, Outcome, forward
 from router.metrics import RouterMetrics
 from router.model.model import NoLiveInstance, RoutingModel, SnapshotJob
+from router.static_workers import WorkerProber, declare_workers
 from router.subscriber import Received, SnapshotError, Subscriber, fetch_snapshot
 
 log = logging.getLogger(__name__)
 
-CLIENT_MAX_SIZE = 256 * 2**20
-"""Largest request body accepted, in bytes (prompts can be megabytes)."""
 THREAD_WORK_SIZE = 65536
 """Prompts longer than this (characters or token ids) are tokenized and block-hashed in a worker thread,
 and bodies longer than 16x this (bytes) JSON-decoded there, so the event loop keeps serving."""
@@ -101,6 +100,7 @@ class RouterServer:
         self._runner: web.AppRunner | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._fetches: set[asyncio.Task[None]] = set()
+        self._prober: WorkerProber | None = None
         self.decisions: DecisionPublisher | None = None
         """Where decisions and request ends are published (set by :class:`router.ha.HANode`)."""
         self.extra_state: Callable[[], dict[str, Any]] | None = None
@@ -120,7 +120,7 @@ class RouterServer:
 
     def make_app(self) -> web.Application:
         """The aiohttp application (routes only; no sockets)."""
-        app = web.Application(client_max_size=CLIENT_MAX_SIZE, middlewares=[json_http_errors])
+        app = web.Application(client_max_size=self.cfg.max_payload_size, middlewares=[json_http_errors])
         for path in PATHS:
             app.router.add_post(path, self._handle_generation)
         app.router.add_get("/v1/models", self._handle_models)
@@ -143,6 +143,8 @@ class RouterServer:
             self.make_app(), handler_cancellation=True, access_log=None, shutdown_timeout=3.0
         )
         await self._runner.setup()
+        if self.cfg.worker_urls:  # no agents: the workers are static instances (router/static_workers.py)
+            await self._start_workers()
         if bind:
             await self.bind()
         self._ticker = asyncio.get_running_loop().create_task(self._tick_loop(), name="router-tick")
@@ -153,6 +155,20 @@ class RouterServer:
             len(self.cfg.agents),
             self.tokenizer.name,
         )
+
+    async def _start_workers(self) -> None:
+        assert self._session is not None
+        cfg = self.cfg
+        await declare_workers(
+            self.core,
+            self._session,
+            cfg.worker_urls,
+            block_size=cfg.block_size,
+            capacity_tokens=cfg.routed_cache_tokens,
+            startup_timeout=cfg.worker_startup_timeout,
+        )
+        self._prober = WorkerProber(self.core, self._session, cfg.suspect_cooldown)
+        self._prober.start()
 
     async def bind(self, sock: socket.socket | None = None) -> None:
         """Serve HTTP on ``cfg.host:cfg.port`` (``SO_REUSEADDR``, never ``SO_REUSEPORT``, so it fails
@@ -187,6 +203,9 @@ class RouterServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._prober is not None:
+            await self._prober.stop()
+            self._prober = None
         tasks = [t for t in (self._ticker, *self._fetches) if t is not None]
         for t in tasks:
             t.cancel()
@@ -251,7 +270,7 @@ class RouterServer:
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            return Outcome(_error(413, f"request body larger than {CLIENT_MAX_SIZE} bytes"), "413")
+            return Outcome(_error(413, f"request body larger than {self.cfg.max_payload_size} bytes"), "413")
         try:
             body = (
                 await asyncio.to_thread(json.loads, raw)
