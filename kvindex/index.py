@@ -52,6 +52,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from functools import partial
 from itertools import repeat
+from operator import and_, eq
 
 from kvindex.blocklog import BlockLog
 from kvindex.hashing import block_hashes
@@ -533,7 +534,10 @@ class GlobalIndex:
             j = 0
             while alive:
                 try:
-                    k = j + list(map(alive.__eq__, map(alive.__and__, masks[j:]))).index(False)
+                    if alive & (alive - 1):  # several instances still match: all of them must hold it
+                        k = j + list(map(eq, map(and_, masks[j:], repeat(alive)), repeat(alive))).index(False)
+                    else:  # one instance (the usual case past the first block): it must hold it
+                        k = j + list(map(and_, masks[j:], repeat(alive))).index(0)
                 except ValueError:  # every instance still matching holds the rest of the chunk
                     break
                 new = alive & masks[k]
@@ -572,7 +576,7 @@ class GlobalIndex:
         added = 0
         # The prefix ``name`` already holds (usually most of the request: the policy chose it for its
         # match) is found from C; in it only speculative entries need a refresh.
-        held = list(map(bit.__and__, map(get, hashes, repeat(0))))
+        held = list(map(and_, map(get, hashes, repeat(0)), repeat(bit)))
         try:
             k = held.index(0)
         except ValueError:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Sequence
-from itertools import compress, repeat
+from itertools import repeat
 
 from kvindex.protocol.sglang import BlockRemoved, BlockStored, KVEvent
 
@@ -74,13 +74,14 @@ class RoutedBlocks:
         k = max(0, min(held_prefix, len(hashes)))
         lru = self._lru
         rest = hashes[k:]
-        held = [True] * k + list(map(lru.__contains__, rest))
+        held = list(map(lru.__contains__, rest))
         events: list[KVEvent] = []
         if not all(held):
-            events = self._runs(hashes, held)
-            lru.update(zip(reversed(rest), repeat(None)))  # new keys go to the end, leaf first
-        # Held blocks move to the end, leaf first, so the request's root ends the most recent.
-        deque(map(lru.move_to_end, compress(reversed(hashes), reversed(held))), maxlen=0)
+            events = self._runs(hashes, k, held)
+            lru.update(zip(rest, repeat(None)))
+        # Every block moves to the end, leaf first, so the request's root ends the most recent (one C
+        # loop; a KeyError here means a wrong ``held_prefix``).
+        deque(map(lru.move_to_end, reversed(hashes)), maxlen=0)
         over = len(lru) - self.capacity
         if over > 0:
             gone = [lru.popitem(last=False)[0] for _ in range(over)]
@@ -88,12 +89,14 @@ class RoutedBlocks:
             events.append(BlockRemoved(tuple(gone)))
         return events
 
-    def _runs(self, hashes: Sequence[int], held: list[bool]) -> list[KVEvent]:
+    def _runs(self, hashes: Sequence[int], offset: int, held: list[bool]) -> list[KVEvent]:
+        """``BlockStored`` runs of the blocks of ``hashes[offset:]`` not ``held``."""
         first = held.index(False)
         if True not in held[first:]:  # the usual shape: a held prefix, then new blocks to the end
-            return [self._stored(hashes, first, len(hashes))]
+            return [self._stored(hashes, offset + first, len(hashes))]
         out: list[KVEvent] = []
         start = -1
+        held = [True] * offset + held
         for k, h in enumerate(held):  # Python per block, only when held and new blocks interleave
             if not h and start < 0:
                 start = k
