@@ -560,13 +560,19 @@ class GlobalIndex:
 
     # ------------------------------------------------------------------------------------ speculative
 
-    def insert_speculative(self, name: str, hashes: Sequence[int], now: float) -> int:
+    def insert_speculative(
+        self, name: str, hashes: Sequence[int], now: float, held_prefix: int | None = None
+    ) -> int:
         """Record that ``name`` will soon hold ``hashes`` (auto-added if unknown). Mutates; never raises.
 
         ``now`` is the caller's clock in seconds (non-decreasing across calls). Hashes ``name`` really holds
         are skipped; an existing speculative entry is refreshed to ``now``. If ``name`` then has more than
         ``max_speculative_per_instance`` entries, its oldest are evicted (``stats.speculative_evicted``).
         Returns the number of entries newly added.
+
+        ``held_prefix``: how many of the first ``hashes`` ``name`` holds (really or speculatively), when
+        the caller knows it (``match_hashes`` just said so: ``cached_tokens[name] // block_size``); they
+        are then not looked up again. Must be right: a wrong count leaves entries missing or unrefreshed.
         """
         i = self._intern(name)
         bit = 1 << i
@@ -576,11 +582,14 @@ class GlobalIndex:
         added = 0
         # The prefix ``name`` already holds (usually most of the request: the policy chose it for its
         # match) is found from C; in it only speculative entries need a refresh.
-        held = list(map(and_, map(get, hashes, repeat(0)), repeat(bit)))
-        try:
-            k = held.index(0)
-        except ValueError:
-            k = len(held)
+        if held_prefix is not None:
+            k = held_prefix
+        else:
+            held = list(map(and_, map(get, hashes, repeat(0)), repeat(bit)))
+            try:
+                k = held.index(0)
+            except ValueError:
+                k = len(held)
         if spec and k:
             for h in filter(spec.__contains__, hashes[:k]):
                 spec.move_to_end(h)

@@ -183,7 +183,8 @@ class RoutingModel(StreamSync):
         decision = self.policy.choose(views, prompt_tokens, match.cached_tokens)
         routed = self._routed.get(decision.instance)
         if routed is None:
-            self.index.insert_speculative(decision.instance, match.hashes, self._mono())
+            held = match.cached_tokens.get(decision.instance, 0) // self.index.block_size
+            self.index.insert_speculative(decision.instance, match.hashes, self._mono(), held)
         else:
             self._record_routed(routed, decision.instance, match.hashes, match.cached_tokens)
         ticket = self.table.add_pending(decision.instance, decision.new_tokens, self._wall())
