@@ -52,6 +52,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from functools import partial
 from itertools import repeat
+from operator import and_, eq
 
 from kvindex.blocklog import BlockLog
 from kvindex.hashing import block_hashes
@@ -522,22 +523,36 @@ class GlobalIndex:
         alive = self._all_mask
         dropped_at: dict[int, int] = {}
         depth = 0
-        # Look-ups a chunk at a time from C (misses overlap), the walk on the fetched masks.
-        for a in range(0, len(hashes), _MATCH_CHUNK):
+        n = len(hashes)
+        size = _MATCH_CHUNK
+        # Look-ups a chunk at a time from C (misses overlap; chunks double, so a prompt that matches
+        # nothing costs one small chunk). Inside a chunk the walk runs in C too: the next hash where the
+        # set of instances still matching shrinks is found with map + list.index, so Python runs once per
+        # instance dropping out, not once per block.
+        while depth < n and alive:
+            masks = list(map(get, hashes[depth : depth + size], repeat(0)))
+            j = 0
+            while alive:
+                try:
+                    if alive & (alive - 1):  # several instances still match: all of them must hold it
+                        k = j + list(map(eq, map(and_, masks[j:], repeat(alive)), repeat(alive))).index(False)
+                    else:  # one instance (the usual case past the first block): it must hold it
+                        k = j + list(map(and_, masks[j:], repeat(alive))).index(0)
+                except ValueError:  # every instance still matching holds the rest of the chunk
+                    break
+                new = alive & masks[k]
+                gone = alive ^ new
+                while gone:
+                    low = gone & -gone
+                    dropped_at[low.bit_length() - 1] = depth + k
+                    gone ^= low
+                alive = new
+                j = k + 1
             if not alive:
+                depth += k
                 break
-            for m in list(map(get, hashes[a : a + _MATCH_CHUNK], repeat(0))):
-                new = alive & m
-                if new != alive:
-                    gone = alive ^ new
-                    while gone:
-                        low = gone & -gone
-                        dropped_at[low.bit_length() - 1] = depth
-                        gone ^= low
-                    alive = new
-                    if not alive:
-                        break
-                depth += 1
+            depth += len(masks)
+            size *= 2
         # Instances still alive hold every hash walked; every other one has its drop depth recorded.
         bs = self._block_size
         cached = {name: dropped_at.get(i, depth) * bs for name, i in self._id_of.items()}
@@ -545,13 +560,19 @@ class GlobalIndex:
 
     # ------------------------------------------------------------------------------------ speculative
 
-    def insert_speculative(self, name: str, hashes: Sequence[int], now: float) -> int:
+    def insert_speculative(
+        self, name: str, hashes: Sequence[int], now: float, held_prefix: int | None = None
+    ) -> int:
         """Record that ``name`` will soon hold ``hashes`` (auto-added if unknown). Mutates; never raises.
 
         ``now`` is the caller's clock in seconds (non-decreasing across calls). Hashes ``name`` really holds
         are skipped; an existing speculative entry is refreshed to ``now``. If ``name`` then has more than
         ``max_speculative_per_instance`` entries, its oldest are evicted (``stats.speculative_evicted``).
         Returns the number of entries newly added.
+
+        ``held_prefix``: how many of the first ``hashes`` ``name`` holds (really or speculatively), when
+        the caller knows it (``match_hashes`` just said so: ``cached_tokens[name] // block_size``); they
+        are then not looked up again. Must be right: a wrong count leaves entries missing or unrefreshed.
         """
         i = self._intern(name)
         bit = 1 << i
@@ -559,7 +580,21 @@ class GlobalIndex:
         holders = self._holders
         get = holders.get
         added = 0
-        for h in hashes:
+        # The prefix ``name`` already holds (usually most of the request: the policy chose it for its
+        # match) is found from C; in it only speculative entries need a refresh.
+        if held_prefix is not None:
+            k = held_prefix
+        else:
+            held = list(map(and_, map(get, hashes, repeat(0)), repeat(bit)))
+            try:
+                k = held.index(0)
+            except ValueError:
+                k = len(held)
+        if spec and k:
+            for h in filter(spec.__contains__, hashes[:k]):
+                spec.move_to_end(h)
+                spec[h] = now
+        for h in hashes[k:]:
             m = get(h)
             if m is None:
                 holders[h] = bit

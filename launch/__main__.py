@@ -11,6 +11,7 @@ Commands:
   compare   LMetric against every baseline policy in the simulator, at three load levels
   compare-live  the same trace through our router (per policy) and SGLang's router, live
   train-rl  train the Intelligent Router's Double DQN in the simulator and evaluate it (needs scikit-learn)
+  overhead-bench  router CPU per request, latency and throughput: direct, ours, sglang-router
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import sys
 from collections.abc import Sequence
 
 from launch import cluster, compare, compare_live, failover, fuzz, ray_cluster, replay, rl, tail
-from launch.bench import chaos, overload
+from launch.bench import chaos, overhead, overload
 from launch.sim import fidelity
 from launch.sim import run as simulate
 
@@ -130,6 +131,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
     )
+    overhead.add_arguments(
+        sub.add_parser(
+            "overhead-bench",
+            help="router CPU per request against direct-to-engine and sglang-router (pinned CPUs)",
+            description=overhead.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     p.add_argument("--log-level", default="INFO", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -164,6 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return compare_live.run_compare_live(args)
     if args.command == "fuzz":
         return fuzz.run_fuzz(args)
+    if args.command == "overhead-bench":
+        return overhead.run_overhead_bench(args)
     if args.command == "fidelity":
         return fidelity.run_fidelity(args)
     if args.command == "train-rl":

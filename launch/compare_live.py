@@ -37,7 +37,15 @@ from launch.sim.live_run import cluster_endpoints, stop_process, wait_router
 from launch.trace import DEFAULT_TRACE
 from router.model.policies import POLICIES
 
-__all__ = ["add_arguments", "run_compare_live"]
+__all__ = [
+    "add_arguments",
+    "flush_engines",
+    "free_port",
+    "run_compare_live",
+    "sglang_router_cmd",
+    "wait_routing",
+    "write_local_tokenizer",
+]
 
 SGLANG = "sglang-router"
 
@@ -70,7 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--json", type=Path, default=None, help="write every summary here")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -88,7 +96,7 @@ def _http(method: str, url: str, body: dict[str, Any] | None = None, timeout: fl
         return 0, str(e)
 
 
-def _flush(engines: list[str], timeout: float = 120.0) -> None:
+def flush_engines(engines: list[str], timeout: float = 120.0) -> None:
     """Flush every engine's cache, waiting for each to be idle. Raises RuntimeError on timeout."""
     deadline = time.monotonic() + timeout
     for e in engines:
@@ -98,7 +106,7 @@ def _flush(engines: list[str], timeout: float = 120.0) -> None:
             time.sleep(0.5)
 
 
-def _wait_routing(url: str, timeout: float, proc: subprocess.Popen[bytes]) -> None:
+def wait_routing(url: str, timeout: float, proc: subprocess.Popen[bytes]) -> None:
     """Until a tiny ``/generate`` through ``url`` succeeds. Raises RuntimeError if the router exits."""
     deadline = time.monotonic() + timeout
     probe = {"input_ids": [1, 2, 3, 4], "sampling_params": {"max_new_tokens": 1, "ignore_eos": True}}
@@ -111,22 +119,41 @@ def _wait_routing(url: str, timeout: float, proc: subprocess.Popen[bytes]) -> No
     raise RuntimeError(f"router at {url} not routing after {timeout:.0f} s")
 
 
+def sglang_router_cmd(
+    venv: Path, tokenizer_dir: Path, port: int, engines: list[str], policy: str = "cache_aware"
+) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment that start sglang-router from ``venv`` on ``127.0.0.1:port`` in
+    front of ``engines`` (offline: ``tokenizer_dir`` from :func:`write_local_tokenizer`, no Hugging Face
+    access). Also used by ``launch overhead-bench``."""
+    py = venv / "bin" / "python"
+    cmd = [str(py), "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
+           "--policy", policy, "--log-level", "warn", "--tokenizer-path", str(tokenizer_dir),
+           "--worker-urls", *engines]  # fmt: skip
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
+    return cmd, env
+
+
+def write_local_tokenizer(directory: Path) -> Path:
+    """Save the engines' built-in byte tokenizer as ``directory/tokenizer.json`` (for sglang-router's
+    ``--tokenizer-path``, so it loads one at start-up without asking Hugging Face); returns
+    ``directory``."""
+    from kvindex.protocol.tokenizer import builtin_tokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    builtin_tokenizer().hf.save(str(directory / "tokenizer.json"))
+    return directory
+
+
 def _router_cmd(
     args: argparse.Namespace, name: str, port: int, agents: list[str], engines: list[str]
 ) -> tuple[list[str], dict[str, str]]:
     if name == SGLANG:
-        py = args.sglang_venv / "bin" / "python"
-        tok = args.tokenizer_dir
-        cmd = [str(py), "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
-               "--policy", "cache_aware", "--log-level", "warn", "--tokenizer-path", str(tok),
-               "--worker-urls", *engines]  # fmt: skip
-        env = {
-            **os.environ,
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "HF_HUB_DISABLE_TELEMETRY": "1",
-        }
-        return cmd, env
+        return sglang_router_cmd(args.sglang_venv, args.tokenizer_dir, port, engines)
     cmd = [sys.executable, "-m", "router", "--host", "127.0.0.1", "--port", str(port), "--policy", name,
            "--decisions-port", "off", "--admin-port", "off"]  # fmt: skip
     cmd += [x for ep in agents for x in ("--agent", ep)]
@@ -138,15 +165,15 @@ def _one(
 ) -> dict[str, Any]:
     if name == SGLANG and not (args.sglang_venv / "bin" / "python").is_file():
         return {"error": f"{args.sglang_venv} missing: see python -m launch compare-live --help"}
-    _flush(engines)
-    port = _free_port()
+    flush_engines(engines)
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd, env = _router_cmd(args, name, port, agents, engines)
     with (tmp / f"router-{name}.log").open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
-        _wait_routing(url, args.ready_timeout, proc)
-        _flush(engines)  # the probe's blocks: start every run from empty caches
+        wait_routing(url, args.ready_timeout, proc)
+        flush_engines(engines)  # the probe's blocks: start every run from empty caches
         out = tmp / f"{name}.json"
         t0 = time.perf_counter()
         subprocess.run(
@@ -192,13 +219,8 @@ def run_compare_live(args: argparse.Namespace) -> int:
         print(f"launch compare-live: error: trace file not found: {args.trace}", file=sys.stderr)
         return 2
     tmp = Path(tempfile.mkdtemp(prefix="compare-live-"))
-    # A local tokenizer for SGLang's router (the engines' built-in byte tokenizer), so that it loads one
-    # at start-up without asking Hugging Face.
-    from kvindex.protocol.tokenizer import builtin_tokenizer
-
-    args.tokenizer_dir = tmp / "tokenizer"
-    args.tokenizer_dir.mkdir()
-    builtin_tokenizer().hf.save(str(args.tokenizer_dir / "tokenizer.json"))
+    # A local tokenizer for SGLang's router, so that it loads one at start-up without asking Hugging Face.
+    args.tokenizer_dir = write_local_tokenizer(tmp / "tokenizer")
     cluster_file = tmp / "cluster.json"
     cmd = [sys.executable, "-m", "launch", "cluster", "--port", "0", "--no-standby", "--no-metrics",
            "--cluster-file", str(cluster_file), "--log-dir", str(tmp / "logs"),

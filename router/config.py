@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from router.model.config import DEFAULTS, ModelConfig
 
@@ -97,6 +98,10 @@ class RouterConfig:
     metrics_port: int | None = None
     peer_decisions: tuple[str, ...] = ()
     exit_when_fenced: bool = False
+    # Without agents (sglang-router's command line; router/static_workers.py): see add_worker_arguments.
+    worker_urls: tuple[str, ...] = ()
+    routed_cache_tokens: int | None = None
+    worker_startup_timeout: float = 300.0
 
     def __post_init__(self) -> None:
         from router.model.policies import check_policy_params
@@ -131,6 +136,8 @@ class RouterConfig:
             raise ValueError("--ssl-certfile and --ssl-keyfile go together")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port out of range: {self.metrics_port}")
+        if self.worker_urls and self.agents:
+            raise ValueError("give either agents (--agent) or --worker-urls, not both")
 
     @property
     def model(self) -> ModelConfig:
@@ -231,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--policy",
-        choices=sorted(POLICIES),
+        choices=sorted(POLICIES) + sorted(SGLANG_POLICY_ALIASES),
         default=_D.policy,
         help="routing policy: lmetric = argmin (queued prefill + new tokens) x (batch size + 1); "
         "round_robin = rotation over live instances; the others are the published baselines "
@@ -356,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
         "POST /router/promote on the admin port (a leader elector decides, e.g. a Kubernetes Lease)",
     )
     _add_security_flags(p)
+    add_worker_arguments(p)
     return p
 
 
@@ -551,7 +559,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
             host=ns.host,
             port=ns.port,
             agents=tuple(ns.agents),
-            policy=ns.policy,
+            policy=SGLANG_POLICY_ALIASES.get(ns.policy, ns.policy),
             tokenizer=ns.tokenizer,
             block_size=ns.block_size,
             heartbeat_timeout=ns.heartbeat_timeout,
@@ -582,10 +590,82 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
             primary_decisions=ns.primary_decisions,
             decisions_port=ns.decisions_port,
             primary_timeout=ns.primary_timeout,
-            admin_port=ns.admin_port,
+            admin_port=ns.admin_port if ns.admin_port is not None else ns.prometheus_port,
             takeover=ns.takeover,
             policy_params=params_from_namespace(ns),
             **_security_kwargs(ns),  # type: ignore[arg-type]
+            **worker_fields(ns),
         )
     except ValueError as exc:
         parser.error(str(exc))
+
+
+# ---- sglang-router's command line ------------------------------------------------------------------
+
+SGLANG_POLICY_ALIASES = {"cache_aware": "lmetric"}
+"""sglang-router policy names that are not ours. ``cache_aware`` maps to LMetric, which is cache-aware
+and load-aware without thresholds; ``--policy sglang_cache_aware`` is a replica of sglang-router's own
+rule. ``round_robin``, ``random`` and ``power_of_two`` are the same names in both."""
+
+
+def add_worker_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of a router without agents, named as sglang-router names them, so that a user of
+    ``python -m sglang_router.launch_router`` swaps the command and keeps the rest."""
+    g = p.add_argument_group("without agents (sglang-router's flags; see router/static_workers.py)")
+    g.add_argument(
+        "--worker-urls",
+        nargs="+",
+        default=[],
+        metavar="URL",
+        help="engines' HTTP base URLs: route to them with no agents; the index is what this router routed "
+        "to each (a bounded LRU per engine), as sglang-router keeps it",
+    )
+    g.add_argument(
+        "--routed-cache-tokens",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="tokens each worker's routed LRU holds; default: the engine's max_total_num_tokens from "
+        "/server_info (1M if it reports none)",
+    )
+    g.add_argument(
+        "--worker-startup-timeout-secs",
+        dest="worker_startup_timeout",
+        type=_non_negative_float,
+        default=300.0,
+        metavar="S",
+        help="wait this long for each worker's /server_info at start; one that never answers is "
+        "declared anyway and routed to once its /health answers",
+    )
+    g.add_argument(
+        "--max-payload-size",
+        dest="max_body_size",
+        type=_positive_int,
+        default=argparse.SUPPRESS,
+        metavar="BYTES",
+        help="sglang-router's name for --max-body-size",
+    )
+    g.add_argument(
+        "--prometheus-port",
+        type=_optional_port,
+        default=None,
+        metavar="PORT",
+        help="serve /metrics (with /health and /router/state) on this port too: the admin port "
+        "(--admin-port wins if both are given); /metrics is always on the main port as well",
+    )
+    g.add_argument(
+        "--prometheus-host",
+        default=None,
+        metavar="HOST",
+        help="accepted for sglang-router compatibility; the metrics port binds --host",
+    )
+
+
+def worker_fields(ns: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`RouterConfig` fields of :func:`add_worker_arguments`' flags (``--prometheus-port`` is
+    read where the admin port is)."""
+    return {
+        "worker_urls": tuple(ns.worker_urls),
+        "routed_cache_tokens": ns.routed_cache_tokens,
+        "worker_startup_timeout": ns.worker_startup_timeout,
+    }

@@ -34,7 +34,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from kvindex.hashing import BlockHash, block_hashes
+from kvindex.hashing import BlockHash, PrefixHashCache
 from kvindex.protocol import LoadReport
 from kvindex.protocol.http import PATHS, GenerationRequest, RequestError, decode_request, error_body
 from kvindex.protocol.tokenizer import Tokenizer, load_tokenizer
@@ -46,6 +46,7 @@ from router.dispatch import Dispatcher
 from router.forward import Outcome
 from router.metrics import RouterMetrics
 from router.model.model import RoutingModel, SnapshotJob
+from router.static_workers import WorkerProber, declare_workers
 from router.subscriber import Received, SnapshotError, Subscriber, fetch_snapshot
 
 log = logging.getLogger(__name__)
@@ -112,11 +113,14 @@ class RouterServer:
         self.dispatcher = Dispatcher(cfg, self.core, self.metrics)
         self.admission = Admission(self._inflight_limit, cfg.max_queue, cfg.queue_timeout)
         self.metrics.watch(self.admission, self.dispatcher.breakers, self.core)
+        self.prefix_hashes = PrefixHashCache()
+        """Block hashing for every request: digests of a prefix an earlier request shared are reused."""
         self.port = 0
         self._started_at = int(time.time())
         self._runner: web.AppRunner | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._fetches: set[asyncio.Task[None]] = set()
+        self._prober: WorkerProber | None = None
         self.extra_state: Callable[[], dict[str, Any]] | None = None
         """Adds the ``ha`` section to ``GET /router/state``."""
 
@@ -185,6 +189,8 @@ class RouterServer:
             self.make_app(), handler_cancellation=True, access_log=None, shutdown_timeout=3.0
         )
         await self._runner.setup()
+        if self.cfg.worker_urls:  # no agents: the workers are static instances (router/static_workers.py)
+            await self._start_workers()
         if bind:
             await self.bind()
         self._ticker = asyncio.get_running_loop().create_task(self._tick_loop(), name="router-tick")
@@ -195,6 +201,21 @@ class RouterServer:
             len(self.cfg.agents),
             self.tokenizer.name,
         )
+
+    async def _start_workers(self) -> None:
+        session = self.dispatcher.session
+        assert session is not None
+        cfg = self.cfg
+        await declare_workers(
+            self.core,
+            session,
+            cfg.worker_urls,
+            block_size=cfg.block_size,
+            capacity_tokens=cfg.routed_cache_tokens,
+            startup_timeout=cfg.worker_startup_timeout,
+        )
+        self._prober = WorkerProber(self.core, session, cfg.suspect_cooldown)
+        self._prober.start()
 
     async def bind(self, sock: socket.socket | None = None) -> None:
         """Serve HTTP on ``cfg.host:cfg.port`` (``SO_REUSEADDR``, never ``SO_REUSEPORT``, so it fails
@@ -240,6 +261,9 @@ class RouterServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._prober is not None:
+            await self._prober.stop()
+            self._prober = None
         tasks = [t for t in (self._ticker, *self._fetches) if t is not None]
         for t in tasks:
             t.cancel()
@@ -364,13 +388,18 @@ class RouterServer:
         return await self.dispatcher.dispatch(request, raw, rid, stream, n_tokens, hashes, model, arrived)
 
     async def _tokenize(self, req: GenerationRequest) -> tuple[int, list[BlockHash]]:
-        """The prompt's length in tokens and its full blocks' hashes (off the loop for a long prompt)."""
+        """The prompt's length in tokens and its full blocks' hashes, reusing the digests of a prefix an
+        earlier request shared (:class:`PrefixHashCache`); off the loop for a long prompt."""
         block_size = self.core.block_size  # fixed once learned (known: an instance is routable)
         assert block_size is not None
 
         def work() -> tuple[int, list[BlockHash]]:
-            ids = req.prompt_ids(self.tokenizer)
-            return len(ids), block_hashes(ids, block_size)
+            ids = (
+                self.tokenizer.encode_ids(req.text)
+                if req.text is not None
+                else req.prompt_ids(self.tokenizer)
+            )
+            return len(ids), self.prefix_hashes.block_hashes(ids, block_size)
 
         if req.prompt_size <= THREAD_WORK_SIZE:
             return work()

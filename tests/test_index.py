@@ -639,3 +639,39 @@ def test_blocklog_incremental_pass_reads_like_the_whole_log() -> None:
     log.check()
     log.clear()
     assert len(log) == 0 and list(log.entries()) == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from("abc"), st.lists(st.integers(1, 12), max_size=6), st.booleans()),
+        max_size=25,
+    ),
+    st.lists(st.integers(1, 12), min_size=1, max_size=10),
+)
+def test_speculative_insert_with_the_match_as_hint_equals_without(
+    ops: list[tuple[str, list[int], bool]], request: list[int]
+) -> None:
+    """``insert_speculative(..., held_prefix=match)`` (what the routing model passes) changes nothing."""
+    idxs = [GlobalIndex(4, ttl=100.0), GlobalIndex(4, ttl=100.0)]
+    for idx in idxs:
+        for name in "abc":
+            idx.add_instance(name)
+    for t, (name, hs, real) in enumerate(ops):
+        for idx in idxs:
+            if real and hs:
+                idx.apply(name, BlockStored(tuple(hs), None, (), 4))
+            else:
+                idx.insert_speculative(name, hs, float(t))
+    for name in "abc":
+        m = idxs[0].match_hashes(request)
+        held = m.cached_tokens.get(name, 0) // 4
+        assert idxs[0].insert_speculative(name, request, 99.0, held) == idxs[1].insert_speculative(
+            name, request, 99.0
+        )
+        for n in "abc":
+            assert idxs[0].speculative_blocks(n) == idxs[1].speculative_blocks(n)
+            assert list(idxs[0]._spec[idxs[0]._id_of[n]].items()) == list(
+                idxs[1]._spec[idxs[1]._id_of[n]].items()
+            )
+        assert idxs[0]._holders == idxs[1]._holders

@@ -19,8 +19,9 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
@@ -54,6 +55,14 @@ class Tokenizer:
             # Same ids as the byte-level model below (checked in tests), without its per-call overhead.
             return list(text.encode("utf-8"))
         return list(self.hf.encode(text, add_special_tokens=False).ids)
+
+    def encode_ids(self, text: str) -> Sequence[int]:
+        """:meth:`encode` as a buffer the page hasher reads without converting each id (a ``uint32``
+        numpy array for the built-in tokenizer: ~10x cheaper than its list of ints on a long prompt);
+        only ``len``, indexing and the buffer protocol are promised."""
+        if self.name == BUILTIN_NAME:
+            return cast("Sequence[int]", np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.uint32))
+        return self.encode(text)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids``; invalid byte sequences decode to U+FFFD."""

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from kvindex.hashing import block_hashes
 from router.model.config import ModelConfig
 from router.model.policies import Decision, Policy, make_policy, params_for
+from router.model.routed import RoutedBlocks
 from router.model.sync import SnapshotJob, StreamSync
 
 __all__ = ["NoLiveInstance", "Routed", "RoutingModel", "SnapshotJob"]
@@ -84,11 +85,25 @@ class RoutingModel(StreamSync):
             if policy is not None
             else make_policy(cfg.policy, params=params_for(cfg.policy_params, cfg.policy))
         )
+        self._routed: dict[str, RoutedBlocks] = {}
 
-    def add_static(self, name: str, block_size: int, engine_url: str = "") -> None:
+    def add_static(
+        self,
+        name: str,
+        block_size: int,
+        engine_url: str = "",
+        *,
+        model: str = "",
+        routed_capacity_blocks: int = 0,
+    ) -> None:
         """Declare instance ``name`` whose engine pages ``block_size`` tokens and that no agent reports:
         up and synced from now on, never timed out (its load comes through :meth:`on_load`, its KV
-        events through :meth:`on_events`). Mutates.
+        events through :meth:`on_events`). ``model``: the model it serves ('' = any). Mutates.
+
+        ``routed_capacity_blocks`` > 0: nothing will report its KV events either (a router without
+        agents); the blocks of every request routed to it are recorded as held, in a
+        :class:`~router.model.routed.RoutedBlocks` LRU of that many blocks whose evictions are applied
+        to the index, instead of speculative entries that expire.
 
         Raises:
             ValueError: ``block_size`` differs from the model's.
@@ -105,6 +120,11 @@ class RoutingModel(StreamSync):
         st.sync = "synced"
         st.block_size = block_size
         st.static_url = engine_url.rstrip("/")
+        st.static_model = model
+        if routed_capacity_blocks > 0:
+            self._routed[name] = RoutedBlocks(routed_capacity_blocks, block_size)
+        else:
+            self._routed.pop(name, None)
 
     # --------------------------------------------------------------------------------------- routing
 
@@ -161,7 +181,12 @@ class RoutingModel(StreamSync):
             raise NoLiveInstance("no live engine instance" + (f" serving model {model!r}" if model else ""))
         match = self.index.match_hashes(hashes, prompt_tokens)
         decision = self.policy.choose(views, prompt_tokens, match.cached_tokens)
-        self.index.insert_speculative(decision.instance, match.hashes, self._mono())
+        routed = self._routed.get(decision.instance)
+        if routed is None:
+            held = match.cached_tokens.get(decision.instance, 0) // self.index.block_size
+            self.index.insert_speculative(decision.instance, match.hashes, self._mono(), held)
+        else:
+            self._record_routed(routed, decision.instance, match.hashes, match.cached_tokens)
         ticket = self.table.add_pending(decision.instance, decision.new_tokens, self._wall())
         self.stats.decisions[(decision.policy, decision.instance)] += 1
         for kind in decision.failure_cases:
@@ -169,6 +194,21 @@ class RoutingModel(StreamSync):
         st = self.table.get(decision.instance)
         assert st is not None
         return Routed(decision, ticket, st.engine_url, len(match.hashes), tuple(match.hashes))
+
+    def _record_routed(
+        self, routed: RoutedBlocks, instance: str, hashes: Sequence[int], cached: Mapping[str, int]
+    ) -> None:
+        assert self.index is not None
+        # The index holds exactly the LRU's blocks for this instance unless speculative entries were
+        # added (a standby following its primary): then the match is no hint.
+        held = (
+            0 if self.index.speculative_blocks(instance) else cached.get(instance, 0) // self.index.block_size
+        )
+        self.index.apply_batch(instance, routed.record(hashes, held))
+
+    def routed_blocks(self, instance: str) -> RoutedBlocks | None:
+        """The LRU of what was routed to static ``instance`` (None: not tracked). Pure."""
+        return self._routed.get(instance)
 
     def apply_remote_decision(
         self, instance: str, block_hashes: Sequence[int], new_tokens: int, dispatched_at: float
@@ -200,7 +240,17 @@ class RoutingModel(StreamSync):
         self.table.mark_suspect(instance, self._mono())
         log.warning("instance %s is suspect: its engine refused a connection", instance)
 
+    def clear_suspect(self, instance: str) -> None:
+        """``instance``'s engine answered again (a static instance: no heartbeat will say so). Mutates."""
+        st = self.table.get(instance)
+        if st is not None:
+            st.suspect_since = None
+
     # --------------------------------------------------------------------------------------- queries
+
+    def suspect_static(self) -> list[str]:
+        """Static instances marked suspect (their engine refused a connection), in name order."""
+        return [st.name for st in self.table if st.static and st.suspect_since is not None]
 
     def models(self) -> list[str]:
         """Models served by instances that are up (non-empty names from heartbeats), sorted."""

@@ -86,6 +86,7 @@ class InstanceState:
     block_size: int = 0
     static: bool = False
     static_url: str = ""
+    static_model: str = ""
 
     @property
     def inflight(self) -> int:
@@ -100,7 +101,7 @@ class InstanceState:
     @property
     def model(self) -> str:
         """Served model as last heartbeated ('' if unknown)."""
-        return self.heartbeat.model if self.heartbeat is not None else ""
+        return self.heartbeat.model if self.heartbeat is not None else self.static_model
 
     @property
     def engine_url(self) -> str:
