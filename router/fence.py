@@ -110,12 +110,7 @@ class Fence:
     def suspect(self) -> bool:
         """Whether this router may have been deposed while it did not run, and has not heard since.
 
-        Mutates: clears the suspicion once a fresh peer heartbeat came or the peers stayed silent. A router
-        that never heard a peer has no standby that could have taken over: it never holds requests (a
-        busy host's late beats would otherwise stall every request of a lone router by ``silence``)."""
-        if self._peer_heard_at is None:
-            self._stalled_at = None
-            return False
+        Mutates: clears the suspicion once a fresh peer heartbeat came or the peers stayed silent."""
         now = self.clock()
         if self._stalled_at is None and now - self._last_beat > self.stall_after:
             self._stalled_at = now  # the loop is running requests before the late beat

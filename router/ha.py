@@ -390,7 +390,14 @@ class HANode:
     async def _gate(
         self, request: web.Request, handler: Any
     ) -> web.StreamResponse:  # an aiohttp middleware on the HTTP port
-        while self.role == "primary" and self.fence.suspect():
+        # Only a router with a peer can have been deposed while it did not run: a lone router (no standby
+        # registered or configured) never holds (a busy host's late beat would stall its requests ~1 s).
+        while (
+            self.role == "primary"
+            and self.peers is not None
+            and self.peers.endpoints
+            and self.fence.suspect()
+        ):
             await asyncio.sleep(0.01)
         if self.role != "primary":
             body = {
