@@ -304,7 +304,7 @@ class HttpApi:
         entry["token_usage"] = stat.num_tokens / max(1, stat.max_total_num_tokens)
         entry["cache_hit_rate"] = core.cache_hit_rate
         body = {
-            "timestamp": datetime.datetime.now(datetime.UTC).isoformat(),
+            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "version": "0.5.23-emulated",
             "accelerator": None,
             "num_accelerators": 1,
