@@ -201,10 +201,14 @@ def test_tail_prints_decisions(cluster: Info) -> None:
     )  # fmt: skip
 
     async def traffic() -> None:
-        await asyncio.sleep(1.0)  # let the SUB sockets connect (slow joiner)
+        # A SUB socket only receives what is published after it connected (slow joiner), and the tail's
+        # start-up takes seconds on a loaded machine: keep sending until the tail has its four records.
         async with aiohttp.ClientSession() as s:
-            for i in range(4):
+            for i in range(400):
+                if tail.poll() is not None:
+                    return
                 assert await generate(s, cluster.data["router"], 100 + i, stream=False) == 200
+                await asyncio.sleep(0.1)
 
     asyncio.run(traffic())
     out, _ = tail.communicate(timeout=45)
