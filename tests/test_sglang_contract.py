@@ -19,7 +19,7 @@ import pytest
 
 from agents.agent.config import AgentConfig
 from agents.agent.engine_link import check_health
-from agents.agent.health import Health
+from agents.agent.health import EngineHealth, Health
 from agents.engine.config import ServerConfig
 from agents.engine.health import ServerStatus
 from agents.engine.server import EngineServer
@@ -202,6 +202,24 @@ async def test_check_health_retries_a_dead_connection_once() -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_refused_connection_marks_the_engine_down_at_once() -> None:
+    """Nothing listening on the engine's port is ``REFUSED``, which marks the engine down on the first
+    check; a timeout (``FAILED``) needs ``failures_to_down`` in a row."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed again below: connecting to it is refused
+    async with aiohttp.ClientSession() as s:
+        assert await check_health(s, f"http://127.0.0.1:{port}", 2.0) is Health.REFUSED
+    health = EngineHealth(failures_to_down=3)
+    assert not health.observe(Health.FAILED) and not health.observe(Health.FAILED) and health.healthy
+    assert health.observe(Health.FAILED) and not health.healthy
+    assert health.observe(Health.OK) and health.healthy
+    assert health.observe(Health.REFUSED) and not health.healthy and health.failed_in_row == 1
+    assert not health.observe(Health.FAILED) and health.observe(Health.OK) and health.healthy
 
 
 # ------------------------------------------------------------------------------------------ agent

@@ -90,8 +90,9 @@ def parse_args(argv: Sequence[str] | None = None) -> AgentConfig:
         "--health-failures",
         type=int,
         default=d.health_failures,
-        help="consecutive failed health checks (timeout, refused, unexpected status) that mark the engine "
-        "unhealthy; a 503 (engine starting or exiting) marks it at once, a 200 healthy again "
+        help="consecutive failed health checks (timeout, lost connection, unexpected status) that mark the "
+        "engine unhealthy; a 503 (engine starting or exiting) or a refused connection (engine process "
+        "gone) marks it at once, a 200 healthy again "
         "(default: %(default)s)",
     )
     p.add_argument(

@@ -124,7 +124,7 @@ async def check_health(session: aiohttp.ClientSession, url: str, timeout: float)
 
     A connection that dies before the answer (``ServerDisconnectedError`` or a reset: typically a pooled
     keep-alive connection the engine closed while idle) is retried once on a fresh connection, within the
-    time left. A refused connection or a timeout is not retried.
+    time left. A refused connection (``Health.REFUSED``) or a timeout is not retried.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -132,7 +132,10 @@ async def check_health(session: aiohttp.ClientSession, url: str, timeout: float)
         try:
             return await _health_once(session, url, timeout)
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-            if isinstance(exc, aiohttp.ClientConnectorError) or loop.time() >= deadline:
+            if isinstance(exc, aiohttp.ClientConnectorError):
+                refused = isinstance(exc.os_error, ConnectionRefusedError)
+                return Health.REFUSED if refused else Health.FAILED
+            if loop.time() >= deadline:
                 return Health.FAILED
             log.debug("health check of %s: connection lost (%s); retrying on a fresh one", url, exc)
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as fresh:

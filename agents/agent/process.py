@@ -302,7 +302,7 @@ class Agent:
 
     async def _on_health(self, result: Health) -> None:
         self.counters.health_checks += 1
-        self.counters.health_failures += result is Health.FAILED
+        self.counters.health_failures += result is Health.FAILED or result is Health.REFUSED
         self.counters.health_not_ready += result is Health.NOT_READY
         if not self.health.observe(result):
             return
