@@ -63,7 +63,7 @@ class ElectorConfig:
     lease_duration: float = 3.0
     renew_deadline: float = 2.0
     retry_period: float = 1.0
-    status_host: str = "0.0.0.0"
+    status_host: str = "127.0.0.1"
     status_port: int = 30081
     promote_timeout: float = 30.0
     admin_key: str | None = field(default=None, repr=False)
@@ -223,7 +223,11 @@ def parse_args(argv: Sequence[str] | None = None) -> ElectorConfig:
         "--renew-deadline", type=float, default=d.renew_deadline, metavar="S", help="renew deadline"
     )
     p.add_argument("--retry-period", type=float, default=d.retry_period, metavar="S", help="retry period")
-    p.add_argument("--status-host", default=d.status_host, help="address of the readiness endpoint")
+    p.add_argument(
+        "--status-host",
+        default=d.status_host,
+        help="address of the readiness endpoint (the pod IP in the manifests: the kubelet probes it)",
+    )
     p.add_argument("--status-port", type=int, default=d.status_port, help="GET /healthz: 200 while leading")
     p.add_argument(
         "--promote-timeout", type=float, default=d.promote_timeout, metavar="S",
