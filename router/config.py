@@ -173,6 +173,10 @@ class RouterConfig:
             )
         if self.takeover == "etcd" and (self.etcd_lease_ttl < 1 or not self.etcd_endpoints):
             raise ValueError("--takeover etcd needs --etcd-endpoints and an --etcd-lease-ttl >= 1 s")
+        for ep in self.etcd_endpoints if self.takeover == "etcd" else ():
+            host, _, port = ep.removeprefix("http://").rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"--etcd-endpoints: host:port expected, got {ep!r}")
         if not self.primary_timeout > 0:
             raise ValueError(f"primary_timeout must be positive, got {self.primary_timeout}")
         for name in ("decisions_port", "admin_port"):

@@ -205,8 +205,8 @@ class HANode:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-        if self.lease is not None:  # a primary resigns: its standby takes over at once
-            await self.lease.close(resign=self.role == "primary")
+        if self.lease is not None:  # a holder resigns (the key goes): its standby takes over at once
+            await self.lease.close(resign=True)
         for sub in (self.follower, self.peers):
             if sub is not None:
                 await sub.close()
@@ -486,10 +486,15 @@ class HANode:
             self.fence.term = await asyncio.wait_for(self.lease.campaign(), wait)
         except asyncio.TimeoutError:
             h = self.lease.holder
+            if h is None:
+                raise LeaseHeld(
+                    f"could not campaign for etcd key {self.lease.key.decode()} within {wait:g} s: is etcd "
+                    f"reachable at {','.join(cfg.etcd_endpoints)}?"
+                ) from None
             raise LeaseHeld(
-                f"etcd key {self.lease.key.decode()} is held by router {h.router_epoch if h else '?'} "
-                f"serving {h.http if h else '?'} (epoch {h.epoch if h else '?'}) for more than {wait:g} s: "
-                f"start this router as --role standby --primary-decisions {h.decisions if h else '...'}"
+                f"etcd key {self.lease.key.decode()} is held by router {h.router_epoch} serving {h.http} "
+                f"(epoch {h.epoch}) for more than {wait:g} s: start this router as --role standby "
+                f"--primary-decisions {h.decisions}"
             ) from None
         if self.publisher is not None:
             self.publisher.term = self.fence.term

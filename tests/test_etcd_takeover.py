@@ -85,6 +85,8 @@ def test_endpoints_holder_and_flags() -> None:
     assert cfg.etcd_lease_ttl == 3 and cfg.etcd_prefix == "/lmetric-router/"
     with pytest.raises(SystemExit):
         parse_args(["--takeover", "etcd", "--etcd-lease-ttl", "0"])
+    with pytest.raises(SystemExit):
+        parse_args(["--takeover", "etcd", "--etcd-endpoints", "etcd-without-port"])
 
 
 # ------------------------------------------------------------------------------------- processes
@@ -368,3 +370,14 @@ async def test_a_second_primary_does_not_start_while_the_key_is_held(
         with contextlib.suppress(ProcessLookupError):
             a.kill()
         a.wait(10)
+
+
+@pytest.mark.skipif(not HAVE_AETCD, reason="needs the aetcd client (pip install -e '.[etcd]')")
+@pytest.mark.timeout(60)
+def test_a_primary_that_cannot_reach_etcd_does_not_serve() -> None:
+    nobody = free_port()  # nothing listens there
+    cmd = [sys.executable, "-m", "router", "--host", A_HOST, "--port", str(free_port()), "--warmup-timeout"]
+    cmd += ["0", "--takeover", "etcd", "--etcd-endpoints", f"127.0.0.1:{nobody}", "--etcd-lease-ttl", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=40, cwd=ROOT)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "is etcd reachable" in r.stderr
