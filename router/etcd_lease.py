@@ -184,6 +184,7 @@ class EtcdLease:
         self._client: Any = None
         self._ep = 0
         self._keepalive: asyncio.Task[None] | None = None
+        self._watch_from = 0
 
     # ------------------------------------------------------------------------------------ connection
 
@@ -240,7 +241,8 @@ class EtcdLease:
         )
         got = responses[-1] if responses else []
         kv = got[0][1] if got else None
-        if ok and kv is not None:
+        if ok:  # the key is ours: the get in the same transaction read it back
+            assert kv is not None
             self._lease_id = lease.id
             self.clock.clear()
             self.clock.renewed(sent, lease.ttl)

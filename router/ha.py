@@ -20,8 +20,9 @@ Once bound, the standby closes its decision subscription, releases the dispatche
 requests died with the primary's connections), starts serving from its warm state and heartbeats as
 ``primary``: a new standby can follow it. Across machines the port check means nothing; a virtual IP
 (keepalived), a Kubernetes Lease or an etcd lease (:mod:`router.etcd_lease`, ``--takeover etcd``: the
-holder of a leader key serves, with the key's create revision as its epoch) decides instead (docs/ha.md). Whichever way two routers came to serve
-at once (a frozen primary resumed, a split healed), the fencing epoch settles it: :mod:`router.fence`.
+holder of a leader key serves, with the key's create revision as its epoch) decides instead
+(docs/ha.md). Whichever way two routers came to serve at once (a frozen primary resumed, a split
+healed), the fencing epoch settles it: :mod:`router.fence`.
 
 Requests that can fail: those the primary had accepted when it died (their connections close with it),
 and connections made while no process listens (between the primary's death and the standby's bind the
@@ -510,7 +511,8 @@ class HANode:
             self.bind_attempts += 1
             if self.lease.lost.is_set():
                 return
-            log.warning("won the etcd key but %s:%d is in use; retrying", self.cfg.host, self.cfg.port)
+            if delay == BIND_RETRY_MIN:
+                log.warning("won the etcd key but %s:%d is in use; retrying", self.cfg.host, self.cfg.port)
             await asyncio.sleep(delay)
             delay = min(delay * 2, BIND_RETRY_MAX)
         await self._promote(sock, term)
