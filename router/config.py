@@ -11,7 +11,7 @@ from router.model.config import DEFAULTS, ModelConfig
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 ROLES = ("primary", "standby")
-TAKEOVER_MODES = ("auto", "external")
+TAKEOVER_MODES = ("auto", "external", "etcd")
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,9 @@ class RouterConfig:
     only ``/health``, ``/metrics`` and ``/router/state`` (0 = OS-assigned, None = none), which is how a
     standby is observed before it serves. ``takeover`` ``external`` leaves the decision to take over to
     someone else (keepalived, a Kubernetes leader elector), who asks with ``POST /router/promote`` on the
-    admin port. ``policy_params``: the policies' parameters given (``--POLICY-PARAM`` flags, made from
+    admin port; ``etcd`` to a leader key in etcd (:mod:`router.etcd_lease`: ``etcd_endpoints``
+    ``host:port`` each, the key under ``etcd_prefix``, a lease of ``etcd_lease_ttl`` whole seconds).
+    ``policy_params``: the policies' parameters given (``--POLICY-PARAM`` flags, made from
     each policy's ``PARAMS``; :data:`router.model.policies.PolicyParams`).
     """
 
@@ -80,6 +82,9 @@ class RouterConfig:
     primary_timeout: float = 0.4
     admin_port: int | None = None
     takeover: str = "auto"
+    etcd_endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
+    etcd_prefix: str = "/lmetric-router/"
+    etcd_lease_ttl: int = 2
     policy_params: tuple[tuple[str, str, float], ...] = DEFAULTS.policy_params
     # Security (docs/security.md; router/auth.py). Key *specs*, never keys in logs: ``file:PATH`` (one key
     # a line), ``env:NAME`` (comma-separated) or the key itself. Hosts None = ``host``.
@@ -166,6 +171,12 @@ class RouterConfig:
             raise ValueError(
                 "--takeover external needs --admin-port (promotion comes as POST /router/promote)"
             )
+        if self.takeover == "etcd" and (self.etcd_lease_ttl < 1 or not self.etcd_endpoints):
+            raise ValueError("--takeover etcd needs --etcd-endpoints and an --etcd-lease-ttl >= 1 s")
+        for ep in self.etcd_endpoints if self.takeover == "etcd" else ():
+            host, _, port = ep.removeprefix("http://").rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"--etcd-endpoints: host:port expected, got {ep!r}")
         if not self.primary_timeout > 0:
             raise ValueError(f"primary_timeout must be positive, got {self.primary_timeout}")
         for name in ("decisions_port", "admin_port"):
@@ -360,11 +371,50 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="auto: a standby takes the port over by itself when the primary is gone (one machine, or a "
         "virtual IP it can bind only once keepalived moved it here); external: only when told with "
-        "POST /router/promote on the admin port (a leader elector decides, e.g. a Kubernetes Lease)",
+        "POST /router/promote on the admin port (a leader elector decides, e.g. a Kubernetes Lease); "
+        "etcd: whoever holds a leader key in etcd serves, with the key's create revision as its "
+        "fencing epoch (both routers of the pair run with it; needs the etcd extra)",
     )
+    _add_etcd_flags(ha)
     _add_security_flags(p)
     add_worker_arguments(p)
     return p
+
+
+def _add_etcd_flags(g: argparse._ArgumentGroup) -> None:
+    """``--takeover etcd``'s settings (router/etcd_lease.py, docs/ha.md)."""
+    g.add_argument(
+        "--etcd-endpoints",
+        type=lambda t: tuple(e.strip() for e in t.split(",") if e.strip()),
+        default=RouterConfig.etcd_endpoints,
+        metavar="HOST:PORT[,...]",
+        help="etcd client endpoints for --takeover etcd, tried in turn (default 127.0.0.1:2379)",
+    )
+    g.add_argument(
+        "--etcd-prefix",
+        default=RouterConfig.etcd_prefix,
+        metavar="PREFIX",
+        help="key prefix: the pair campaigns for PREFIX + 'leader' (default /lmetric-router/); one "
+        "prefix per router pair",
+    )
+    g.add_argument(
+        "--etcd-lease-ttl",
+        type=_positive_int,
+        default=RouterConfig.etcd_lease_ttl,
+        metavar="S",
+        help="the leader key's lease in whole seconds (default 2; etcd raises it to its minimum, 2 s "
+        "with its default timings): a dead primary is replaced about this long after its death; the "
+        "holder stops serving when it could not renew within it",
+    )
+
+
+def etcd_fields(ns: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`RouterConfig` fields of :func:`_add_etcd_flags`' flags."""
+    return {
+        "etcd_endpoints": tuple(ns.etcd_endpoints),
+        "etcd_prefix": ns.etcd_prefix,
+        "etcd_lease_ttl": ns.etcd_lease_ttl,
+    }
 
 
 def _add_security_flags(p: argparse.ArgumentParser) -> None:
@@ -595,6 +645,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
             policy_params=params_from_namespace(ns),
             **_security_kwargs(ns),  # type: ignore[arg-type]
             **worker_fields(ns),
+            **etcd_fields(ns),
         )
     except ValueError as exc:
         parser.error(str(exc))

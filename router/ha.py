@@ -19,8 +19,10 @@ primary that was merely slow keeps its port (the standby goes back to waiting wh
 Once bound, the standby closes its decision subscription, releases the dispatches it mirrored (their
 requests died with the primary's connections), starts serving from its warm state and heartbeats as
 ``primary``: a new standby can follow it. Across machines the port check means nothing; a virtual IP
-(keepalived) or a Kubernetes Lease decides instead (docs/ha.md). Whichever way two routers came to serve
-at once (a frozen primary resumed, a split healed), the fencing epoch settles it: :mod:`router.fence`.
+(keepalived), a Kubernetes Lease or an etcd lease (:mod:`router.etcd_lease`, ``--takeover etcd``: the
+holder of a leader key serves, with the key's create revision as its epoch) decides instead
+(docs/ha.md). Whichever way two routers came to serve at once (a frozen primary resumed, a split
+healed), the fencing epoch settles it: :mod:`router.fence`.
 
 Requests that can fail: those the primary had accepted when it died (their connections close with it),
 and connections made while no process listens (between the primary's death and the standby's bind the
@@ -55,6 +57,7 @@ from router.decisions import (
     DecisionSubscriber,
     heartbeat_of,
 )
+from router.etcd_lease import EtcdLease, LeaseHeld, parse_endpoints
 from router.fence import Fence
 from router.model.mirror import DecisionMirror
 
@@ -123,6 +126,8 @@ class HANode:
         self._tasks: list[asyncio.Task[None]] = []
         self._promoted = asyncio.Event()
         self._promoting = False
+        self.lease: EtcdLease | None = None
+        """``--takeover etcd``: this router's side of the election (serves only while it holds the key)."""
 
     # ------------------------------------------------------------------------------------- lifecycle
 
@@ -134,6 +139,8 @@ class HANode:
             self.publisher = DecisionPublisher(cfg.decisions_host or cfg.host, cfg.decisions_port, self.epoch)
             self.publisher.term = self.fence.term
             server.decisions = self.publisher
+        if cfg.takeover == "etcd":
+            await self._start_lease()
         server.extra_state = self.state_json
         server.metrics.registry.register(_HACollector(self))
         server.middlewares.append(self._gate)
@@ -150,6 +157,8 @@ class HANode:
             self._started = time.monotonic()
             if cfg.takeover == "auto":
                 self._tasks.append(loop.create_task(self._watch(), name="ha-watch"))
+            elif cfg.takeover == "etcd":
+                self._tasks.append(loop.create_task(self._campaign(), name="etcd-campaign"))
         if self.publisher is not None:
             self._tasks.append(loop.create_task(self._beat(), name="ha-heartbeat"))
         if cfg.admin_port is not None:
@@ -197,6 +206,8 @@ class HANode:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        if self.lease is not None:  # a holder resigns (the key goes): its standby takes over at once
+            await self.lease.close(resign=True)
         for sub in (self.follower, self.peers):
             if sub is not None:
                 await sub.close()
@@ -290,7 +301,7 @@ class HANode:
         await self._promote(sock)
         return True
 
-    async def _promote(self, sock: socket.socket) -> None:
+    async def _promote(self, sock: socket.socket, term: int | None = None) -> None:
         if self._promoting:
             sock.close()
             return
@@ -298,7 +309,7 @@ class HANode:
         # The old primary's stream stays open: no more mirroring (the role check in
         # _on_primary_stream), but if that router comes back it is seen, and fenced (router/fence.py).
         released = self.mirror.release()
-        self.fence.term = self.fence.promotion_term()
+        self.fence.term = self.fence.promotion_term() if term is None else term
         if self.publisher is not None:
             self.publisher.term = self.fence.term
         await self.server.bind(sock)
@@ -399,10 +410,10 @@ class HANode:
             and self.fence.suspect()
         ):
             await asyncio.sleep(0.01)
-        if self.role != "primary":
+        if self.role != "primary" or (self.lease is not None and not self.lease.held()):
             body = {
                 "error": {
-                    "message": "this router was fenced by a primary with a higher epoch",
+                    "message": "this router was fenced by a primary with a higher epoch or lost its lease",
                     "type": "service_unavailable",
                     "param": None,
                     "code": 503,
@@ -453,6 +464,78 @@ class HANode:
         log.info("watching peer decision stream %s", ep)
         return web.json_response({"peers": list(self.peers.endpoints)})
 
+    # ------------------------------------------------------------------------------------ etcd lease
+
+    async def _start_lease(self) -> None:
+        """Make the lease; a primary must win it before it binds the port (its epoch is the key's create
+        revision). Raises :class:`~router.etcd_lease.LeaseHeld` if another router holds the key for
+        longer than two TTLs, ``EtcdUnavailable`` without the client."""
+        cfg = self.cfg
+        value = {
+            "router_epoch": f"{self.epoch:x}",
+            "http": f"{auth.scheme(cfg)}://{cfg.host}:{cfg.port}",
+            "decisions": self.publisher.endpoint if self.publisher else "",
+            "pid": os.getpid(),
+        }
+        endpoints = parse_endpoints(",".join(cfg.etcd_endpoints))
+        self.lease = EtcdLease(endpoints, cfg.etcd_prefix, cfg.etcd_lease_ttl, value)
+        self.server.metrics.registry.register(self.lease.collector())
+        if self.role != "primary":
+            return
+        wait = 2 * cfg.etcd_lease_ttl + 1.0  # a killed holder's key expires within one TTL
+        try:
+            self.fence.term = await asyncio.wait_for(self.lease.campaign(), wait)
+        except asyncio.TimeoutError:
+            h = self.lease.holder
+            if h is None:
+                raise LeaseHeld(
+                    f"could not campaign for etcd key {self.lease.key.decode()} within {wait:g} s: is etcd "
+                    f"reachable at {','.join(cfg.etcd_endpoints)}?"
+                ) from None
+            raise LeaseHeld(
+                f"etcd key {self.lease.key.decode()} is held by router {h.router_epoch} serving {h.http} "
+                f"(epoch {h.epoch}) for more than {wait:g} s: start this router as --role standby "
+                f"--primary-decisions {h.decisions}"
+            ) from None
+        if self.publisher is not None:
+            self.publisher.term = self.fence.term
+        self._tasks.append(asyncio.get_running_loop().create_task(self._hold(), name="etcd-hold"))
+
+    async def _campaign(self) -> None:
+        """A standby: win the key (it waits for the holder's lease to go), bind the port, serve."""
+        assert self.lease is not None
+        term = await self.lease.campaign()
+        self.primary_lost_at = self.lease.vacant_at or time.time()
+        delay = BIND_RETRY_MIN
+        while (sock := try_bind(self.cfg.host, self.cfg.port)) is None:  # the port is this host's
+            self.bind_attempts += 1
+            if self.lease.lost.is_set():
+                return
+            if delay == BIND_RETRY_MIN:
+                log.warning("won the etcd key but %s:%d is in use; retrying", self.cfg.host, self.cfg.port)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BIND_RETRY_MAX)
+        await self._promote(sock, term)
+        await self._hold()
+
+    async def _hold(self) -> None:
+        """A holder: stop serving once the lease is lost."""
+        assert self.lease is not None
+        await self.lease.lost.wait()
+        if self.role != "primary":
+            return
+        self.role = "fenced"
+        await self.server.unbind()
+        self._publish_heartbeat()
+        log.error(
+            "FENCED: lost the etcd lease (epoch %d): %s; stopped serving and released %s:%d",
+            self.fence.term,
+            self.lease.lost_reason,
+            self.cfg.host,
+            self.cfg.port,
+        )
+        self.fenced.set()
+
     # ----------------------------------------------------------------------------------------- state
 
     def state_json(self) -> dict[str, Any]:
@@ -487,6 +570,15 @@ class HANode:
             "promoted_at": self.promoted_at,
             "primary_lost_at": self.primary_lost_at,
             "bind_attempts": self.bind_attempts,
+            "lease": None
+            if self.lease is None
+            else {
+                "key": self.lease.key.decode(),
+                "held": self.lease.held(),
+                "epoch": self.lease.epoch,
+                "lost": self.lease.lost_reason or None,
+                "holder_seen": vars(self.lease.holder) if self.lease.holder else None,
+            },
             "published": dict(self.publisher.published) if self.publisher else {},
         }
 
@@ -503,6 +595,9 @@ class HANode:
         return web.json_response(self.server.state_json())
 
     async def _handle_promote(self, request: web.Request) -> web.Response:
+        if self.lease is not None:
+            msg = "--takeover etcd: the holder of the etcd leader key serves; promotion is not by request"
+            return web.json_response({"role": self.role, "error": msg}, status=409)
         try:
             ok = await self.promote_now()
         except OSError as exc:
@@ -529,7 +624,7 @@ class _HACollector(Collector):
         yield CounterMetricFamily(
             "router_fenced",
             "Times this router stopped serving for a primary with a higher epoch",
-            value=1 if n.fence.fenced_by is not None else 0,
+            value=1 if n.role == "fenced" else 0,
         )
         yield CounterMetricFamily(
             "router_takeovers", "Times this router took the port over", value=n.takeovers

@@ -22,6 +22,7 @@ from kvindex.protocol.tokenizer import TokenizerError
 from kvindex.transport import Stop, run_process, stop_signals
 from router.auth import AuthConfigError
 from router.config import RouterConfig, parse_args
+from router.etcd_lease import LeaseError
 from router.ha import HANode
 from router.server import RouterServer
 
@@ -95,11 +96,11 @@ async def _run(cfg: RouterConfig, stop: Stop, on_ready: Callable[[RouterServer],
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m router``: parse flags, run until SIGINT/SIGTERM. Returns the exit status (1: the
-    router could not start: a port in use, a tokenizer that does not load)."""
+    router could not start: a port in use, a tokenizer that does not load, an etcd leader key held by another)."""
     cfg = parse_args(argv)
     return run_process(
         lambda: serve(cfg),
         what="the router",
         log_level=cfg.log_level,
-        fatal=(OSError, zmq.ZMQError, TokenizerError, AuthConfigError, CurveError),
+        fatal=(OSError, zmq.ZMQError, TokenizerError, AuthConfigError, CurveError, LeaseError),
     )

@@ -6,7 +6,8 @@
   Prometheus Operator CRD whose schema is not in that package and is not vendored here: it is checked by
   hand below instead (apiVersion, the fields it uses, and that it selects a Service with that port).
 * The objects fit together: every Service selects a pod template that has its target ports; the routers
-  never share a node; the router Role may use Leases; the router and daemon agent lists match the engine
+  never share a node; the router Role may use Leases, and each router pod runs the Lease elector sidecar
+  (router/k8s_elector.py) with the router as a standby it promotes; the router and daemon agent lists match the engine
   replicas; the dashboard ConfigMap carries docs/grafana/lmetric-router.json byte for byte.
 
 Rendering needs ``kubectl`` (its built-in kustomize); without it those tests are skipped and the raw files
@@ -31,6 +32,7 @@ kv = pytest.importorskip("kubernetes_validate")
 from agents.agent.config import parse_args as agent_args  # noqa: E402
 from agents.engine.config import parse_args as engine_args  # noqa: E402
 from router.config import parse_args as router_args  # noqa: E402
+from router.k8s_elector import parse_args as elector_args  # noqa: E402
 from router.metricsd import parse_args as metricsd_args  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,6 +135,19 @@ def check_wiring(objs: list[dict[str, Any]]) -> None:
     assert agents["data"]["AGENTS"].split() == want
     sidecar = [c["name"] for c in engine["spec"]["template"]["spec"]["containers"]]
     assert sidecar == ["engine", "agent"]
+    # the Lease decides: every router runs as a standby told to take over by its elector sidecar, and
+    # the pod is Ready (selected by Service `router`) only while both the router serves and the elector
+    # holds the Lease
+    containers = {c["name"]: c for c in router["spec"]["template"]["spec"]["containers"]}
+    assert set(containers) == {"router", "elector"}
+    script = " ".join(containers["router"]["args"])
+    assert (
+        "--takeover external" in script and "--exit-when-fenced" in script and "--role primary" not in script
+    )
+    elector = containers["elector"]
+    assert elector["command"] == ["python", "-m", "router.k8s_elector"]
+    assert "--lease=router-leader" in elector["args"]
+    assert elector["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "elector"}
 
 
 PARSERS = {
@@ -140,6 +155,7 @@ PARSERS = {
     "agents.agent": agent_args,
     "router": router_args,
     "router.metricsd": metricsd_args,
+    "router.k8s_elector": elector_args,
 }
 
 
