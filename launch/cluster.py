@@ -84,6 +84,7 @@ class ClusterConfig:
     sglang_load_stream: str = "wildcard"
     ray: RayOptions | None = None  # --ray: every process on a Ray cluster (launch/ray_cluster.py)
     auth: ClusterAuth = field(default_factory=ClusterAuth)  # --api-key/--admin-key/--metrics-key specs
+    engine_ca_file: str | None = None  # CA of HTTPS engines (--attach https://...), for agents and routers
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -239,6 +240,13 @@ def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
         help="attach agents to these running SGLang servers instead of starting engines",
     )
     g.add_argument(
+        "--engine-ca-file",
+        default=None,
+        metavar="PEM",
+        help="CA bundle that signed HTTPS engines' certificates (--attach https://...; SGLang --ssl-certfile), "
+        "given to every agent and router (default: the system CAs)",
+    )
+    g.add_argument(
         "--engine-ready-timeout",
         type=float,
         default=1200.0,
@@ -327,6 +335,7 @@ def config_from_args(a: argparse.Namespace) -> ClusterConfig:
         sglang_load_stream=a.sglang_load_stream,
         ray=ray,
         auth=auth,
+        engine_ca_file=str(Path(a.engine_ca_file).absolute()) if a.engine_ca_file else None,
     )
 
 
@@ -374,13 +383,14 @@ class Cluster:
         cfg = self.cfg
         engine_urls = await self._start_engines()
         agents = []
+        ca = ["--engine-ca-file", cfg.engine_ca_file] if cfg.engine_ca_file else []
         for inst, url in engine_urls:
             agents.append(
                 self._child(
                     "agent",
                     inst,
                     "agents.agent",
-                    ["--engine-url", url, "--instance-id", inst, "--host", cfg.host],
+                    ["--engine-url", url, "--instance-id", inst, "--host", cfg.host, *ca],
                 )
             )
         await self._start_stage(agents)
@@ -489,6 +499,8 @@ class Cluster:
             args += ["--primary-decisions", self.primary.ready.endpoints["decisions"]]
         if cfg.tokenizer:
             args += ["--tokenizer", cfg.tokenizer]
+        if cfg.engine_ca_file:
+            args += ["--engine-ca-file", cfg.engine_ca_file]
         return args + list(cfg.auth.for_router(by_value=self.keys_by_value).args)
 
     def router_env(self) -> dict[str, str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import ssl
 import subprocess
 import sys
@@ -110,3 +111,46 @@ async def test_https_engine_agent_and_router(tmp_path: Path) -> None:
     finally:
         for p in reversed(procs):
             await _stop(p)
+
+
+async def test_launch_cluster_attaches_https_engines_with_their_ca(tmp_path: Path) -> None:
+    """``launch cluster --attach https://... --engine-ca-file PEM``: agent and router trust the engine."""
+    cert, key = self_signed(tmp_path)
+    engine, ready = await _spawn(
+        "-m", "agents.engine.server", "--port", "0", "--time-scale", "0.05",
+        "--ssl-certfile", str(cert), "--ssl-keyfile", str(key),
+    )  # fmt: skip
+    cluster: asyncio.subprocess.Process | None = None
+    try:
+        assert ready is not None
+        cluster = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "launch", "cluster", "--attach", ready.endpoints["http"],
+            "--engine-ca-file", str(cert), "--port", "0", "--no-standby", "--no-metrics",
+            "--cluster-file", str(tmp_path / "cluster.json"), "--log-dir", str(tmp_path / "logs"),
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        assert cluster.stdout is not None
+        url = ""
+        while line := (await asyncio.wait_for(cluster.stdout.readline(), 60)).decode():
+            if line.startswith("router: "):
+                url = line.split("router: ", 1)[1].strip()
+                break
+        assert url, "launch cluster did not become ready"
+        body = {"text": "attached over TLS", "sampling_params": {"max_new_tokens": 2}}
+        async with aiohttp.ClientSession() as s:
+            for _ in range(100):
+                async with s.get(url + "/health") as r:
+                    if r.status == 200:
+                        break
+                await asyncio.sleep(0.1)
+            async with s.post(url + "/generate", json=body) as r:
+                assert r.status == 200, await r.text()
+    finally:
+        if cluster is not None:
+            with contextlib.suppress(ProcessLookupError):
+                cluster.send_signal(signal.SIGINT)
+            try:
+                await asyncio.wait_for(cluster.wait(), 30)
+            except asyncio.TimeoutError:
+                cluster.kill()
+        await _stop(engine)
