@@ -15,6 +15,10 @@ replaced too. ``--no-standby`` runs the primary alone, ``--no-metrics`` skips th
 The cluster file (``--cluster-file``, default ``cluster.json``; its format and reader are
 :mod:`kvindex.protocol.cluster_file`) is rewritten whenever a process changes state and removed on a clean
 shutdown; ``router`` is set once the whole cluster is ready. ``launch tail`` and the metrics daemon read it.
+
+Keys (``--api-key``, ``--admin-key``, ``--metrics-key``; docs/security.md): handed to both routers and the
+metrics daemon as :mod:`launch.keys` says (files by path, keys by environment, never on a command line);
+the launcher's own calls to a router's admin port send the admin key. No key: everything open, as before.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +41,7 @@ import aiohttp
 
 from kvindex.curve import ClusterKeys, generate_cluster_keys
 from kvindex.protocol.cluster_file import ClusterFile, ProcessEntry
+from launch.keys import AuthConfigError, ClusterAuth
 from launch.placement import RayOptions, add_ray_arguments, ray_options_from_args
 from launch.procs import Child, ChildFailed, stop_all
 from launch.sglang_engines import LOAD_MODES, SGLANG_MODULE, allocate_ports, parse_gpus, server_args
@@ -78,6 +83,8 @@ class ClusterConfig:
     curve: bool = False
     sglang_load_stream: str = "wildcard"
     ray: RayOptions | None = None  # --ray: every process on a Ray cluster (launch/ray_cluster.py)
+    auth: ClusterAuth = field(default_factory=ClusterAuth)  # --api-key/--admin-key/--metrics-key specs
+    engine_ca_file: str | None = None  # CA of HTTPS engines (--attach https://...), for agents and routers
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -179,8 +186,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="encrypt and authenticate every cluster ZeroMQ stream with CURVE: keys are made under "
         "LOG_DIR/curve (secrets 0600), each process gets its own by environment (docs/security.md)",
     )
+    _add_key_arguments(p)
     _add_engine_arguments(p)
     add_ray_arguments(p)
+
+
+def _add_key_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "keys (docs/security.md)",
+        "KEY is file:PATH (one key a line), env:NAME (comma-separated keys) or the key itself (visible in ps: "
+        "prefer a file). Repeat a flag to accept several keys. Both routers and the metrics daemon get them "
+        "by file or environment, never on their command line. Default: no key, every endpoint open.",
+    )
+    key = {"action": "append", "default": [], "metavar": "KEY"}
+    g.add_argument("--api-key", dest="api_keys", **key, help="generation endpoints and /v1/models")  # type: ignore[arg-type]
+    g.add_argument(
+        "--admin-key", dest="admin_keys", **key,  # type: ignore[arg-type]
+        help="/router/* on the routers (default: the API keys); the launcher sends it to check a takeover",
+    )  # fmt: skip
+    g.add_argument(
+        "--metrics-key", dest="metrics_keys", **key,  # type: ignore[arg-type]
+        help="/metrics on the routers and the metrics daemon (default: the admin keys, else the API keys)",
+    )  # fmt: skip
 
 
 def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
@@ -211,6 +238,13 @@ def _add_engine_arguments(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="URL",
         help="attach agents to these running SGLang servers instead of starting engines",
+    )
+    g.add_argument(
+        "--engine-ca-file",
+        default=None,
+        metavar="PEM",
+        help="CA bundle that signed HTTPS engines' certificates (--attach https://...; SGLang --ssl-certfile), "
+        "given to every agent and router (default: the system CAs)",
     )
     g.add_argument(
         "--engine-ready-timeout",
@@ -255,6 +289,11 @@ def config_from_args(a: argparse.Namespace) -> ClusterConfig:
     except ValueError as exc:
         sys.exit(f"launch cluster: error: {exc}")
     ray = ray_options_from_args(a)
+    auth = ClusterAuth(tuple(a.api_keys), tuple(a.admin_keys), tuple(a.metrics_keys))
+    try:
+        auth.check()
+    except AuthConfigError as exc:
+        sys.exit(f"launch cluster: error: {exc}")
     if ray is not None and a.attach:
         sys.exit("launch cluster: error: --ray starts its engines; it does not take --attach")
     tokenizer = a.tokenizer
@@ -295,6 +334,8 @@ def config_from_args(a: argparse.Namespace) -> ClusterConfig:
         curve=a.curve,
         sglang_load_stream=a.sglang_load_stream,
         ray=ray,
+        auth=auth,
+        engine_ca_file=str(Path(a.engine_ca_file).absolute()) if a.engine_ca_file else None,
     )
 
 
@@ -313,6 +354,9 @@ class Cluster:
         self._routers_started = 0
         self._failover: asyncio.Task[None] | None = None
         self.keys: ClusterKeys | None = None
+        self.keys_by_value = False
+        """Whether children get every key by value in their environment (they do not share this machine's
+        files and variables: ``--ray``)."""
         if cfg.curve:
             names = [f"agent-{i}" for i in range(cfg.instances)] + [f"router-{i}" for i in range(64)]
             self.keys = generate_cluster_keys(cfg.log_dir / "curve", [*names, "metrics", "tail"])
@@ -339,13 +383,14 @@ class Cluster:
         cfg = self.cfg
         engine_urls = await self._start_engines()
         agents = []
+        ca = ["--engine-ca-file", cfg.engine_ca_file] if cfg.engine_ca_file else []
         for inst, url in engine_urls:
             agents.append(
                 self._child(
                     "agent",
                     inst,
                     "agents.agent",
-                    ["--engine-url", url, "--instance-id", inst, "--host", cfg.host],
+                    ["--engine-url", url, "--instance-id", inst, "--host", cfg.host, *ca],
                 )
             )
         await self._start_stage(agents)
@@ -433,7 +478,9 @@ class Cluster:
                 if r and r.ready
                 for x in ("--decisions", r.ready.endpoints["decisions"])
             ]
-            daemon = self._child("metrics", None, "router.metricsd", margs)
+            mkeys = cfg.auth.for_metrics(by_value=self.keys_by_value)
+            daemon = self._child("metrics", None, "router.metricsd", [*margs, *mkeys.args])
+            daemon.env.update(mkeys.env)
             await self._start_stage([daemon])
             assert daemon.ready is not None
             self.metrics_url = daemon.ready.endpoints["http"]
@@ -452,7 +499,13 @@ class Cluster:
             args += ["--primary-decisions", self.primary.ready.endpoints["decisions"]]
         if cfg.tokenizer:
             args += ["--tokenizer", cfg.tokenizer]
-        return args
+        if cfg.engine_ca_file:
+            args += ["--engine-ca-file", cfg.engine_ca_file]
+        return args + list(cfg.auth.for_router(by_value=self.keys_by_value).args)
+
+    def router_env(self) -> dict[str, str]:
+        """The variables that carry a router's keys (:mod:`launch.keys`); empty without keys."""
+        return self.cfg.auth.for_router(by_value=self.keys_by_value).env
 
     async def _start_router(self, role: str) -> Child:
         """Start one router (``primary`` or ``standby`` of the current primary) and wait for READY."""
@@ -465,6 +518,7 @@ class Cluster:
             self.cfg.log_dir / f"router-{n}.log",
         )
         self._arm(c, f"router-{n % 64}", server=True)
+        c.env.update(self.router_env())
         self.children.append(c)
         await self._start_stage([c])
         return c
@@ -509,6 +563,12 @@ class Cluster:
         if self.keys is not None:
             tail_env = " ".join(f"{k}={v}" for k, v in self.keys.env("tail", server=False).items())
             lines.append(f"CURVE keys: {self.keys.root}/ (launch tail needs: {tail_env})")
+        if self.cfg.auth.enabled:
+            rings = [n for n in ("api", "admin", "metrics") if getattr(self.cfg.auth, n)]
+            lines.append(
+                f"keys: {', '.join(rings)} set; clients send 'Authorization: Bearer KEY' "
+                "(launch replay: --api-key or LMETRIC_API_KEY)"
+            )
         if self.metrics_url:
             lines.append(f"metrics: {self.metrics_url}/metrics")
         lines.append(f"router: {self.router_url}")
@@ -577,7 +637,9 @@ class Cluster:
             return False
         url = standby.ready.endpoints["admin"] + "/router/state"
         deadline = time.monotonic() + timeout
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0)) as s:
+        key = self.cfg.auth.client_key("admin")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0), headers=headers) as s:
             while time.monotonic() < deadline and standby.alive:
                 with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError):
                     async with s.get(url) as r:

@@ -10,7 +10,8 @@ tests/test_frame_fuzz.py):
 * HTTP bodies: JSON decoding then the ``generate``/``completions``/``chat`` parsers;
 * ``http_raw``: bytes at a live ``python -m router`` (random request heads, truncated requests, huge
   headers, bodies shorter than their Content-Length), then slow senders holding connections while
-  ``/health`` is probed. The router must keep answering and its RSS stay bounded.
+  ``/health`` is probed; each slow sender must then get 408 after the router's ``--client-body-timeout``.
+  The router must keep answering and its RSS stay bounded.
 
 A *crash* is an exception other than the target's documented error (counted, the first few printed with
 their input), or a dead or unresponsive router. Exit status 1 if any target crashed.
@@ -32,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+SLOW_BODY_TIMEOUT = 2.0
+"""The live router's ``--client-body-timeout``: the slow senders must get their 408 after it."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -189,6 +192,7 @@ def run_decoder(name: str, strategy: Any, check: Callable[[Any], None], n: int, 
 
 def _start_router() -> tuple[subprocess.Popen[str], str, int]:
     cmd = [sys.executable, "-m", "router", "--port", "0", "--warmup-timeout", "0", "--decisions-port", "off"]
+    cmd += ["--client-body-timeout", str(SLOW_BODY_TIMEOUT)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert proc.stdout is not None
     from kvindex.protocol.ready import parse_ready
@@ -290,7 +294,14 @@ def run_http_raw(n: int, seed: int) -> Result:
         res.examples += 50
         if not _health(host, port):
             res.crash("router stopped answering with 50 slow senders connected")
-        for s in slow:
+        for s in slow:  # each is answered 408 once its body stalled for SLOW_BODY_TIMEOUT, then closed
+            s.settimeout(SLOW_BODY_TIMEOUT + 10)
+            try:
+                answer = s.recv(64)
+            except OSError as exc:
+                answer = repr(exc).encode()
+            if not answer.startswith(b"HTTP/1.1 408"):
+                res.crash(f"a slow sender got {answer[:40]!r}, not 408 after --client-body-timeout")
             s.close()
         res.seconds = time.monotonic() - t0
         if proc.poll() is not None or not _health(host, port):

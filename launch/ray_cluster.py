@@ -217,6 +217,7 @@ class RayCluster(Cluster):
         self._restarting: dict[str, asyncio.Task[None]] = {}
         self._driver_node: RayNode | None = None
         self._router_hosts = 0
+        self.keys_by_value = True  # no shared files or environment on other nodes: keys travel by value
 
     # ------------------------------------------------------------------ hosts
 
@@ -373,6 +374,7 @@ class RayCluster(Cluster):
             node,
         )
         c.log_path = self.cfg.log_dir / f"router-{n}.log"
+        c.env.update(self.router_env())
         self.children.append(c)
         await self._start_stage([c])
         return c

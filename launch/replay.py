@@ -26,6 +26,7 @@ from typing import Any
 import aiohttp
 from tqdm import tqdm
 
+from launch.keys import AuthConfigError, client_api_key
 from launch.summary import RequestRecord, format_summary, summarize
 from launch.trace import (
     DEFAULT_TRACE,
@@ -86,6 +87,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None, help="write one JSON line per request here")
     p.add_argument("--summary-json", type=Path, default=None, help="write the summary as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        metavar="KEY",
+        help="send 'Authorization: Bearer KEY' (a router started with --api-key); KEY is file:PATH, "
+        "env:NAME or the key itself (visible in ps: avoid); default: $LMETRIC_API_KEY when set, else none",
+    )
 
 
 def _body(api: str, model: str | None, tokens: list[int], req: TraceRequest) -> dict[str, Any]:
@@ -212,11 +220,14 @@ async def run_replay_async(args: argparse.Namespace) -> tuple[list[RequestRecord
 
     Raises:
         TraceError: the trace cannot be read.
+        AuthConfigError: ``--api-key`` (or ``LMETRIC_API_KEY``) names an unreadable file or holds no key.
     """
     plan = window(load_trace(args.trace), args.rate_scale, args.duration)
     url = args.url.rstrip("/")
+    key = client_api_key(getattr(args, "api_key", None))
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     conn = aiohttp.TCPConnector(limit=0, force_close=False)
-    async with aiohttp.ClientSession(connector=conn) as session:
+    async with aiohttp.ClientSession(connector=conn, headers=headers) as session:
         model = args.model
         if args.api == "completions" and model is None:
             model = await _first_model(session, url)
@@ -253,7 +264,7 @@ def run_replay(args: argparse.Namespace) -> int:
     """Entry point of ``launch replay``; prints the summary and writes ``--out``/``--summary-json``."""
     try:
         records, summary = asyncio.run(run_replay_async(args))
-    except TraceError as exc:
+    except (TraceError, AuthConfigError) as exc:
         print(f"launch replay: {exc}", file=sys.stderr)
         return 2
     if args.out:

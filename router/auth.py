@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from aiohttp import hdrs, web
+from aiohttp.typedefs import Middleware
 from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry, Counter
 
@@ -36,7 +37,16 @@ from kvindex.logutil import RateLimitedLog
 from kvindex.protocol.http import PATHS, error_body
 from router.config import RouterConfig
 
-__all__ = ["Access", "AuthConfigError", "KeyRing", "client_ssl", "server_ssl"]
+__all__ = [
+    "Access",
+    "AuthConfigError",
+    "KeyRing",
+    "client_ssl",
+    "read_keys",
+    "require_key",
+    "server_ssl",
+    "unauthorized",
+]
 
 log = logging.getLogger(__name__)
 _failures_log = RateLimitedLog(log, 10.0)
@@ -169,9 +179,7 @@ class Access:
                 request.remote,
                 ring.what,
             )
-            what = "missing" if hdrs.AUTHORIZATION not in request.headers else "invalid"
-            body = error_body(401, f"{what} {ring.what} key: send 'Authorization: Bearer <key>'")
-            return web.json_response(body, status=401, headers={hdrs.WWW_AUTHENTICATE: "Bearer"})
+            return unauthorized(request, ring)
         if request.path in PATHS:
             headers = self._engine_headers(request)
             if headers is not None:
@@ -189,6 +197,33 @@ class Access:
             del h[hdrs.AUTHORIZATION]
             return h
         return None
+
+
+def unauthorized(request: web.Request, ring: KeyRing) -> web.Response:
+    """The 401 answer (OpenAI-style body, ``WWW-Authenticate: Bearer``) to a request without a valid key
+    of ``ring``; says whether the key was missing or wrong, never which key."""
+    what = "missing" if hdrs.AUTHORIZATION not in request.headers else "invalid"
+    body = error_body(401, f"{what} {ring.what} key: send 'Authorization: Bearer <key>'")
+    return web.json_response(body, status=401, headers={hdrs.WWW_AUTHENTICATE: "Bearer"})
+
+
+def require_key(ring: KeyRing, open_paths: frozenset[str] = frozenset({"/health"})) -> Middleware:
+    """An aiohttp middleware for a process with one key ring (the metrics daemon): every path but
+    ``open_paths`` needs ``Authorization: Bearer KEY`` with a key of ``ring`` (else :func:`unauthorized`,
+    logged rate-limited, never the key); an empty ring lets everything through."""
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        guarded = ring.enabled and request.path not in open_paths
+        if guarded and not ring.accepts(request.headers.get(hdrs.AUTHORIZATION)):
+            _failures_log.warning(
+                ring.what, "refused %s %s from %s: no valid %s key",
+                request.method, request.path, request.remote, ring.what,
+            )  # fmt: skip
+            return unauthorized(request, ring)
+        return await handler(request)
+
+    return guard
 
 
 def server_ssl(cfg: RouterConfig) -> ssl.SSLContext | None:

@@ -32,8 +32,10 @@ class RouterConfig:
     (:mod:`router.admission`); while every routable instance has at least ``max_queued_prefill_tokens``
     queued prefill tokens (0 = no such bound) or a predicted prefill wait of ``max_prefill_wait`` seconds
     or more (its queued prefill tokens x the seconds per token its recent streamed TTFTs took; 0 = no such
-    bound), new requests get 429 at once; ``max_body_size`` bytes per
-    request body (413 above).
+    bound), new requests get 429 at once; ``max_body_size`` bytes per request body (413 above). Slow
+    clients: ``client_body_timeout`` the longest gap between two reads of a request body (408 and the
+    connection closed after it), ``client_idle_timeout`` how long a client connection may sit idle between
+    requests or still be sending its request head before it is closed.
 
     High availability (:mod:`router.ha`): a ``primary`` serves ``port``; a ``standby`` follows the
     primary's decision stream at ``primary_decisions`` and takes ``port`` over once the primary is gone
@@ -74,6 +76,8 @@ class RouterConfig:
     max_queue: int = 1024
     queue_timeout: float = 2.0
     max_body_size: int = 64 * 2**20
+    client_body_timeout: float = 60.0
+    client_idle_timeout: float = 75.0
     suspect_cooldown: float = DEFAULTS.suspect_cooldown
     snapshot_timeout: float = 2.0
     warmup_timeout: float = 5.0
@@ -118,6 +122,7 @@ class RouterConfig:
         check_policy_params(self.policy_params)
         positive: tuple[str, ...] = ("request_timeout", "snapshot_timeout", "connect_timeout")
         positive += ("headers_timeout", "idle_timeout", "breaker_window", "breaker_open", "queue_timeout")
+        positive += ("client_body_timeout", "client_idle_timeout")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -608,6 +613,16 @@ def _add_robustness_flags(p: argparse.ArgumentParser, d: RouterConfig) -> None:
         "--max-body-size", type=_positive_int, default=d.max_body_size, metavar="BYTES",
         help="largest request body accepted; larger: 413",
     )  # fmt: skip
+    g.add_argument(
+        "--client-body-timeout", type=_positive_float, default=d.client_body_timeout, metavar="S",
+        help="longest gap between two reads of a request body; then 408 and the connection is closed "
+        "(slow senders; nginx's client_body_timeout)",
+    )  # fmt: skip
+    g.add_argument(
+        "--client-idle-timeout", type=_positive_float, default=d.client_idle_timeout, metavar="S",
+        help="a client connection idle between requests, or still sending its request head, is closed "
+        "after this (nginx's keepalive_timeout and client_header_timeout in one)",
+    )  # fmt: skip
 
 
 def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
@@ -644,6 +659,8 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
             max_queue=ns.max_queue,
             queue_timeout=ns.queue_timeout,
             max_body_size=ns.max_body_size,
+            client_body_timeout=ns.client_body_timeout,
+            client_idle_timeout=ns.client_idle_timeout,
             suspect_cooldown=ns.suspect_cooldown,
             snapshot_timeout=ns.snapshot_timeout,
             warmup_timeout=ns.warmup_timeout,

@@ -159,8 +159,9 @@ class HANode:
                 self._tasks.append(loop.create_task(self._watch(), name="ha-watch"))
             elif cfg.takeover == "etcd":
                 self._tasks.append(loop.create_task(self._campaign(), name="etcd-campaign"))
-        if self.publisher is not None:
-            self._tasks.append(loop.create_task(self._beat(), name="ha-heartbeat"))
+        # The beat keeps the fence's clock even without a decision stream: with no beat, the fence would
+        # see one endless stall and hold every request at the gate (the launch fuzz slow-sender finding).
+        self._tasks.append(loop.create_task(self._beat(), name="ha-heartbeat"))
         if cfg.admin_port is not None:
             await self._start_admin(cfg.admin_port)
         if cfg.metrics_port is not None:

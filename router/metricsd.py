@@ -6,7 +6,9 @@ router's decision stream (:class:`~router.decisions.DecisionSubscriber`), and se
 counts and remembers the last report of each instance and each router, so it stays cheap whatever the
 cluster's size. Routers come and go (a standby takes over, a new standby starts): with
 ``--cluster-file`` the daemon re-reads the launcher's cluster file and follows every router and agent
-listed there; ``--decisions`` endpoints given on the command line are followed too.
+listed there; ``--decisions`` endpoints given on the command line are followed too. With ``--metrics-key``
+``/metrics`` needs ``Authorization: Bearer KEY`` (401 with an OpenAI-style body otherwise; ``/health``
+stays open); the HTTP port binds ``--host``, loopback by default (docs/security.md).
 
 Metrics (``lmetric_`` prefix; per instance labelled ``instance``, per router ``router`` = its epoch in
 hex, which changes when the process restarts):
@@ -32,9 +34,10 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import zmq
@@ -59,6 +62,7 @@ from kvindex.protocol.cluster_file import ClusterFileError, read_cluster_file
 from kvindex.protocol.numbered import DecisionReceived, Received
 from kvindex.protocol.ready import announce_ready
 from kvindex.transport import Stop, run_process, stop_signals
+from router.auth import AuthConfigError, KeyRing, require_key
 from router.decisions import DecisionSubscriber
 from router.metrics import SCORE_BUCKETS
 from router.subscriber import Subscriber
@@ -86,6 +90,8 @@ class MetricsdConfig:
     router_timeout: float = 0.5
     forget_after: float = 300.0
     log_level: str = "INFO"
+    metrics_keys: tuple[str, ...] = field(default=(), repr=False)
+    """Key specs (``file:PATH``, ``env:NAME`` or the key; router/auth.py) for ``/metrics``; none: open."""
 
 
 def parse_args(argv: Sequence[str] | None = None) -> MetricsdConfig:
@@ -112,6 +118,16 @@ def parse_args(argv: Sequence[str] | None = None) -> MetricsdConfig:
     p.add_argument("--router-timeout", type=float, default=0.5, help="router down after this silence")
     p.add_argument("--forget-after", type=float, default=300.0, help="drop a silent router's gauges")
     p.add_argument("--log-level", default="INFO", type=str.upper, help="log level")
+    p.add_argument(
+        "--metrics-key",
+        dest="metrics_keys",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="scrapers send 'Authorization: Bearer KEY' for /metrics (/health stays open); KEY is "
+        "file:PATH (one key a line), env:NAME (comma-separated) or the key itself (visible in ps: avoid); "
+        "repeat to accept several; SIGHUP re-reads files (default: no key, /metrics open)",
+    )
     ns = p.parse_args(argv)
     if not 0 <= ns.port <= 65535:
         p.error(f"--port out of range: {ns.port}")
@@ -125,6 +141,7 @@ def parse_args(argv: Sequence[str] | None = None) -> MetricsdConfig:
         router_timeout=ns.router_timeout,
         forget_after=ns.forget_after,
         log_level=ns.log_level,
+        metrics_keys=tuple(ns.metrics_keys),
     )
 
 
@@ -142,11 +159,14 @@ class _Router:
 
 
 class MetricsDaemon:
-    """Subscriptions + counters + the HTTP endpoint. Single owner: the event loop."""
+    """Subscriptions + counters + the HTTP endpoint. Single owner: the event loop.
+
+    Raises :class:`~router.auth.AuthConfigError` from the constructor for a key spec without a key."""
 
     def __init__(self, cfg: MetricsdConfig, mono: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
         self._mono = mono
+        self.keys = KeyRing(cfg.metrics_keys, "metrics")
         self.ctx = zmq.asyncio.Context()
         self.agents = Subscriber(cfg.agents, self.on_agent, ctx=self.ctx)
         self.routers = DecisionSubscriber(cfg.decisions, self.on_decision, ctx=self.ctx)
@@ -252,7 +272,7 @@ class MetricsDaemon:
         self.agents.start()
         self.routers.start()
         self.read_cluster_file()
-        app = web.Application()
+        app = web.Application(middlewares=[require_key(self.keys)])
         app.router.add_get("/metrics", self._handle_metrics)
         app.router.add_get("/health", self._handle_health)
         self._runner = web.AppRunner(app, access_log=None)
@@ -262,12 +282,21 @@ class MetricsDaemon:
         if self.cfg.cluster_file is not None:
             self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="cluster-file")
         log.info(
-            "metrics daemon on %s/metrics: %d agent(s), %d router stream(s)%s",
+            "metrics daemon on %s/metrics (%s): %d agent(s), %d router stream(s)%s",
             self.url,
+            f"{len(self.keys)} key(s)" if self.keys.enabled else "no key",
             len(self.agents.endpoints),
             len(self.routers.endpoints),
             f", following {self.cfg.cluster_file}" if self.cfg.cluster_file else "",
         )
+
+    def reload_keys(self) -> None:
+        """Re-read the key files and variables (SIGHUP); on error the old keys stay. Never raises."""
+        try:
+            self.keys.load()
+            log.info("keys reloaded: %d metrics key(s)", len(self.keys))
+        except AuthConfigError as exc:
+            log.error("keys not reloaded, the old ones stay: %s", exc)
 
     async def stop(self) -> None:
         """Close everything. Safe after a failed start."""
@@ -395,7 +424,10 @@ async def serve(
     ``on_ready``. Raises what :meth:`MetricsDaemon.start` raises."""
     async with stop_signals(Stop(stop) if stop is not None else None) as stopped:
         daemon = MetricsDaemon(cfg)
+        loop = asyncio.get_running_loop()
         try:
+            with contextlib.suppress(NotImplementedError, RuntimeError):  # not on Windows / a side thread
+                loop.add_signal_handler(signal.SIGHUP, daemon.reload_keys)
             await daemon.start()
             if on_ready is not None:
                 on_ready(daemon)
@@ -403,13 +435,20 @@ async def serve(
                 announce_ready("metrics", {"http": daemon.url})
             await stopped.wait()
         finally:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(signal.SIGHUP)
             await daemon.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m router.metricsd``. Returns the exit status (1: it could not start)."""
     cfg = parse_args(argv)
-    return run_process(lambda: serve(cfg), what="the metrics daemon", log_level=cfg.log_level)
+    return run_process(
+        lambda: serve(cfg),
+        what="the metrics daemon",
+        log_level=cfg.log_level,
+        fatal=(OSError, zmq.ZMQError, AuthConfigError),
+    )
 
 
 if __name__ == "__main__":

@@ -197,7 +197,16 @@ class RouterServer:
             timeout=aiohttp.ClientTimeout(total=None),  # each attempt sets its own (router.forward.Timeouts)
         )
         self._runner = web.AppRunner(
-            self.make_app(), handler_cancellation=True, access_log=None, shutdown_timeout=3.0
+            self.make_app(),
+            handler_cancellation=True,
+            access_log=None,
+            shutdown_timeout=3.0,
+            # aiohttp arms this at accept and after each answer: it also closes a connection that never
+            # finishes its request head (aiohttp has no separate header timeout)
+            keepalive_timeout=self.cfg.client_idle_timeout,
+            # after an answer sent before the body was read (408, 413) the rest of the body is read and
+            # dropped for at most this long, then the connection closes
+            lingering_time=min(10.0, self.cfg.client_body_timeout),
         )
         await self._runner.setup()
         if self.cfg.worker_urls:  # no agents: the workers are static instances (router/static_workers.py)
@@ -344,6 +353,30 @@ class RouterServer:
         msg = f"request body larger than {self.cfg.max_body_size} bytes (--max-body-size)"
         return Outcome(_error(413, msg, type_="request_too_large"), "413")
 
+    def _body_timeout(self) -> Outcome:
+        self.metrics.rejected.labels("body_timeout").inc()
+        msg = f"request body not received: nothing arrived for {self.cfg.client_body_timeout:g} s (--client-body-timeout)"
+        resp = _error(408, msg, type_="request_timeout")
+        resp.force_close()  # the rest of the body may still come: never read it as the next request
+        return Outcome(resp, "408")
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The whole body, at most ``client_body_timeout`` s between two chunks (a slow sender cannot hold
+        an admission slot for long). Raises ``asyncio.TimeoutError`` after such a gap,
+        ``web.HTTPRequestEntityTooLarge`` above ``max_body_size``, ``aiohttp.ClientPayloadError`` or
+        ``ConnectionResetError`` if the client went away mid-body."""
+        limit, gap = self.cfg.max_body_size, self.cfg.client_body_timeout
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            chunk = await asyncio.wait_for(request.content.readany(), gap)
+            if not chunk:
+                return b"".join(chunks)
+            size += len(chunk)
+            if size > limit:
+                raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
+            chunks.append(chunk)
+
     async def _admitted(self, request: web.Request, endpoint: str, arrived: float) -> Outcome:
         """Body-size check, then admission (a slot held until the answer is complete), then the rest."""
         if request.content_length is not None and request.content_length > self.cfg.max_body_size:
@@ -373,9 +406,11 @@ class RouterServer:
 
     async def _generation(self, request: web.Request, endpoint: str, arrived: float) -> Outcome:
         try:
-            raw = await request.read()
+            raw = await self._read_body(request)
         except web.HTTPRequestEntityTooLarge:
             return self._too_large()
+        except asyncio.TimeoutError:
+            return self._body_timeout()
         try:
             if len(raw) > 16 * THREAD_WORK_SIZE:
                 req = await asyncio.to_thread(decode_request, PATHS[request.path], raw)

@@ -293,3 +293,26 @@ async def test_split_healed_after_takeover_leaves_one_primary(tmp_path: Path) ->
         await to_b.cut()
         await b.stop()
         await a.stop()
+
+
+async def test_a_router_without_a_decision_stream_still_keeps_its_fence_clock() -> None:
+    """The open ``launch fuzz`` finding: a router with a peer configured but its decision stream off had
+    no heartbeat loop, so its fence saw one endless stall; every stall let one waiting request through per
+    ``silence`` second (the others re-armed it), and /health behind 50 slow senders waited > 15 s."""
+    cfg = RouterConfig(port=0, warmup_timeout=0, decisions_port=None, peer_decisions=("tcp://127.0.0.1:9",))
+    node = HANode(RouterServer(cfg))
+    await node.start()
+    try:
+        await asyncio.sleep(0.6)  # longer than stall_after (primary_timeout / 2) since start
+        t0 = time.monotonic()
+        async with aiohttp.ClientSession() as s:
+
+            async def health() -> int:
+                async with s.get(node.server.url + "/health") as r:
+                    return r.status
+
+            statuses = await asyncio.wait_for(asyncio.gather(*(health() for _ in range(8))), 30)
+        assert statuses == [503] * 8  # answered (no engine: 503)
+        assert time.monotonic() - t0 < 1.0, "requests were held at the fence gate"
+    finally:
+        await node.stop()

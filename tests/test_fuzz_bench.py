@@ -1,4 +1,10 @@
-"""``python -m launch fuzz`` with a few hundred examples per target: no crash, the live router alive."""
+"""``python -m launch fuzz`` with a few hundred examples per target: no crash, the live router alive.
+
+Once an open finding (xfail): with 50 slow senders connected the router did not answer /health within
+3 x 5 s. The cause was the fence gate, not the slow senders: a router without a decision stream (launch
+fuzz runs it with ``--decisions-port off``) ran no heartbeat loop, so its fence saw one endless stall and
+let one request per second through the gate (tests/test_fencing.py keeps that fixed).
+"""
 
 from __future__ import annotations
 
@@ -11,11 +17,6 @@ import pytest
 pytestmark = pytest.mark.timeout(300)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open finding: after the raw-HTTP examples, with 50 slow senders connected, the router sometimes "
-    "does not answer /health within 3 x 5 s on a loaded 2-CPU machine (not reproduced on a fresh router)",
-)
 def test_fuzz_benchmark_small_finds_no_crash() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "launch", "fuzz", "--examples", "200"],

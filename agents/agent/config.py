@@ -31,6 +31,8 @@ class AgentConfig:
     replay_endpoint: str | None = None
     load_endpoint: str | None = None
     log_level: str = "INFO"
+    engine_ca_file: str | None = None  # an https:// engine's CA (SGLang --ssl-certfile); None: system CAs
+    engine_tls_verify: bool = True
 
     def instance(self) -> str:
         """``instance_id``, or ``host:port`` of the engine URL when it is empty."""
@@ -132,6 +134,19 @@ def parse_args(argv: Sequence[str] | None = None) -> AgentConfig:
     p.add_argument(
         "--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING, ...) (default: %(default)s)"
     )
+    p.add_argument(
+        "--engine-ca-file",
+        default=None,
+        metavar="PATH",
+        help="for an https:// --engine-url (SGLang --ssl-certfile): trust this CA bundle instead of the "
+        "system's (default: system CAs)",
+    )
+    p.add_argument(
+        "--no-engine-tls-verify",
+        dest="engine_tls_verify",
+        action="store_false",
+        help="do not verify the engine's certificate (testing only)",
+    )
     a = p.parse_args(argv)
     if not a.engine_url.startswith(("http://", "https://")):
         p.error("--engine-url must start with http:// or https://")
@@ -159,4 +174,6 @@ def parse_args(argv: Sequence[str] | None = None) -> AgentConfig:
         load_endpoint=a.load_endpoint,
         log_level=a.log_level.upper(),
         publish_token_ids=a.publish_token_ids,
+        engine_ca_file=a.engine_ca_file,
+        engine_tls_verify=a.engine_tls_verify,
     )

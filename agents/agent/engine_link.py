@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -106,9 +107,21 @@ CLIENT_KEEPALIVE = 4.0
 _START_PROBE_TIMEOUT = 5.0
 
 
-def engine_session() -> aiohttp.ClientSession:
-    """An HTTP session for talking to an engine: pooled connections kept :data:`CLIENT_KEEPALIVE` s."""
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(keepalive_timeout=CLIENT_KEEPALIVE))
+def engine_ssl(ca_file: str | None = None, verify: bool = True) -> ssl.SSLContext | bool:
+    """What the agent's connector gets for an ``https://`` engine (SGLang ``--ssl-certfile``): a context
+    trusting ``ca_file`` only, False when ``verify`` is off (testing only), True (the system's CAs)
+    otherwise. Raises ``OSError`` / ``ssl.SSLError`` for an unreadable or malformed CA file."""
+    if not verify:
+        return False
+    if ca_file:
+        return ssl.create_default_context(cafile=ca_file)
+    return True
+
+
+def engine_session(tls: ssl.SSLContext | bool = True) -> aiohttp.ClientSession:
+    """An HTTP session for talking to an engine: pooled connections kept :data:`CLIENT_KEEPALIVE` s;
+    ``tls`` verifies an HTTPS engine (:func:`engine_ssl`)."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(keepalive_timeout=CLIENT_KEEPALIVE, ssl=tls))
 
 
 async def _health_once(session: aiohttp.ClientSession, url: str, timeout: float) -> Health:

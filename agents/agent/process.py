@@ -50,6 +50,7 @@ from agents.agent.engine_link import (
     check_health,
     discover,
     engine_session,
+    engine_ssl,
     wait_until_healthy,
 )
 from agents.agent.frames import decode_kv_frame, decode_load_frame, decode_snapshot_request, without_token_ids
@@ -137,7 +138,7 @@ class Agent:
             log.info(
                 "agent %s: waiting up to %g s for engine %s", self.instance, cfg.engine_wait, cfg.engine_url
             )
-            self._session = engine_session()
+            self._session = engine_session(engine_ssl(cfg.engine_ca_file, cfg.engine_tls_verify))
             await wait_until_healthy(self._session, cfg.engine_url, cfg.engine_wait)
             eng = await discover(
                 self._session, cfg.engine_url, cfg.kv_endpoint, cfg.replay_endpoint, cfg.load_endpoint

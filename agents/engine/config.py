@@ -48,6 +48,10 @@ class ServerConfig:
     keepalive_timeout: float = field(default_factory=keep_alive_default)
     startup_delay: float = 0.0  # seconds /health answers 503 after the port listens (model load + warmup)
     drain_timeout: float = 30.0  # SIGTERM: longest wait for requests in flight (SGLang waits without bound)
+    # HTTPS as SGLang 0.5.23 (--ssl-certfile/--ssl-keyfile/--ssl-keyfile-password; no client certificates)
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_keyfile_password: str | None = field(default=None, repr=False)
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -130,6 +134,16 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
         metavar="tcp://HOST:PORT|auto|off",
         help="LoadStat PUB endpoint; auto = the port after the replay port, as SGLang packs it",
     )
+    sg.add_argument(
+        "--ssl-certfile", default=None, metavar="PATH", help="serve HTTPS with this certificate (PEM)"
+    )
+    sg.add_argument("--ssl-keyfile", default=None, metavar="PATH", help="the certificate's private key (PEM)")
+    sg.add_argument(
+        "--ssl-keyfile-password",
+        default=None,
+        metavar="PASSWORD",
+        help="decrypts --ssl-keyfile (visible in ps)",
+    )
     ns, unknown = ap.parse_known_args(argv)
     if unknown:
         if any(not u.startswith("-") for u in unknown[:1]):
@@ -145,6 +159,10 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
         ap.error("--max-total-tokens must be positive")
     if ns.startup_delay < 0 or ns.drain_timeout < 0:
         ap.error("--startup-delay and --drain-timeout must not be negative")
+    if bool(ns.ssl_certfile) != bool(ns.ssl_keyfile):
+        ap.error("--ssl-certfile and --ssl-keyfile go together (as SGLang's)")
+    if ns.ssl_keyfile_password and not ns.ssl_certfile:
+        ap.error("--ssl-keyfile-password has no effect without --ssl-certfile and --ssl-keyfile")
     if ns.time_scale < 0 or ns.load_interval <= 0:
         ap.error("--time-scale must be >= 0 and --load-interval > 0")
     return ServerConfig(**vars(ns))

@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 import time
 import uuid
 from collections import deque
@@ -74,6 +75,18 @@ _MAX_LAG = 1.0
 def _log_crash(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("engine task %s crashed", task.get_coro(), exc_info=task.exception())
+
+
+def server_ssl(cfg: ServerConfig) -> ssl.SSLContext | None:
+    """The HTTPS context of ``cfg`` (SGLang's ``--ssl-certfile``/``--ssl-keyfile``, TLS >= 1.2, no client
+    certificates), None for plain HTTP. Raises ``OSError`` / ``ssl.SSLError`` for an unreadable
+    certificate or key, or a wrong password."""
+    if not cfg.ssl_certfile:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cfg.ssl_certfile, cfg.ssl_keyfile, cfg.ssl_keyfile_password)
+    return ctx
 
 
 @dataclass(slots=True)
@@ -125,7 +138,8 @@ class EngineServer:
         return pub
 
     async def start(self) -> None:
-        """Bind every socket and the HTTP port, start the core, replay and load tasks."""
+        """Bind every socket and the HTTP port (HTTPS with ``ssl_certfile``), start the core, replay and
+        load tasks. Raises ``OSError`` / ``ssl.SSLError`` (port in use, unreadable certificate or key)."""
         cfg = self.cfg
         self._wake = asyncio.Event()
         self._kv_pub = self._publisher("kv", cfg.kv_events_port)
@@ -142,9 +156,11 @@ class EngineServer:
             keepalive_timeout=cfg.keepalive_timeout,  # uvicorn's timeout_keep_alive in SGLang
         )
         await self._runner.setup()
-        await web.TCPSite(self._runner, cfg.host, cfg.port).start()
+        tls = server_ssl(cfg)
+        await web.TCPSite(self._runner, cfg.host, cfg.port, ssl_context=tls).start()
         self.ports["http"] = int(self._runner.addresses[0][1])
-        self.endpoints = {"http": f"http://{cfg.host}:{self.ports['http']}", **self.endpoints}
+        scheme = "https" if tls is not None else "http"
+        self.endpoints = {"http": f"{scheme}://{cfg.host}:{self.ports['http']}", **self.endpoints}
         for coro in (self._core_loop(), self._replay_loop(), self._load_loop()):
             task = asyncio.create_task(coro)
             task.add_done_callback(_log_crash)
