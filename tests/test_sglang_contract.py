@@ -265,8 +265,9 @@ async def test_agent_with_default_health_settings_follows_sglang_health(http: ai
 
 
 async def test_agent_marks_engine_down_on_503_at_once_and_after_n_failures() -> None:
-    """A 503 (draining, ``health_generate``) marks the engine unhealthy at the first check; a dead engine
-    (connection refused) only after ``health_failures`` consecutive failures."""
+    """A 503 (draining, ``health_generate``) marks the engine unhealthy at the first check; so does a dead
+    engine (connection refused: nothing listens). Timeouts need ``health_failures`` in a row
+    (``test_refused_connection_marks_the_engine_down_at_once``)."""
     srv = await started(replace(SLOW, health_generation=False))
     runner = AgentRunner(agent_config(srv.endpoints["http"], "dn", health_interval=0.05, health_failures=3))
     try:
@@ -278,8 +279,8 @@ async def test_agent_marks_engine_down_on_503_at_once_and_after_n_failures() -> 
         srv.status = ServerStatus.UP
         await wait_until(lambda: a.engine_healthy, "healthy again", timeout=2)
         await srv.stop()
-        await wait_until(lambda: not a.engine_healthy, "down after failures", timeout=3)
-        assert a.counters.health_failures >= 3
+        await wait_until(lambda: not a.engine_healthy, "down at the first refused check", timeout=3)
+        assert a.counters.health_failures >= 1  # the refused one (a pooled connection may break first)
     finally:
         await close_all(runner.stop, srv.stop)
 
