@@ -10,7 +10,7 @@ from typing import Any
 from router.model.config import DEFAULTS, ModelConfig
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-ROLES = ("primary", "standby")
+ROLES = ("primary", "standby", "active")
 TAKEOVER_MODES = ("auto", "external")
 
 
@@ -42,6 +42,10 @@ class RouterConfig:
     someone else (keepalived, a Kubernetes leader elector), who asks with ``POST /router/promote`` on the
     admin port. ``policy_params``: the policies' parameters given (``--POLICY-PARAM`` flags, made from
     each policy's ``PARAMS``; :data:`router.model.policies.PolicyParams`).
+
+    Active-active (:mod:`router.active`): an ``active`` router serves ``port`` like a primary, publishes
+    its decisions, and follows the decision streams of the other active routers at ``peer_routers``,
+    counting their dispatches as pending; active routers never fence each other.
     """
 
     host: str = "127.0.0.1"
@@ -98,6 +102,7 @@ class RouterConfig:
     metrics_port: int | None = None
     peer_decisions: tuple[str, ...] = ()
     exit_when_fenced: bool = False
+    peer_routers: tuple[str, ...] = ()
     # Without agents (sglang-router's command line; router/static_workers.py): see add_worker_arguments.
     worker_urls: tuple[str, ...] = ()
     routed_cache_tokens: int | None = None
@@ -166,6 +171,10 @@ class RouterConfig:
             raise ValueError(
                 "--takeover external needs --admin-port (promotion comes as POST /router/promote)"
             )
+        if self.peer_routers and self.role != "active":
+            raise ValueError("--peer-routers is for --role active (a standby follows --primary-decisions)")
+        if self.role == "active" and self.decisions_port is None:
+            raise ValueError("an active router publishes its decisions: --decisions-port cannot be off")
         if not self.primary_timeout > 0:
             raise ValueError(f"primary_timeout must be positive, got {self.primary_timeout}")
         for name in ("decisions_port", "admin_port"):
@@ -322,7 +331,17 @@ def build_parser() -> argparse.ArgumentParser:
         choices=ROLES,
         default="primary",
         help="primary: serve --port; standby: follow the primary's decision stream and take --port "
-        "over when the primary dies",
+        "over when the primary dies; active: serve --port beside other active routers, following their "
+        "decision streams (--peer-routers; docs/scale.md)",
+    )
+    ha.add_argument(
+        "--peer-routers",
+        action="append",
+        default=[],
+        metavar="ENDPOINT",
+        help="with --role active: another active router's decision stream (tcp://host:port, its "
+        "--decisions-port); its dispatches count as pending here until the agents' load reports cover "
+        "them; repeatable or comma-separated",
     )
     ha.add_argument(
         "--primary-decisions",
@@ -588,6 +607,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
             log_level=ns.log_level,
             role=ns.role,
             primary_decisions=ns.primary_decisions,
+            peer_routers=tuple(ep.strip() for arg in ns.peer_routers for ep in arg.split(",") if ep.strip()),
             decisions_port=ns.decisions_port,
             primary_timeout=ns.primary_timeout,
             admin_port=ns.admin_port if ns.admin_port is not None else ns.prometheus_port,
