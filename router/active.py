@@ -116,7 +116,7 @@ class ActivePeers:
         """The ``active`` part of ``GET /router/state``'s ``ha`` section: per peer stream, whether it is
         connected, its last heartbeat's role and HTTP URL, its dispatches mirrored here and counters."""
         out = []
-        for ep in self.subscriber.endpoints:
+        for ep in dict.fromkeys([*self.subscriber.endpoints, *self.mirrors]):
             m = self.mirrors.get(ep)
             hb = m.primary if m is not None else None
             out.append(

@@ -177,6 +177,8 @@ class SimResult:
     decisions: dict[str, int] = field(default_factory=dict)
     failure_cases: dict[str, int] = field(default_factory=dict)
     retractions: int = 0
+    peer_decisions: int = 0
+    """With several routers: peer decisions the routers applied (each counted once per receiver)."""
 
 
 def _ingest_per_router(plan: Sequence[tuple[float, TraceRequest]], cfg: SimConfig) -> list[float]:
@@ -394,4 +396,5 @@ def simulate(
         decisions=dict(sorted(router.decisions.items())),
         failure_cases=dict(sorted(Counter(router.failure_cases).items())),
         retractions=sum(s.core.num_retractions for s in insts),
+        peer_decisions=router.peer_decisions_applied,
     )
