@@ -163,6 +163,7 @@ def test_sim_tier_peer_sees_a_decision_only_after_the_delay() -> None:
     assert peer is not None and not peer.pending
     tier.route(1.001, [21, 22, 23, 24], 16, via=1)  # before the delay: router 1 does not know
     assert routers[1].peer_routed == 0
+    assert tier.races == 1  # both idle and tied: router 1 picks the instance router 0 just took
     tier.route(1.0025, [31, 32, 33, 34], 16, via=1)  # after it: applied before routing
     assert routers[1].peer_routed == 1
     # Router 1's own two requests plus router 0's: three pending over the two instances.

@@ -179,6 +179,9 @@ class SimResult:
     retractions: int = 0
     peer_decisions: int = 0
     """With several routers: peer decisions the routers applied (each counted once per receiver)."""
+    peer_races: int = 0
+    """With several routers: decisions for an instance that another router had chosen less than the
+    router delay before, unseen (:attr:`launch.sim.router_tier.SimRouterTier.races`)."""
 
 
 def _ingest_per_router(plan: Sequence[tuple[float, TraceRequest]], cfg: SimConfig) -> list[float]:
@@ -397,4 +400,5 @@ def simulate(
         failure_cases=dict(sorted(Counter(router.failure_cases).items())),
         retractions=sum(s.core.num_retractions for s in insts),
         peer_decisions=router.peer_decisions_applied,
+        peer_races=router.races,
     )

@@ -59,6 +59,10 @@ class SimRouterTier:
         self.routers = list(routers)
         self.router_delay = router_delay
         self._k = len(self.routers)
+        self._last_at: dict[tuple[str, int], float] = {}  # (instance, router) -> its last dispatch there
+        self.races = 0
+        """Decisions that chose an instance another router had dispatched to less than ``router_delay``
+        earlier (a dispatch the deciding router could not see yet): the cost of k > 1, counted."""
 
     # ---------------------------------------------------------------------------------- engine inputs
 
@@ -83,6 +87,12 @@ class SimRouterTier:
         if self._k == 1:
             return router.route(now, hashes, prompt_tokens)
         r = router.route_full(now, hashes, prompt_tokens)
+        last = self._last_at
+        if any(
+            j != via and last.get((r.instance, j), -1.0) > now - self.router_delay for j in range(self._k)
+        ):
+            self.races += 1
+        last[(r.instance, via)] = now
         key = (via, r.ticket)
         arrive = now + self.router_delay
         for j, peer in enumerate(self.routers):

@@ -246,6 +246,7 @@ def result_summary(res: SimResult) -> dict[str, Any]:
     )
     if res.peer_decisions:  # several active routers only (summaries of one router stay as they were)
         s["peer_decisions"] = res.peer_decisions
+        s["peer_races"] = res.peer_races
     return s
 
 
@@ -258,7 +259,12 @@ def format_result(s: dict[str, Any], title: str) -> str:
         + f"\nsteps {s['steps']}  virtual {s['virtual_s']:.0f} s  simulated in {s['sim_wall_s']:.1f} s"
         + (f"  retractions {s['retractions']}" if s["retractions"] else "")
         + (f"\npolicy failure cases: {s['failure_cases']}" if s["failure_cases"] else "")
-        + (f"\npeer decisions applied: {s['peer_decisions']}" if s.get("peer_decisions") else "")
+        + (
+            f"\npeer decisions applied: {s['peer_decisions']}; decisions racing an unseen peer decision"
+            f" for the same instance: {s['peer_races']}"
+            if s.get("peer_decisions")
+            else ""
+        )
     )
 
 
