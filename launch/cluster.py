@@ -80,6 +80,7 @@ class ClusterConfig:
     ready_timeout: float = 60.0
     standby: bool = True
     routers: int = 1
+    decision_slot: float = 0.0
     primary_timeout: float = 0.4
     metrics: bool = True
     metrics_port: int = 0
@@ -183,6 +184,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(docs/scale.md; default %(default)s: a primary and its standby)",
     )
     p.add_argument(
+        "--decision-slot",
+        type=float,
+        default=d.decision_slot,
+        metavar="S",
+        help="with --routers K > 1: the routers take turns to decide, each in the first half of its own "
+        "S-second slot (python -m router --decision-slot; 0 = off, default %(default)s)",
+    )
+    p.add_argument(
         "--primary-timeout",
         type=float,
         default=d.primary_timeout,
@@ -264,6 +273,8 @@ def config_from_args(a: argparse.Namespace) -> ClusterConfig:
         sys.exit("launch cluster: error: --primary-timeout must be positive")
     if a.routers < 1:
         sys.exit("launch cluster: error: --routers must be at least 1")
+    if a.decision_slot < 0 or (a.decision_slot > 0 and a.routers == 1):
+        sys.exit("launch cluster: error: --decision-slot must be >= 0, and needs --routers > 1")
     if a.policy not in POLICIES:
         sys.exit(f"launch cluster: error: unknown --policy {a.policy!r} ({', '.join(sorted(POLICIES))})")
     try:
@@ -319,6 +330,7 @@ def config_from_args(a: argparse.Namespace) -> ClusterConfig:
         ready_timeout=a.ready_timeout,
         standby=a.standby,
         routers=a.routers,
+        decision_slot=a.decision_slot,
         primary_timeout=a.primary_timeout,
         metrics=a.metrics,
         metrics_port=a.metrics_port,
@@ -530,6 +542,8 @@ class Cluster:
         ]
         if role == "active":
             args += [x for ep in peers for x in ("--peer-routers", ep)]
+            if cfg.decision_slot > 0:
+                args += ["--decision-slot", str(cfg.decision_slot), "--slot-index", str(active)]
         args += ["--exit-when-fenced"]
         args += [x for ep in self._agents for x in ("--agent", ep)]
         if role == "standby":

@@ -24,6 +24,7 @@ from router.active import ActiveCollector, ActivePeers
 from router.auth import AuthConfigError
 from router.config import RouterConfig, parse_args
 from router.ha import HANode
+from router.model.slots import DecisionSlots
 from router.server import RouterServer
 
 __all__ = ["main", "serve"]
@@ -104,9 +105,18 @@ def _follow_peers(server: RouterServer, node: HANode) -> ActivePeers:
     metrics and an ``active`` part in ``GET /router/state``'s ``ha`` section (:mod:`router.active`)."""
     peers = ActivePeers(server.core, server.cfg.peer_routers, ctx=server.subscriber.ctx, own_epoch=node.epoch)
     peers.start()
+    cfg = server.cfg
+    slots = None
+    if cfg.decision_slot > 0:
+        slots = DecisionSlots(cfg.slot_index, 1 + len(cfg.peer_routers), cfg.decision_slot)
+        server.dispatcher.slots = slots
     server.metrics.registry.register(ActiveCollector(peers))
     ha_state = node.state_json
-    server.extra_state = lambda: {**ha_state(), "active": peers.state_json()}
+    slot_state = None if slots is None else {"index": slots.index, "count": slots.count, "slot": slots.slot}
+    server.extra_state = lambda: {
+        **ha_state(),
+        "active": {**peers.state_json(), "decision_slots": slot_state},
+    }
     return peers
 
 

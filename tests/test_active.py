@@ -39,6 +39,7 @@ from router.decisions import finished_message, heartbeat_of, routed_message
 from router.fence import Fence
 from router.model.model import RoutingModel
 from router.model.policies import make_policy
+from router.model.slots import DecisionSlots
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACE = ROOT / "launch/traces/mooncake/conversation_trace.jsonl"
@@ -151,6 +152,22 @@ def test_active_routers_never_fence_each_other() -> None:
     assert Fence(1, 1, 0.4).observe(dataclasses.replace(hb, role="primary")) is True
 
 
+def test_decision_slots_take_turns() -> None:
+    s0, s1 = DecisionSlots(0, 2, 0.004), DecisionSlots(1, 2, 0.004)  # period 8 ms
+    assert s0.wait(100.000) == 0.0 and s0.wait(100.0019) == 0.0
+    assert s0.next_start(100.0021) == pytest.approx(100.008)  # the second half is the guard
+    assert s1.next_start(100.0001) == pytest.approx(100.004)
+    assert s1.wait(100.0045) == 0.0 and s1.next_start(100.0061) == pytest.approx(100.012)
+    for t in (100.0, 100.001, 100.003, 100.005, 100.0079):  # never both at once
+        assert s0.wait(t) > 0 or s1.wait(t) > 0
+    with pytest.raises(ValueError):
+        DecisionSlots(2, 2, 0.004)
+    with pytest.raises(ValueError, match="--role active"):
+        RouterConfig(decision_slot=0.004)
+    with pytest.raises(ValueError, match="--slot-index"):
+        RouterConfig(role="active", peer_routers=("tcp://h:1",), decision_slot=0.004, slot_index=2)
+
+
 def test_sim_tier_peer_sees_a_decision_only_after_the_delay() -> None:
     routers = [
         SimRouter(["a", "b"], make_policy("lmetric"), block_size=4, event_delay=0.005) for _ in range(2)
@@ -193,6 +210,12 @@ def test_simulate_two_routers_accounts_peer_decisions() -> None:
     tied = simulate(plan, make_policy("lmetric"), dataclasses.replace(zero, routers=2, router_delay=0.0))
     hit = summarize(base.records)["hit_ratio"]
     assert abs(summarize(tied.records)["hit_ratio"] - hit) < 0.05
+    # The trace's bursts make the routers race at 10 ms; in decision slots longer than twice the delay
+    # they never do.
+    slow = dataclasses.replace(SimConfig(instances=4), routers=2, router_delay=0.01)
+    assert simulate(plan, make_policy("lmetric"), slow).peer_races > 0
+    slotted = simulate(plan, make_policy("lmetric"), dataclasses.replace(slow, decision_slot=0.02))
+    assert slotted.peer_races == 0 and all(r.status == "ok" for r in slotted.records)
 
 
 def test_simulate_cli_routers_flag(tmp_path: Path) -> None:
@@ -237,6 +260,7 @@ def active_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
     cmd = [
         sys.executable, "-m", "launch", "cluster", "--instances", "2", "--port", "0", "--routers", "2",
         "--cluster-file", str(cfile), "--log-dir", str(logs), "--time-scale", "1", "--no-metrics",
+        "--decision-slot", "0.01",
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 150
@@ -325,6 +349,7 @@ async def test_live_decision_of_router_a_is_pending_on_router_b(active_cluster: 
                     break
                 assert time.monotonic() < deadline, sb
                 await asyncio.sleep(0.05)
+            assert sb["ha"]["active"]["decision_slots"] == {"index": 1, "count": 2, "slot": 0.01}
             peer = sb["ha"]["active"]["peers"][0]
             assert peer["connected"] and peer["role"] == "active" and peer["mirrored_open"] == 1
             assert peer["mirror"]["routed"] >= 1

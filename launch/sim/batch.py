@@ -65,7 +65,7 @@ class RunSpec:
         cfg = asdict(self.cfg)
         del cfg["policy_params"]
         if self.cfg.routers == 1:  # keys made before active routers existed stay valid
-            del cfg["routers"], cfg["router_delay"]
+            del cfg["routers"], cfg["router_delay"], cfg["decision_slot"]
         body: dict[str, object] = {
             "v": SIM_VERSION,
             "lv": LMETRIC_VERSION if self.policy.startswith("lmetric") else None,

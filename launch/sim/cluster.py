@@ -51,6 +51,7 @@ from launch.summary import RequestRecord
 from launch.trace import DEFAULT_VOCAB_SIZE, TraceRequest
 from router.model.config import DEFAULTS, ModelConfig
 from router.model.policies import Policy
+from router.model.slots import DecisionSlots
 
 __all__ = ["INGEST_OVERHEAD_S", "INGEST_PER_TOKEN_S", "SimConfig", "SimResult", "ingest_times", "simulate"]
 
@@ -124,7 +125,8 @@ class SimConfig:
     trace time, and equal timestamps in trace order. ``policy_params``: the policies' parameters given
     (``ModelConfig.policy_params``; :func:`launch.sim.run.seeded_policy` makes a policy with them).
     ``routers``: active routers, each following the others' decisions ``router_delay`` seconds late
-    (:mod:`launch.sim.router_tier`; 1 = the single router).
+    (:mod:`launch.sim.router_tier`; 1 = the single router); ``decision_slot`` > 0: they take turns to
+    decide, each in the first half of its own slot of that many seconds (:mod:`router.model.slots`).
     """
 
     instances: int = 16
@@ -147,6 +149,7 @@ class SimConfig:
     policy_params: tuple[tuple[str, str, float], ...] = DEFAULTS.policy_params
     routers: int = 1
     router_delay: float = ROUTER_DELAY_S
+    decision_slot: float = 0.0
 
     def engine_config(self) -> EngineConfig:
         """The :class:`EngineConfig` every simulated engine runs with."""
@@ -186,7 +189,8 @@ class SimResult:
 
 def _ingest_per_router(plan: Sequence[tuple[float, TraceRequest]], cfg: SimConfig) -> list[float]:
     """:func:`ingest_times` of ``plan`` (same order), each router ingesting its own requests (request
-    ``j`` to router ``j mod cfg.routers``) on its own processor."""
+    ``j`` to router ``j mod cfg.routers``) on its own processor; with decision slots, each routed at
+    the start of its router's next slot if it was ingested outside one (:meth:`DecisionSlots.next_start`)."""
     k = cfg.routers
     out = [0.0] * len(plan)
     for r in range(k):
@@ -197,6 +201,9 @@ def _ingest_per_router(plan: Sequence[tuple[float, TraceRequest]], cfg: SimConfi
             cfg.ingest_overhead,
             cfg.ingest_per_token,
         )
+        if cfg.decision_slot > 0:
+            slots = DecisionSlots(r, k, cfg.decision_slot)
+            times = [slots.next_start(t) for t in times]
         out[r::k] = times
     return out
 
@@ -248,8 +255,10 @@ def simulate(
     """
     if cfg.instances < 1 or cfg.load_period <= 0 or cfg.event_delay < 0:
         raise ValueError("need instances >= 1, load_period > 0 and event_delay >= 0")
-    if cfg.routers < 1 or cfg.router_delay < 0:
-        raise ValueError("need routers >= 1 and router_delay >= 0")
+    if cfg.routers < 1 or cfg.router_delay < 0 or cfg.decision_slot < 0:
+        raise ValueError("need routers >= 1, router_delay >= 0 and decision_slot >= 0")
+    if cfg.decision_slot > 0 and cfg.routers == 1:
+        raise ValueError("decision slots are for several routers")
     if routed_at is not None and len(routed_at) != len(plan):
         raise ValueError(f"routed_at has {len(routed_at)} times for {len(plan)} requests")
     wall0 = time.perf_counter()

@@ -133,6 +133,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="seconds from one router's decision (or a request's end) to the other routers applying it "
         "(with --routers > 1; default %(default)s)",
     )
+    a(
+        "--decision-slot",
+        type=float,
+        default=d.decision_slot,
+        help="with --routers > 1: the routers take turns to decide, each in the first half of its own slot "
+        "of this many seconds (python -m router --decision-slot; 0 = off, default %(default)s)",
+    )
     add_param_arguments(p)  # --POLICY-PARAM, from every policy's PARAMS (--linear-a, --linear-b, ...)
     a("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="token ids in [0, V) (default %(default)s)")
     a("--summary-json", type=Path, default=None, help="write every policy's summary as JSON here")
@@ -153,6 +160,8 @@ def config_from_args(a: argparse.Namespace) -> SimConfig:
     check_ingest_arguments(a)
     if a.routers < 1 or a.router_delay < 0:
         raise ValueError("--routers must be at least 1 and --router-delay >= 0")
+    if a.decision_slot < 0 or (a.decision_slot > 0 and a.routers == 1):
+        raise ValueError("--decision-slot must be >= 0, and needs --routers > 1")
     if a.rate_scale <= 0:
         raise ValueError("--rate-scale must be positive")
     return SimConfig(
@@ -172,6 +181,7 @@ def config_from_args(a: argparse.Namespace) -> SimConfig:
         seed=a.seed,
         routers=a.routers,
         router_delay=a.router_delay,
+        decision_slot=a.decision_slot,
     )
 
 
@@ -222,7 +232,7 @@ def config_json(cfg: SimConfig) -> dict[str, Any]:
     existed compare equal)."""
     conf = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
     if cfg.routers == 1:
-        del conf["routers"], conf["router_delay"]
+        del conf["routers"], conf["router_delay"], conf["decision_slot"]
     if not cfg.policy_params:
         del conf["policy_params"]
     else:
@@ -313,6 +323,8 @@ def run_simulate(args: argparse.Namespace) -> int:
     )
     if cfg.routers > 1:
         title += f", {cfg.routers} active routers ({1e3 * cfg.router_delay:g} ms apart)"
+        if cfg.decision_slot > 0:
+            title += f" in {1e3 * cfg.decision_slot:g} ms decision slots"
     try:
         results = run_policies(plan, names, cfg, progress=not args.no_progress)
     except TraceError as exc:
