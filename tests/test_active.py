@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -254,6 +255,11 @@ def test_cluster_file_routers_and_replay_urls() -> None:
 
 
 @pytest.fixture(scope="module")
+def active_cluster_file(active_cluster: dict[str, Any]) -> Path:
+    return Path(active_cluster["_file"])
+
+
+@pytest.fixture(scope="module")
 def active_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("active")
     cfile, logs = tmp / "cluster.json", tmp / "logs"
@@ -278,6 +284,7 @@ def active_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
         logs_text = "\n".join(f"--- {f.name}\n{f.read_text()[-2000:]}" for f in sorted(logs.glob("*.log")))
         pytest.fail("launch cluster --routers 2 not ready:\n" + "".join(lines) + logs_text)
     info = json.loads(cfile.read_text())
+    info["_file"] = str(cfile)
     yield info
     proc.send_signal(signal.SIGINT)
     try:
@@ -371,3 +378,60 @@ async def test_live_decision_of_router_a_is_pending_on_router_b(active_cluster: 
             st = await _state(s, url)
             assert st["ha"]["role"] == "active" and st["ha"]["term"] == 0 and st["ha"]["fenced_by"] is None
             assert await _fenced_total(s, url) == 0
+
+
+def test_live_replay_spreads_over_both_routers(active_cluster: dict[str, Any], tmp_path: Path) -> None:
+    a, b = active_cluster["routers"]
+    trace = tmp_path / "trace.jsonl"
+    rows = [
+        {"timestamp": 50 * i, "input_length": 600, "output_length": 3, "hash_ids": [0, 1000 + i]}
+        for i in range(6)
+    ]
+    trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    async def published() -> list[int]:
+        async with aiohttp.ClientSession() as s:
+            return [(await _state(s, u))["ha"]["published"].get("RequestRouted", 0) for u in (a, b)]
+
+    before = asyncio.run(published())
+    cmd = [
+        sys.executable, "-m", "launch", "replay", "--trace", str(trace), "--url", f"{a},{b}",
+        "--no-progress",
+    ]  # fmt: skip
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    after = asyncio.run(published())
+    assert [x - y for x, y in zip(after, before, strict=True)] == [3, 3]  # round robin
+
+
+@pytest.mark.timeout(240)
+async def test_live_dead_router_is_released_by_its_peer_and_restarted(
+    active_cluster: dict[str, Any], active_cluster_file: Path
+) -> None:
+    a = active_cluster["routers"][0]
+    old = next(
+        p for p in active_cluster["processes"] if p["role"] == "router-active" and p["instance"] == "1"
+    )
+    os.kill(old["pid"], signal.SIGKILL)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
+        deadline = time.monotonic() + 60
+        while True:  # the launcher restarts it on the same ports; router A reconnects to its stream
+            procs = json.loads(active_cluster_file.read_text())["processes"]
+            new = [
+                p for p in procs
+                if p["role"] == "router-active" and p["instance"] == "1" and p["status"] == "running"
+            ]  # fmt: skip
+            peer = (await _state(s, a))["ha"]["active"]["peers"][0]
+            if (
+                new
+                and new[0]["pid"] != old["pid"]
+                and peer["connected"]
+                and peer["http"] == old["endpoints"]["http"]
+            ):
+                break
+            assert time.monotonic() < deadline, (procs, peer)
+            await asyncio.sleep(0.2)
+        assert new[0]["endpoints"]["decisions"] == old["endpoints"]["decisions"]
+        assert any(p["role"] == "router-failed" and p["pid"] == old["pid"] for p in procs)
+        st = await _state(s, a)
+        assert st["ha"]["role"] == "active" and await _fenced_total(s, a) == 0
