@@ -31,15 +31,17 @@ streams are followed here and never passed to the fence, and an active router ne
 
 from __future__ import annotations
 
+import bisect
 import logging
-from collections.abc import Iterable, Iterator
-from typing import Any
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Final
 
 import zmq.asyncio
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from kvindex.protocol import RouterHeartbeat
+from kvindex.protocol import RequestRouted, RouterHeartbeat
 from kvindex.protocol.numbered import DecisionReceived
 from router.decisions import DecisionSubscriber
 from router.model.mirror import DecisionMirror
@@ -49,6 +51,9 @@ __all__ = ["ActiveCollector", "ActivePeers"]
 
 log = logging.getLogger(__name__)
 
+AGE_BUCKETS: Final = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5)
+"""Upper bounds (seconds) of the peer-decision age histogram: what ``--decision-slot`` must exceed twice."""
+
 
 class ActivePeers:
     """The other active routers' decision streams, mirrored into this router's core. Single owner: the
@@ -57,6 +62,9 @@ class ActivePeers:
     Lifecycle: construct, :meth:`start` (in a running loop), :meth:`close`. ``own_epoch``: this router's
     incarnation id; frames carrying it (this router's own stream, listed by mistake) are ignored. Raises
     ``zmq.ZMQError`` from :meth:`start` for a malformed endpoint. Never raises on a frame's content.
+
+    Every peer decision's age when applied (this router's ``wall`` clock minus the peer's dispatch time,
+    seconds: the propagation delay, plus any clock offset) is counted in :data:`AGE_BUCKETS`.
     """
 
     def __init__(
@@ -66,8 +74,14 @@ class ActivePeers:
         *,
         ctx: zmq.asyncio.Context,
         own_epoch: int,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.core = core
+        self._wall = wall
+        self.age_buckets = [0] * (len(AGE_BUCKETS) + 1)
+        """Peer decisions applied, by age bucket (the last: older than every bound)."""
+        self.age_sum = 0.0
+        """Sum of their ages, seconds."""
         self.own_epoch = own_epoch
         self.mirrors: dict[str, DecisionMirror] = {}
         """One mirror per peer stream (tickets, heartbeat reconciliation and release are per peer)."""
@@ -93,9 +107,14 @@ class ActivePeers:
 
     def on_message(self, rec: DecisionReceived) -> None:
         """Apply one frame of a peer's stream. Mutates the core; never raises on content."""
-        if rec.msg.router_epoch == self.own_epoch:
+        msg = rec.msg
+        if msg.router_epoch == self.own_epoch:
             self.ignored_own += 1
             return
+        if isinstance(msg, RequestRouted):
+            age = max(0.0, self._wall() - msg.ts)
+            self.age_buckets[bisect.bisect_left(AGE_BUCKETS, age)] += 1
+            self.age_sum += age
         self._mirror(rec.endpoint).on_message(rec)
 
     def on_connection(self, endpoint: str, up: bool) -> None:
@@ -129,10 +148,17 @@ class ActivePeers:
                     "mirror": vars(m.stats).copy() if m is not None else {},
                 }
             )
+        n = sum(self.age_buckets)
         return {
             "peers": out,
             "lost_frames": self.subscriber.stats.lost_frames,
             "ignored_own": self.ignored_own,
+            "decision_age": {
+                "count": n,
+                "mean_s": self.age_sum / n if n else None,
+                "buckets": {f"le_{b:g}": c for b, c in zip(AGE_BUCKETS, self.age_buckets, strict=False)}
+                | {"older": self.age_buckets[-1]},
+            },
         }
 
 
@@ -167,3 +193,13 @@ class ActiveCollector(Collector):
         )
         lost.add_metric([], p.subscriber.stats.lost_frames)
         yield lost
+        cum, buckets = 0, []
+        for bound, c in zip((*AGE_BUCKETS, float("inf")), p.age_buckets, strict=True):
+            cum += c
+            buckets.append(("+Inf" if bound == float("inf") else f"{bound:g}", float(cum)))
+        yield HistogramMetricFamily(
+            "router_peer_decision_age_seconds",
+            "Age of other active routers' decisions when applied here (propagation delay + clock offset)",
+            buckets=buckets,
+            sum_value=p.age_sum,
+        )

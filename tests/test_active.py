@@ -90,7 +90,7 @@ def test_config_active_role_and_peer_routers() -> None:
 async def test_peer_decision_is_pending_and_speculative_until_it_ends() -> None:
     clock = Clock()
     a, b = _core(clock), _core(clock)
-    peers = ActivePeers(b, [], ctx=zmq.asyncio.Context.instance(), own_epoch=2)
+    peers = ActivePeers(b, [], ctx=zmq.asyncio.Context.instance(), own_epoch=2, wall=clock.wall)
     tokens = list(range(64))
     r = a.route(tokens)
     peers.on_message(_rec(routed_message(1, r, len(tokens), "req-1", ts=clock.wall()), 0))
@@ -110,6 +110,8 @@ async def test_peer_decision_is_pending_and_speculative_until_it_ends() -> None:
     a.finish(r.instance, r.ticket)
     peers.on_message(_rec(finished_message(1, r, "200", "req-1"), 2))
     assert not st.open_tickets and not st.pending and st.view().batch_size == 0
+    age = peers.state_json()["decision_age"]
+    assert age["count"] == 1 and age["buckets"]["le_0.0005"] == 1 and age["mean_s"] == 0.0
     assert peers.state_json()["peers"] == [
         {
             "decisions": EP,
