@@ -10,7 +10,7 @@ from typing import Any
 from router.model.config import DEFAULTS, ModelConfig
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-ROLES = ("primary", "standby")
+ROLES = ("primary", "standby", "active")
 TAKEOVER_MODES = ("auto", "external", "etcd")
 
 
@@ -48,6 +48,12 @@ class RouterConfig:
     ``host:port`` each, the key under ``etcd_prefix``, a lease of ``etcd_lease_ttl`` whole seconds).
     ``policy_params``: the policies' parameters given (``--POLICY-PARAM`` flags, made from
     each policy's ``PARAMS``; :data:`router.model.policies.PolicyParams`).
+
+    Active-active (:mod:`router.active`): an ``active`` router serves ``port`` like a primary, publishes
+    its decisions, and follows the decision streams of the other active routers at ``peer_routers``,
+    counting their dispatches as pending; active routers never fence each other. ``decision_slot`` > 0
+    (seconds): the routers take turns to decide (:mod:`router.model.slots`), this one being number
+    ``slot_index`` of ``1 + len(peer_routers)``.
     """
 
     host: str = "127.0.0.1"
@@ -110,6 +116,9 @@ class RouterConfig:
     metrics_port: int | None = None
     peer_decisions: tuple[str, ...] = ()
     exit_when_fenced: bool = False
+    peer_routers: tuple[str, ...] = ()
+    decision_slot: float = 0.0
+    slot_index: int = 0
     # Without agents (sglang-router's command line; router/static_workers.py): see add_worker_arguments.
     worker_urls: tuple[str, ...] = ()
     routed_cache_tokens: int | None = None
@@ -187,6 +196,16 @@ class RouterConfig:
             host, _, port = ep.removeprefix("http://").rpartition(":")
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(f"--etcd-endpoints: host:port expected, got {ep!r}")
+        if self.peer_routers and self.role != "active":
+            raise ValueError("--peer-routers is for --role active (a standby follows --primary-decisions)")
+        if self.decision_slot < 0 or (self.decision_slot > 0 and self.role != "active"):
+            raise ValueError("--decision-slot is for --role active and must be >= 0")
+        if self.decision_slot > 0 and not 0 <= self.slot_index <= len(self.peer_routers):
+            raise ValueError(
+                f"--slot-index must be in [0, {len(self.peer_routers)}] (one slot per active router)"
+            )
+        if self.role == "active" and self.decisions_port is None:
+            raise ValueError("an active router publishes its decisions: --decisions-port cannot be off")
         if not self.primary_timeout > 0:
             raise ValueError(f"primary_timeout must be positive, got {self.primary_timeout}")
         for name in ("decisions_port", "admin_port"):
@@ -343,7 +362,33 @@ def build_parser() -> argparse.ArgumentParser:
         choices=ROLES,
         default="primary",
         help="primary: serve --port; standby: follow the primary's decision stream and take --port "
-        "over when the primary dies",
+        "over when the primary dies; active: serve --port beside other active routers, following their "
+        "decision streams (--peer-routers; docs/scale.md)",
+    )
+    ha.add_argument(
+        "--peer-routers",
+        action="append",
+        default=[],
+        metavar="ENDPOINT",
+        help="with --role active: another active router's decision stream (tcp://host:port, its "
+        "--decisions-port); its dispatches count as pending here until the agents' load reports cover "
+        "them; repeatable or comma-separated",
+    )
+    ha.add_argument(
+        "--decision-slot",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="with --role active: take turns with the peers to decide, each router in the first half of "
+        "its own S-second slot (S > 2 x the decision streams' delay; the routers' clocks must agree), so "
+        "that none decides without a peer's decision in flight; 0 = off (default; docs/scale.md)",
+    )
+    ha.add_argument(
+        "--slot-index",
+        type=int,
+        default=0,
+        metavar="I",
+        help="with --decision-slot: this router's slot, 0 .. number of --peer-routers, distinct per router",
     )
     ha.add_argument(
         "--primary-decisions",
@@ -668,6 +713,9 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
             log_level=ns.log_level,
             role=ns.role,
             primary_decisions=ns.primary_decisions,
+            peer_routers=tuple(ep.strip() for arg in ns.peer_routers for ep in arg.split(",") if ep.strip()),
+            decision_slot=ns.decision_slot,
+            slot_index=ns.slot_index,
             decisions_port=ns.decisions_port,
             primary_timeout=ns.primary_timeout,
             admin_port=ns.admin_port if ns.admin_port is not None else ns.prometheus_port,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -42,6 +43,7 @@ from router.config import RouterConfig
 from router.forward import INSTANCE_HEADER, Attempt, AttemptFailed, Outcome, Timeouts, forward, with_rid
 from router.metrics import RouterMetrics
 from router.model.model import NoLiveInstance, RoutingModel
+from router.model.slots import DecisionSlots
 
 if TYPE_CHECKING:
     from router.decisions import DecisionPublisher
@@ -73,6 +75,8 @@ class Dispatcher:
         self.breakers = Breakers(cfg.breaker_failures, cfg.breaker_window, cfg.breaker_open, cfg.max_ejected)
         self.session: aiohttp.ClientSession | None = None
         self.decisions: DecisionPublisher | None = None
+        self.slots: DecisionSlots | None = None
+        """Active routers taking turns (:mod:`router.model.slots`): wait for this router's slot."""
         self._attempts: dict[str, set[Attempt]] = {}
         self._aborts: set[asyncio.Task[None]] = set()
         self.prefill_wait = PrefillWait()
@@ -147,6 +151,8 @@ class Dispatcher:
         assert self.session is not None, "dispatcher not started"
         blocked = self.breakers.blocked()
         exclude = set(tried) | blocked if blocked else tried
+        if self.slots is not None and (wait := self.slots.wait(time.time())) > 0:
+            await asyncio.sleep(wait)
         routed = self.core.route_hashes(prompt_tokens, hashes, model=model, exclude=exclude)
         inst = routed.instance
         tried.append(inst)
