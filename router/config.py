@@ -30,12 +30,10 @@ class RouterConfig:
     engine's load stream before it is ejected as stalled (0 = off); ``max_inflight_per_instance`` x
     routable instances requests in flight, ``max_queue`` waiting at most ``queue_timeout`` s, the rest 429
     (:mod:`router.admission`); while every routable instance has at least ``max_queued_prefill_tokens``
-    queued prefill tokens (0 = no such bound) or a predicted prefill wait of ``max_prefill_wait`` seconds
-    or more (its queued prefill tokens x the seconds per token its recent streamed TTFTs took; 0 = no such
-    bound), new requests get 429 at once; ``max_body_size`` bytes per request body (413 above). Slow
-    clients: ``client_body_timeout`` the longest gap between two reads of a request body (408 and the
-    connection closed after it), ``client_idle_timeout`` how long a client connection may sit idle between
-    requests or still be sending its request head before it is closed.
+    queued prefill tokens (0 = no such bound), new requests get 429 at once; ``max_body_size`` bytes per
+    request body (413 above). Slow clients: ``client_body_timeout`` the longest gap between two reads of a
+    request body (408 and the connection closed after it), ``client_idle_timeout`` how long a client
+    connection may sit idle between requests or still be sending its request head before it is closed.
 
     High availability (:mod:`router.ha`): a ``primary`` serves ``port``; a ``standby`` follows the
     primary's decision stream at ``primary_decisions`` and takes ``port`` over once the primary is gone
@@ -77,8 +75,7 @@ class RouterConfig:
     max_ejected: float = 0.5
     stall_after: float = 3.0
     max_inflight_per_instance: int = 256
-    max_queued_prefill_tokens: int = 0
-    max_prefill_wait: float = 8.0
+    max_queued_prefill_tokens: int = 32768
     max_queue: int = 1024
     queue_timeout: float = 2.0
     max_body_size: int = 64 * 2**20
@@ -138,15 +135,13 @@ class RouterConfig:
         for name in ("breaker_failures", "max_inflight_per_instance", "max_body_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in (
-            "retry_backoff",
-            "stall_after",
-            "max_queue",
-            "max_queued_prefill_tokens",
-            "max_prefill_wait",
+        if (
+            self.retry_backoff < 0
+            or self.stall_after < 0
+            or self.max_queue < 0
+            or self.max_queued_prefill_tokens < 0
         ):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+            raise ValueError("retry_backoff, stall_after and max_queue must be >= 0")
         if not 0 <= self.max_ejected <= 1:
             raise ValueError(f"max_ejected must be in [0, 1], got {self.max_ejected}")
         if self.warmup_timeout < 0:
@@ -637,14 +632,7 @@ def _add_robustness_flags(p: argparse.ArgumentParser, d: RouterConfig) -> None:
         "--max-queued-prefill-tokens", type=_non_negative_int, default=d.max_queued_prefill_tokens, metavar="N",
         help="while every routable instance has at least N prefill tokens queued (its last load report plus "
         "the router's own dispatches), new requests get 429 at once: the engines' queues are the queue "
-        "(0 = no such bound; default: %(default)s)",
-    )  # fmt: skip
-    g.add_argument(
-        "--max-prefill-wait", type=_non_negative_float, default=d.max_prefill_wait, metavar="S",
-        help="while every routable instance's predicted prefill wait is at least S seconds, new requests get "
-        "429 at once; the prediction is the instance's queued prefill tokens times the seconds per token "
-        "that its recent streamed requests' time to first token showed (0 = no such bound; default: "
-        "%(default)s)",
+        "(0 = no such bound)",
     )  # fmt: skip
     g.add_argument(
         "--max-queue", type=_non_negative_int, default=d.max_queue, metavar="N",
@@ -700,7 +688,6 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
             stall_after=ns.stall_after,
             max_inflight_per_instance=ns.max_inflight_per_instance,
             max_queued_prefill_tokens=ns.max_queued_prefill_tokens,
-            max_prefill_wait=ns.max_prefill_wait,
             max_queue=ns.max_queue,
             queue_timeout=ns.queue_timeout,
             max_body_size=ns.max_body_size,

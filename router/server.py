@@ -134,23 +134,12 @@ class RouterServer:
         self.dispatcher.decisions = publisher
 
     def _overloaded(self) -> bool:
-        """Whether every routable instance is full: ``max_queued_prefill_tokens`` or more queued, or a
-        predicted prefill wait (:class:`router.admission.PrefillWait`) of ``max_prefill_wait`` s or more.
-        An instance without a measurement yet is not full by the wait bound."""
-        tokens, seconds = self.cfg.max_queued_prefill_tokens, self.cfg.max_prefill_wait
-        if tokens <= 0 and seconds <= 0:
+        """Whether every routable instance has ``max_queued_prefill_tokens`` or more queued."""
+        bound = self.cfg.max_queued_prefill_tokens
+        if bound <= 0:
             return False
         views = self.core.table.views()
-        if not views:
-            return False
-        estimate = self.dispatcher.prefill_wait
-        for v in views:
-            if tokens > 0 and v.queued_prefill_tokens >= tokens:
-                continue
-            wait = estimate.wait(v.name, v.queued_prefill_tokens) if seconds > 0 else None
-            if wait is None or wait < seconds:
-                return False
-        return True
+        return bool(views) and all(v.queued_prefill_tokens >= bound for v in views)
 
     def _inflight_limit(self) -> int:
         return self.cfg.max_inflight_per_instance * max(1, self.core.routable_count())
