@@ -43,6 +43,8 @@ from router.model.policies import make_policy
 from router.model.slots import DecisionSlots
 
 ROOT = Path(__file__).resolve().parents[1]
+ADMIN_KEY = "active-admin-key"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}  # /router/* and /metrics
 TRACE = ROOT / "launch/traces/mooncake/conversation_trace.jsonl"
 BS = 4
 EP = "tcp://127.0.0.1:1"
@@ -268,7 +270,7 @@ def active_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
     cmd = [
         sys.executable, "-m", "launch", "cluster", "--instances", "2", "--port", "0", "--routers", "2",
         "--cluster-file", str(cfile), "--log-dir", str(logs), "--time-scale", "1", "--no-metrics",
-        "--decision-slot", "0.01",
+        "--decision-slot", "0.01", "--admin-key", ADMIN_KEY,  # given by value: reaches each router by variable
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 150
@@ -297,14 +299,14 @@ def active_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
 
 
 async def _state(s: aiohttp.ClientSession, url: str) -> dict[str, Any]:
-    async with s.get(url + "/router/state") as r:
+    async with s.get(url + "/router/state", headers=ADMIN) as r:
         assert r.status == 200
         out: dict[str, Any] = await r.json()
         return out
 
 
 async def _fenced_total(s: aiohttp.ClientSession, url: str) -> float:
-    async with s.get(url + "/metrics") as r:
+    async with s.get(url + "/metrics", headers=ADMIN) as r:
         text = await r.text()
     for fam in text_string_to_metric_families(text):
         if fam.name == "router_fenced":
@@ -313,7 +315,7 @@ async def _fenced_total(s: aiohttp.ClientSession, url: str) -> float:
 
 
 async def _decisions(s: aiohttp.ClientSession, url: str) -> dict[str, float]:
-    async with s.get(url + "/metrics") as r:
+    async with s.get(url + "/metrics", headers=ADMIN) as r:
         text = await r.text()
     out: dict[str, float] = {}
     for fam in text_string_to_metric_families(text):
