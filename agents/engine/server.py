@@ -53,6 +53,7 @@ from agents.engine.health import (
 from agents.engine.http_api import HttpApi
 from agents.engine.metrics import EngineMetrics
 from agents.engine.profiles import get_profile
+from kvindex.process import run_process, stop_signals
 from kvindex.protocol import (
     REPLAY_END,
     KVEventBatch,
@@ -62,7 +63,7 @@ from kvindex.protocol import (
 )
 from kvindex.protocol.ready import announce_ready
 from kvindex.protocol.tokenizer import load_tokenizer
-from kvindex.transport import Publisher, bind_router, run_process, stop_signals
+from kvindex.transport import Publisher, bind_router
 
 log = logging.getLogger("agents.engine")
 # Seconds the step pacing may fall behind before it resyncs to the clock. Within this bound a stall of the
