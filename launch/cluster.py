@@ -12,9 +12,17 @@ launcher notices, relabels the processes in the cluster file (the old primary ``
 standby ``router-primary``) and starts a new standby following the new primary. A standby that exits is
 replaced too. ``--no-standby`` runs the primary alone, ``--no-metrics`` skips the daemon.
 
+Active-active (``--routers K``, K > 1): K routers with ``--role active`` (:mod:`router.active`) instead of
+the primary/standby pair, on ports ``--port``, ``--port + 1``, ... (all OS-assigned with ``--port 0``),
+each following the other K - 1 routers' decision streams (on ports picked free before they start, so
+that every router can be told every other's) and every agent. Put them behind one Service or load
+balancer, or spread requests over them (``launch replay --url A,B,...``). A router that exits is
+restarted on the same ports; the others reconnect to it.
+
 The cluster file (``--cluster-file``, default ``cluster.json``; its format and reader are
 :mod:`kvindex.protocol.cluster_file`) is rewritten whenever a process changes state and removed on a clean
-shutdown; ``router`` is set once the whole cluster is ready. ``launch tail`` and the metrics daemon read it.
+shutdown; ``router`` is set once the whole cluster is ready (with ``--routers K``, the first router's URL;
+``routers`` lists all K). ``launch tail`` and the metrics daemon read it.
 
 Keys (``--api-key``, ``--admin-key``, ``--metrics-key``; docs/security.md): handed to both routers and the
 metrics daemon as :mod:`launch.keys` says (files by path, keys by environment, never on a command line);
@@ -44,7 +52,14 @@ from kvindex.protocol.cluster_file import ClusterFile, ProcessEntry
 from launch.keys import AuthConfigError, ClusterAuth
 from launch.placement import RayOptions, add_ray_arguments, ray_options_from_args
 from launch.procs import Child, ChildFailed, stop_all
-from launch.sglang_engines import LOAD_MODES, SGLANG_MODULE, allocate_ports, parse_gpus, server_args
+from launch.sglang_engines import (
+    LOAD_MODES,
+    SGLANG_MODULE,
+    allocate_ports,
+    free_ports,
+    parse_gpus,
+    server_args,
+)
 from router.model.policies import POLICIES, add_param_arguments, param_args, params_from_namespace
 
 log = logging.getLogger("launch.cluster")
@@ -69,6 +84,8 @@ class ClusterConfig:
     tokenizer: str | None = None
     ready_timeout: float = 60.0
     standby: bool = True
+    routers: int = 1
+    decision_slot: float = 0.0
     primary_timeout: float = 0.4
     metrics: bool = True
     metrics_port: int = 0
@@ -163,6 +180,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         dest="standby",
         action="store_false",
         help="run the primary router alone, without a hot standby",
+    )
+    p.add_argument(
+        "--routers",
+        type=int,
+        default=d.routers,
+        metavar="K",
+        help="K > 1: run K active routers (on --port, --port + 1, ...; no standby), each following every "
+        "agent and the other routers' decision streams, so each counts the others' dispatches as pending "
+        "(docs/scale.md; default %(default)s: a primary and its standby)",
+    )
+    p.add_argument(
+        "--decision-slot",
+        type=float,
+        default=d.decision_slot,
+        metavar="S",
+        help="with --routers K > 1: the routers take turns to decide, each in the first half of its own "
+        "S-second slot (python -m router --decision-slot; 0 = off, default %(default)s)",
     )
     p.add_argument(
         "--primary-timeout",
@@ -271,6 +305,10 @@ def config_from_args(a: argparse.Namespace) -> ClusterConfig:
         sys.exit("launch cluster: error: --instances must be at least 1")
     if not a.primary_timeout > 0:
         sys.exit("launch cluster: error: --primary-timeout must be positive")
+    if a.routers < 1:
+        sys.exit("launch cluster: error: --routers must be at least 1")
+    if a.decision_slot < 0 or (a.decision_slot > 0 and a.routers == 1):
+        sys.exit("launch cluster: error: --decision-slot must be >= 0, and needs --routers > 1")
     if a.policy not in POLICIES:
         sys.exit(f"launch cluster: error: unknown --policy {a.policy!r} ({', '.join(sorted(POLICIES))})")
     try:
@@ -294,6 +332,8 @@ def config_from_args(a: argparse.Namespace) -> ClusterConfig:
         auth.check()
     except AuthConfigError as exc:
         sys.exit(f"launch cluster: error: {exc}")
+    if ray is not None and a.routers > 1:
+        sys.exit("launch cluster: error: --ray runs a primary/standby pair; --routers > 1 is one machine's")
     if ray is not None and a.attach:
         sys.exit("launch cluster: error: --ray starts its engines; it does not take --attach")
     tokenizer = a.tokenizer
@@ -328,6 +368,8 @@ def config_from_args(a: argparse.Namespace) -> ClusterConfig:
         tokenizer=tokenizer,
         ready_timeout=a.ready_timeout,
         standby=a.standby,
+        routers=a.routers,
+        decision_slot=a.decision_slot,
         primary_timeout=a.primary_timeout,
         metrics=a.metrics,
         metrics_port=a.metrics_port,
@@ -349,10 +391,15 @@ class Cluster:
         self.metrics_url: str | None = None
         self.primary: Child | None = None
         self.standby: Child | None = None
+        self.actives: list[Child] = []
+        """With ``--routers K`` > 1: the K active routers, in port order (a restarted one replaces its
+        predecessor here)."""
+        self._active_ports: list[tuple[int, int]] = []  # (HTTP port, decisions port) per active router
         self._agents: list[str] = []
         self._router_port = cfg.port
         self._routers_started = 0
         self._failover: asyncio.Task[None] | None = None
+        self._restarts: list[int] = []  # active routers that exited, to restart
         self.keys: ClusterKeys | None = None
         self.keys_by_value = False
         """Whether children get every key by value in their environment (they do not share this machine's
@@ -457,11 +504,14 @@ class Cluster:
             assert a.ready is not None
             self._agents.append(a.ready.endpoints["pub"])
 
-        self.primary = await self._start_router("primary")
-        assert self.primary.ready is not None
-        self._router_port = int(self.primary.ready.endpoints["http"].rsplit(":", 1)[1])
-        if cfg.standby:
-            self.standby = await self._start_router("standby")
+        if cfg.routers > 1:
+            await self._start_actives()
+        else:
+            self.primary = await self._start_router("primary")
+            assert self.primary.ready is not None
+            self._router_port = int(self.primary.ready.endpoints["http"].rsplit(":", 1)[1])
+            if cfg.standby:
+                self.standby = await self._start_router("standby")
         if cfg.metrics:
             margs = [
                 "--host",
@@ -474,7 +524,7 @@ class Cluster:
             margs += [x for ep in self._agents for x in ("--agent", ep)]
             margs += [
                 x
-                for r in (self.primary, self.standby)
+                for r in (self.primary, self.standby, *self.actives)
                 if r and r.ready
                 for x in ("--decisions", r.ready.endpoints["decisions"])
             ]
@@ -484,14 +534,64 @@ class Cluster:
             await self._start_stage([daemon])
             assert daemon.ready is not None
             self.metrics_url = daemon.ready.endpoints["http"]
-        self.router_url = self.primary.ready.endpoints["http"]
+        first = self.actives[0] if self.actives else self.primary
+        assert first is not None and first.ready is not None
+        self.router_url = first.ready.endpoints["http"]
         self.write_cluster_file()
 
-    def _router_args(self, role: str) -> list[str]:
+    async def _start_actives(self) -> None:
+        """K active routers, each told the other K - 1 decision streams (ports picked free first)."""
         cfg = self.cfg
-        args = ["--role", role, "--host", cfg.host, "--port", str(self._router_port), "--policy", cfg.policy]
+        decisions = free_ports(cfg.routers, cfg.host)
+        http = [cfg.port + i if cfg.port else 0 for i in range(cfg.routers)]
+        self._active_ports = list(zip(http, decisions, strict=True))
+        self.actives = [self._active_child(i) for i in range(cfg.routers)]
+        await self._start_stage(self.actives)
+        for i, c in enumerate(self.actives):  # keep an OS-assigned HTTP port across a restart
+            assert c.ready is not None
+            self._active_ports[i] = (int(c.ready.endpoints["http"].rsplit(":", 1)[1]), decisions[i])
+
+    def _active_child(self, i: int) -> Child:
+        n = self._routers_started
+        self._routers_started += 1
+        c = Child(
+            "router-active",
+            str(i),
+            ["-m", "router", *self._router_args("active", i)],
+            self.cfg.log_dir / f"router-{n}.log",
+        )
+        self._arm(c, f"router-{n % 64}", server=True)
+        c.env.update(self.router_env())  # the keys, as for a primary (launch.keys)
+        self.children.append(c)
+        return c
+
+    def router_urls(self) -> list[str]:
+        """Every serving router's HTTP URL: the K active routers, or the primary."""
+        rs = self.actives or ([self.primary] if self.primary is not None else [])
+        return [r.ready.endpoints["http"] for r in rs if r.ready is not None and r.alive]
+
+    def _router_args(self, role: str, active: int = 0) -> list[str]:
+        cfg = self.cfg
+        port = self._router_port
+        decisions = "0"
+        if role == "active":
+            port, dport = self._active_ports[active]
+            decisions = str(dport)
+            peers = [f"tcp://{cfg.host}:{d}" for j, (_, d) in enumerate(self._active_ports) if j != active]
+        args = ["--role", role, "--host", cfg.host, "--port", str(port), "--policy", cfg.policy]
         args += param_args(cfg.policy_params)
-        args += ["--decisions-port", "0", "--admin-port", "0", "--primary-timeout", str(cfg.primary_timeout)]
+        args += [
+            "--decisions-port",
+            decisions,
+            "--admin-port",
+            "0",
+            "--primary-timeout",
+            str(cfg.primary_timeout),
+        ]
+        if role == "active":
+            args += [x for ep in peers for x in ("--peer-routers", ep)]
+            if cfg.decision_slot > 0:
+                args += ["--decision-slot", str(cfg.decision_slot), "--slot-index", str(active)]
         args += ["--exit-when-fenced"]
         args += [x for ep in self._agents for x in ("--agent", ep)]
         if role == "standby":
@@ -542,7 +642,8 @@ class Cluster:
             )
             for c in self.children
         )
-        return ClusterFile(self.router_url, self.metrics_url, procs, time.time()).to_json()
+        routers = tuple(self.router_urls()) if self.router_url else ()
+        return ClusterFile(self.router_url, self.metrics_url, procs, time.time(), routers).to_json()
 
     def write_cluster_file(self) -> None:
         """Atomically (write + rename) rewrite the cluster file."""
@@ -571,6 +672,8 @@ class Cluster:
             )
         if self.metrics_url:
             lines.append(f"metrics: {self.metrics_url}/metrics")
+        if len(self.actives) > 1:
+            lines.append(f"routers: {' '.join(self.router_urls())}")
         lines.append(f"router: {self.router_url}")
         return "\n".join(lines)
 
@@ -590,9 +693,22 @@ class Cluster:
                     elif c is self.standby:
                         c.role = "router-failed"
                         self.standby = None
+                    elif any(c is a for a in self.actives):
+                        c.role = "router-failed"
+                        self._restarts.append(next(i for i, a in enumerate(self.actives) if a is c))
                     self.write_cluster_file()
+            if self._restarts and self._failover is None:
+                self._failover = asyncio.create_task(
+                    self._restart_active(self._restarts.pop(0)), name="restart"
+                )
             lacking = self.primary is None or self.standby is None
-            if self.router_url and self.cfg.standby and self._failover is None and lacking:
+            if (
+                self.router_url
+                and self.cfg.standby
+                and not self.actives
+                and self._failover is None
+                and lacking
+            ):
                 self._failover = asyncio.create_task(self._replace_routers(), name="failover")
             if self._failover is not None and self._failover.done():
                 with contextlib.suppress(Exception):
@@ -600,6 +716,18 @@ class Cluster:
                 self._failover = None
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.05)
+
+    async def _restart_active(self, i: int) -> None:
+        """Start active router ``i`` again on its ports (its peers reconnect to its decision stream)."""
+        try:
+            c = self.actives[i] = self._active_child(i)
+            await self._start_stage([c])
+            log.warning("active router %d restarted (pid %s)", i, c.pid)
+        except ChildFailed as exc:
+            log.error("could not restart active router %d: %s", i, exc)
+            self._restarts.append(i)
+            await asyncio.sleep(1.0)
+        self.write_cluster_file()
 
     async def _replace_routers(self) -> None:
         """After a router exited: wait for the standby to take over (or start a new primary if there is

@@ -52,7 +52,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="Mooncake .jsonl or Azure .csv trace (default: the Mooncake trace shipped in launch/traces)",
     )
     p.add_argument(
-        "--url", default="http://127.0.0.1:30000", help="router or engine base URL (default %(default)s)"
+        "--url",
+        default="http://127.0.0.1:30000",
+        help="router or engine base URL; several comma-separated (e.g. the active routers of launch "
+        "cluster --routers K) take the requests round robin in send order (default %(default)s)",
     )
     p.add_argument(
         "--duration",
@@ -214,6 +217,15 @@ async def _first_model(session: aiohttp.ClientSession, url: str) -> str | None:
         return None
 
 
+def replay_urls(spec: str) -> list[str]:
+    """The base URLs of ``--url`` (comma-separated, trailing slashes dropped), in order. Raises
+    ``ValueError`` if none is given."""
+    urls = [u.strip().rstrip("/") for u in spec.split(",") if u.strip()]
+    if not urls:
+        raise ValueError("--url names no URL")
+    return urls
+
+
 async def run_replay_async(args: argparse.Namespace) -> tuple[list[RequestRecord], dict[str, Any]]:
     """Replay the trace; returns the records (in trace order) and their summary, with the window's
     ``ideal_hit_ratio`` (infinite cache, from the trace's block ids) beside the engines' ``hit_ratio``.
@@ -221,9 +233,11 @@ async def run_replay_async(args: argparse.Namespace) -> tuple[list[RequestRecord
     Raises:
         TraceError: the trace cannot be read.
         AuthConfigError: ``--api-key`` (or ``LMETRIC_API_KEY``) names an unreadable file or holds no key.
+        ValueError: ``--url`` names no URL.
     """
     plan = window(load_trace(args.trace), args.rate_scale, args.duration)
-    url = args.url.rstrip("/")
+    urls = replay_urls(args.url)
+    url = urls[0]
     key = client_api_key(getattr(args, "api_key", None))
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     conn = aiohttp.TCPConnector(limit=0, force_close=False)
@@ -234,7 +248,7 @@ async def run_replay_async(args: argparse.Namespace) -> tuple[list[RequestRecord
         bar = tqdm(total=len(plan), unit="req", disable=args.no_progress, file=sys.stderr, dynamic_ncols=True)
         failed = 0
 
-        async def timed(offset: float, req: TraceRequest, start: float) -> RequestRecord:
+        async def timed(offset: float, req: TraceRequest, start: float, url: str) -> RequestRecord:
             nonlocal failed
             # Build the body ahead of its send time, so that making and serialising a long prompt does
             # not delay its own send (or, within a burst of equal timestamps, the sends after it).
@@ -253,7 +267,9 @@ async def run_replay_async(args: argparse.Namespace) -> tuple[list[RequestRecord
             return rec
 
         start = time.perf_counter()
-        records = await asyncio.gather(*(timed(off, r, start) for off, r in plan))
+        records = await asyncio.gather(
+            *(timed(off, r, start, urls[j % len(urls)]) for j, (off, r) in enumerate(plan))
+        )
         bar.close()
     summary = summarize(records)
     summary["ideal_hit_ratio"] = ideal_hit_ratio([r for _, r in plan])
@@ -264,7 +280,7 @@ def run_replay(args: argparse.Namespace) -> int:
     """Entry point of ``launch replay``; prints the summary and writes ``--out``/``--summary-json``."""
     try:
         records, summary = asyncio.run(run_replay_async(args))
-    except (TraceError, AuthConfigError) as exc:
+    except (TraceError, AuthConfigError, ValueError) as exc:
         print(f"launch replay: {exc}", file=sys.stderr)
         return 2
     if args.out:

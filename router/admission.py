@@ -11,10 +11,6 @@ The limit is a function (the router passes ``max_inflight_per_instance x routabl
 every acquire and release, so the router admits less while instances are down.
 
 One owner: the event loop (no locks; asyncio only).
-
-:class:`PrefillWait` is the other half: an estimate of how long a new request would wait for its prefill on
-each instance, from the time to first token the router itself measured there. The router refuses at once
-(429, ``overloaded``) while that wait is over a bound on every routable instance.
 """
 
 from __future__ import annotations
@@ -24,39 +20,6 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import Callable
-
-
-class PrefillWait:
-    """Per instance, seconds per queued prefill token, learned from the router's own measurements. Pure.
-
-    Each streamed request answered 200 gives one sample: its time to first token (seconds, from arrival at
-    the router) over the prefill tokens it had to wait for there (tokens queued on the instance when it
-    was routed, its own uncached ones included). An exponentially weighted mean (weight ``alpha`` for the
-    newest sample) is kept per instance. :meth:`wait` predicts a new request's wait as the instance's
-    queued prefill tokens times that mean. This needs no engine-side figure (SGLang 0.5.23 reports queue
-    lengths, not its prefill speed) and follows the engine's real speed: the model, the GPU, a busy host.
-
-    Raises ``ValueError`` unless ``0 < alpha <= 1``.
-    """
-
-    def __init__(self, alpha: float = 0.2) -> None:
-        if not 0 < alpha <= 1:
-            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
-        self.alpha = alpha
-        self.seconds_per_token: dict[str, float] = {}
-
-    def observe(self, instance: str, ttft: float, tokens: int) -> None:
-        """One request's ``ttft`` (seconds) on ``instance`` after waiting for ``tokens`` prefill tokens
-        (>= 1 counted). Mutates."""
-        sample = max(0.0, ttft) / max(1, tokens)
-        old = self.seconds_per_token.get(instance)
-        self.seconds_per_token[instance] = sample if old is None else old + self.alpha * (sample - old)
-
-    def wait(self, instance: str, queued_tokens: int) -> float | None:
-        """Predicted seconds before a new request's prefill is done on ``instance`` with ``queued_tokens``
-        prefill tokens queued there; None before the first sample."""
-        rate = self.seconds_per_token.get(instance)
-        return None if rate is None else rate * queued_tokens
 
 
 class Rejected(Exception):

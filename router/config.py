@@ -10,7 +10,7 @@ from typing import Any
 from router.model.config import DEFAULTS, ModelConfig
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-ROLES = ("primary", "standby")
+ROLES = ("primary", "standby", "active")
 TAKEOVER_MODES = ("auto", "external", "etcd")
 
 
@@ -30,12 +30,10 @@ class RouterConfig:
     engine's load stream before it is ejected as stalled (0 = off); ``max_inflight_per_instance`` x
     routable instances requests in flight, ``max_queue`` waiting at most ``queue_timeout`` s, the rest 429
     (:mod:`router.admission`); while every routable instance has at least ``max_queued_prefill_tokens``
-    queued prefill tokens (0 = no such bound) or a predicted prefill wait of ``max_prefill_wait`` seconds
-    or more (its queued prefill tokens x the seconds per token its recent streamed TTFTs took; 0 = no such
-    bound), new requests get 429 at once; ``max_body_size`` bytes per request body (413 above). Slow
-    clients: ``client_body_timeout`` the longest gap between two reads of a request body (408 and the
-    connection closed after it), ``client_idle_timeout`` how long a client connection may sit idle between
-    requests or still be sending its request head before it is closed.
+    queued prefill tokens (0 = no such bound), new requests get 429 at once; ``max_body_size`` bytes per
+    request body (413 above). Slow clients: ``client_body_timeout`` the longest gap between two reads of a
+    request body (408 and the connection closed after it), ``client_idle_timeout`` how long a client
+    connection may sit idle between requests or still be sending its request head before it is closed.
 
     High availability (:mod:`router.ha`): a ``primary`` serves ``port``; a ``standby`` follows the
     primary's decision stream at ``primary_decisions`` and takes ``port`` over once the primary is gone
@@ -48,6 +46,12 @@ class RouterConfig:
     ``host:port`` each, the key under ``etcd_prefix``, a lease of ``etcd_lease_ttl`` whole seconds).
     ``policy_params``: the policies' parameters given (``--POLICY-PARAM`` flags, made from
     each policy's ``PARAMS``; :data:`router.model.policies.PolicyParams`).
+
+    Active-active (:mod:`router.active`): an ``active`` router serves ``port`` like a primary, publishes
+    its decisions, and follows the decision streams of the other active routers at ``peer_routers``,
+    counting their dispatches as pending; active routers never fence each other. ``decision_slot`` > 0
+    (seconds): the routers take turns to decide (:mod:`router.model.slots`), this one being number
+    ``slot_index`` of ``1 + len(peer_routers)``.
     """
 
     host: str = "127.0.0.1"
@@ -71,8 +75,7 @@ class RouterConfig:
     max_ejected: float = 0.5
     stall_after: float = 3.0
     max_inflight_per_instance: int = 256
-    max_queued_prefill_tokens: int = 0
-    max_prefill_wait: float = 8.0
+    max_queued_prefill_tokens: int = 32768
     max_queue: int = 1024
     queue_timeout: float = 2.0
     max_body_size: int = 64 * 2**20
@@ -110,6 +113,9 @@ class RouterConfig:
     metrics_port: int | None = None
     peer_decisions: tuple[str, ...] = ()
     exit_when_fenced: bool = False
+    peer_routers: tuple[str, ...] = ()
+    decision_slot: float = 0.0
+    slot_index: int = 0
     # Without agents (sglang-router's command line; router/static_workers.py): see add_worker_arguments.
     worker_urls: tuple[str, ...] = ()
     routed_cache_tokens: int | None = None
@@ -129,15 +135,13 @@ class RouterConfig:
         for name in ("breaker_failures", "max_inflight_per_instance", "max_body_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in (
-            "retry_backoff",
-            "stall_after",
-            "max_queue",
-            "max_queued_prefill_tokens",
-            "max_prefill_wait",
+        if (
+            self.retry_backoff < 0
+            or self.stall_after < 0
+            or self.max_queue < 0
+            or self.max_queued_prefill_tokens < 0
         ):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+            raise ValueError("retry_backoff, stall_after and max_queue must be >= 0")
         if not 0 <= self.max_ejected <= 1:
             raise ValueError(f"max_ejected must be in [0, 1], got {self.max_ejected}")
         if self.warmup_timeout < 0:
@@ -187,6 +191,16 @@ class RouterConfig:
             host, _, port = ep.removeprefix("http://").rpartition(":")
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(f"--etcd-endpoints: host:port expected, got {ep!r}")
+        if self.peer_routers and self.role != "active":
+            raise ValueError("--peer-routers is for --role active (a standby follows --primary-decisions)")
+        if self.decision_slot < 0 or (self.decision_slot > 0 and self.role != "active"):
+            raise ValueError("--decision-slot is for --role active and must be >= 0")
+        if self.decision_slot > 0 and not 0 <= self.slot_index <= len(self.peer_routers):
+            raise ValueError(
+                f"--slot-index must be in [0, {len(self.peer_routers)}] (one slot per active router)"
+            )
+        if self.role == "active" and self.decisions_port is None:
+            raise ValueError("an active router publishes its decisions: --decisions-port cannot be off")
         if not self.primary_timeout > 0:
             raise ValueError(f"primary_timeout must be positive, got {self.primary_timeout}")
         for name in ("decisions_port", "admin_port"):
@@ -343,7 +357,33 @@ def build_parser() -> argparse.ArgumentParser:
         choices=ROLES,
         default="primary",
         help="primary: serve --port; standby: follow the primary's decision stream and take --port "
-        "over when the primary dies",
+        "over when the primary dies; active: serve --port beside other active routers, following their "
+        "decision streams (--peer-routers; docs/scale.md)",
+    )
+    ha.add_argument(
+        "--peer-routers",
+        action="append",
+        default=[],
+        metavar="ENDPOINT",
+        help="with --role active: another active router's decision stream (tcp://host:port, its "
+        "--decisions-port); its dispatches count as pending here until the agents' load reports cover "
+        "them; repeatable or comma-separated",
+    )
+    ha.add_argument(
+        "--decision-slot",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="with --role active: take turns with the peers to decide, each router in the first half of "
+        "its own S-second slot (S > 2 x the decision streams' delay; the routers' clocks must agree), so "
+        "that none decides without a peer's decision in flight; 0 = off (default; docs/scale.md)",
+    )
+    ha.add_argument(
+        "--slot-index",
+        type=int,
+        default=0,
+        metavar="I",
+        help="with --decision-slot: this router's slot, 0 .. number of --peer-routers, distinct per router",
     )
     ha.add_argument(
         "--primary-decisions",
@@ -592,14 +632,7 @@ def _add_robustness_flags(p: argparse.ArgumentParser, d: RouterConfig) -> None:
         "--max-queued-prefill-tokens", type=_non_negative_int, default=d.max_queued_prefill_tokens, metavar="N",
         help="while every routable instance has at least N prefill tokens queued (its last load report plus "
         "the router's own dispatches), new requests get 429 at once: the engines' queues are the queue "
-        "(0 = no such bound; default: %(default)s)",
-    )  # fmt: skip
-    g.add_argument(
-        "--max-prefill-wait", type=_non_negative_float, default=d.max_prefill_wait, metavar="S",
-        help="while every routable instance's predicted prefill wait is at least S seconds, new requests get "
-        "429 at once; the prediction is the instance's queued prefill tokens times the seconds per token "
-        "that its recent streamed requests' time to first token showed (0 = no such bound; default: "
-        "%(default)s)",
+        "(0 = no such bound)",
     )  # fmt: skip
     g.add_argument(
         "--max-queue", type=_non_negative_int, default=d.max_queue, metavar="N",
@@ -655,7 +688,6 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
             stall_after=ns.stall_after,
             max_inflight_per_instance=ns.max_inflight_per_instance,
             max_queued_prefill_tokens=ns.max_queued_prefill_tokens,
-            max_prefill_wait=ns.max_prefill_wait,
             max_queue=ns.max_queue,
             queue_timeout=ns.queue_timeout,
             max_body_size=ns.max_body_size,
@@ -668,6 +700,9 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
             log_level=ns.log_level,
             role=ns.role,
             primary_decisions=ns.primary_decisions,
+            peer_routers=tuple(ep.strip() for arg in ns.peer_routers for ep in arg.split(",") if ep.strip()),
+            decision_slot=ns.decision_slot,
+            slot_index=ns.slot_index,
             decisions_port=ns.decisions_port,
             primary_timeout=ns.primary_timeout,
             admin_port=ns.admin_port if ns.admin_port is not None else ns.prometheus_port,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -36,12 +37,12 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 from tenacity.wait import wait_random_exponential
 
 from kvindex.protocol.http import error_body
-from router.admission import PrefillWait
 from router.breaker import Breakers
 from router.config import RouterConfig
 from router.forward import INSTANCE_HEADER, Attempt, AttemptFailed, Outcome, Timeouts, forward, with_rid
 from router.metrics import RouterMetrics
 from router.model.model import NoLiveInstance, RoutingModel
+from router.model.slots import DecisionSlots
 
 if TYPE_CHECKING:
     from router.decisions import DecisionPublisher
@@ -73,9 +74,10 @@ class Dispatcher:
         self.breakers = Breakers(cfg.breaker_failures, cfg.breaker_window, cfg.breaker_open, cfg.max_ejected)
         self.session: aiohttp.ClientSession | None = None
         self.decisions: DecisionPublisher | None = None
+        self.slots: DecisionSlots | None = None
+        """Active routers taking turns (:mod:`router.model.slots`): wait for this router's slot."""
         self._attempts: dict[str, set[Attempt]] = {}
         self._aborts: set[asyncio.Task[None]] = set()
-        self.prefill_wait = PrefillWait()
         self._last_load: dict[str, float] = {}
         self._load_interval: dict[str, float] = {}
 
@@ -147,6 +149,8 @@ class Dispatcher:
         assert self.session is not None, "dispatcher not started"
         blocked = self.breakers.blocked()
         exclude = set(tried) | blocked if blocked else tried
+        if self.slots is not None and (wait := self.slots.wait(time.time())) > 0:
+            await asyncio.sleep(wait)
         routed = self.core.route_hashes(prompt_tokens, hashes, model=model, exclude=exclude)
         inst = routed.instance
         tried.append(inst)
@@ -158,15 +162,11 @@ class Dispatcher:
         self._attempts.setdefault(inst, set()).add(att)
         status = "client_closed"  # unless forward returns or raises something else
         url = routed.engine_url
-        state = self.core.table.get(inst)
-        waited_for = state.view().queued_prefill_tokens if state is not None else routed.decision.new_tokens
         try:
             out = await forward(
                 self.session, request, url + request.path_qs, raw, stream, arrived, self.timeouts, att
             )
             status = out.label
-            if stream and out.label == "200" and out.ttft is not None:  # non-streamed: no TTFT seen
-                self.prefill_wait.observe(inst, out.ttft, waited_for)
             if out.failure is not None:  # broke mid-stream: final, but the engine's fault
                 self._failed(inst, out.failure, url, rid, accepted=True)
             elif out.label == "client_closed":

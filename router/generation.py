@@ -72,23 +72,12 @@ class Generation:
         """Block hashing for every request: digests of a prefix an earlier request shared are reused."""
 
     def overloaded(self) -> bool:
-        """Whether every routable instance is full: ``max_queued_prefill_tokens`` or more queued, or a
-        predicted prefill wait (:class:`router.admission.PrefillWait`) of ``max_prefill_wait`` s or more.
-        An instance without a measurement yet is not full by the wait bound."""
-        tokens, seconds = self.cfg.max_queued_prefill_tokens, self.cfg.max_prefill_wait
-        if tokens <= 0 and seconds <= 0:
+        """Whether every routable instance has ``max_queued_prefill_tokens`` or more queued."""
+        bound = self.cfg.max_queued_prefill_tokens
+        if bound <= 0:
             return False
         views = self.core.table.views()
-        if not views:
-            return False
-        estimate = self.dispatcher.prefill_wait
-        for v in views:
-            if tokens > 0 and v.queued_prefill_tokens >= tokens:
-                continue
-            wait = estimate.wait(v.name, v.queued_prefill_tokens) if seconds > 0 else None
-            if wait is None or wait < seconds:
-                return False
-        return True
+        return bool(views) and all(v.queued_prefill_tokens >= bound for v in views)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """One generation request (any of :data:`PATHS`), start to end; counts it by outcome."""

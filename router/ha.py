@@ -66,6 +66,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+SERVING_ROLES = ("primary", "active")
+"""Roles that serve the HTTP port. ``active`` (:mod:`router.active`) serves beside other active routers
+and is outside fencing: it heartbeats with term 0 and never steps down (only a ``primary`` does)."""
+
 BIND_RETRY_MIN = 0.005
 BIND_RETRY_MAX = 0.05
 """Seconds between two bind attempts while the primary looks gone (growing from min to max)."""
@@ -144,7 +148,7 @@ class HANode:
         server.extra_state = self.state_json
         server.metrics.registry.register(_HACollector(self))
         server.middlewares.append(self._gate)
-        await server.start(bind=self.role == "primary")
+        await server.start(bind=self.role in SERVING_ROLES)
         loop = asyncio.get_running_loop()
         self.peers = DecisionSubscriber(cfg.peer_decisions, self._on_peer, ctx=server.subscriber.ctx)
         self.peers.start()
@@ -288,7 +292,7 @@ class HANode:
     async def promote_now(self) -> bool:
         """Take the port over now if it can be bound (an external elector decided). Returns whether this
         router is the primary afterwards. Raises ``OSError`` for a bind failure other than "in use"."""
-        if self.role == "primary":
+        if self.role in SERVING_ROLES:
             return True
         if self._promoting:  # the watch got there first
             await self._promoted.wait()
@@ -411,7 +415,7 @@ class HANode:
             and self.fence.suspect()
         ):
             await asyncio.sleep(0.01)
-        if self.role != "primary" or (self.lease is not None and not self.lease.held()):
+        if self.role not in SERVING_ROLES or (self.lease is not None and not self.lease.held()):
             body = {
                 "error": {
                     "message": "this router was fenced by a primary with a higher epoch or lost its lease",
@@ -618,7 +622,7 @@ class _HACollector(Collector):
     def collect(self) -> Iterator[Metric]:
         n = self._node
         role = GaugeMetricFamily("router_role", "1 for this router's current role", labels=["role"])
-        for r in ("primary", "standby", "fenced"):
+        for r in ("primary", "standby", "fenced", "active"):
             role.add_metric([r], 1.0 if n.role == r else 0.0)
         yield role
         yield GaugeMetricFamily("router_epoch", "This router's fencing epoch (term)", value=n.fence.term)

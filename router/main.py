@@ -20,10 +20,12 @@ from kvindex.curve import CurveError
 from kvindex.protocol.ready import announce_ready
 from kvindex.protocol.tokenizer import TokenizerError
 from kvindex.transport import Stop, run_process, stop_signals
+from router.active import ActiveCollector, ActivePeers
 from router.auth import AuthConfigError
 from router.config import RouterConfig, parse_args
 from router.etcd_lease import LeaseError
 from router.ha import HANode
+from router.model.slots import DecisionSlots
 from router.server import RouterServer
 
 __all__ = ["main", "serve"]
@@ -41,7 +43,7 @@ async def serve(
 
     Once the HTTP port is bound (a standby: once it follows its primary) and every agent's instance is
     routable (or ``cfg.warmup_timeout`` passed), calls ``on_ready(server)``, or by default prints the
-    launcher's READY line (role ``router-primary`` or ``router-standby``, endpoints ``http``,
+    launcher's READY line (role ``router-primary``, ``router-standby`` or ``router-active``, endpoints ``http``,
     ``decisions`` and ``admin`` when on). Roles and takeover: :mod:`router.ha`. Signal handlers are
     installed only where the loop allows it (the main thread). Raises what :class:`RouterServer` and
     its ``start`` raise.
@@ -72,8 +74,11 @@ async def _run(cfg: RouterConfig, stop: Stop, on_ready: Callable[[RouterServer],
     loop = asyncio.get_running_loop()
     with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
         loop.add_signal_handler(signal.SIGHUP, _reload_keys, server)
+    peers: ActivePeers | None = None
     try:
         await node.start()
+        if cfg.role == "active":
+            peers = _follow_peers(server, node)
         if cfg.warmup_timeout > 0 and not await server.warm_up(cfg.warmup_timeout):
             log.warning(
                 "only %d of %d agents' instances routable after %g s; serving anyway",
@@ -91,7 +96,29 @@ async def _run(cfg: RouterConfig, stop: Stop, on_ready: Callable[[RouterServer],
         await _first(*waits)
         log.info("router shutting down%s", " (fenced)" if node.fenced.is_set() else "")
     finally:
+        if peers is not None:
+            await peers.close()
         await node.stop()
+
+
+def _follow_peers(server: RouterServer, node: HANode) -> ActivePeers:
+    """An active router: follow the other active routers' decision streams into the core, with their
+    metrics and an ``active`` part in ``GET /router/state``'s ``ha`` section (:mod:`router.active`)."""
+    peers = ActivePeers(server.core, server.cfg.peer_routers, ctx=server.subscriber.ctx, own_epoch=node.epoch)
+    peers.start()
+    cfg = server.cfg
+    slots = None
+    if cfg.decision_slot > 0:
+        slots = DecisionSlots(cfg.slot_index, 1 + len(cfg.peer_routers), cfg.decision_slot)
+        server.dispatcher.slots = slots
+    server.metrics.registry.register(ActiveCollector(peers))
+    ha_state = node.state_json
+    slot_state = None if slots is None else {"index": slots.index, "count": slots.count, "slot": slots.slot}
+    server.extra_state = lambda: {
+        **ha_state(),
+        "active": {**peers.state_json(), "decision_slots": slot_state},
+    }
+    return peers
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -395,7 +395,7 @@ class _GaugeCollector(Collector):
             "inflight": fam("lmetric_router_inflight_requests", "Requests the router has in flight", rl),
             "instances_routable": fam("lmetric_router_instances_routable", "Instances the router can route to", rl),
         }  # fmt: skip
-        primaries = 0
+        primaries = actives = 0
         for router, rs in sorted(d.router_state.items()):
             a = now - rs.heartbeat_at
             if a > d.cfg.forget_after:
@@ -403,6 +403,7 @@ class _GaugeCollector(Collector):
             alive = a <= d.cfg.router_timeout
             is_primary = rs.heartbeat.role == "primary"
             primaries += int(alive and is_primary)
+            actives += int(alive and rs.heartbeat.role == "active")
             r_up.add_metric([router], float(alive))
             r_primary.add_metric([router], float(is_primary))
             r_age.add_metric([router], a)
@@ -411,6 +412,11 @@ class _GaugeCollector(Collector):
         yield from (r_up, r_primary, r_age, *r_fams.values())
         yield GaugeMetricFamily(
             "lmetric_primaries", "Routers alive and primary (1 when healthy)", value=primaries
+        )
+        yield GaugeMetricFamily(
+            "lmetric_active_routers",
+            "Routers alive with role active (launch cluster --routers K: K when healthy, and no primary)",
+            value=actives,
         )
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from router.admission import Admission, PrefillWait, Rejected
+from router.admission import Admission, Rejected
 from router.breaker import CLOSED, HALF_OPEN, OPEN, Breakers
 from router.forward import with_rid
 from tests.test_router import PROMPT, cluster, stored, wait_until
@@ -386,38 +386,6 @@ async def test_burst_beyond_capacity_gets_fast_429s_with_retry_after() -> None:
         assert (await sse(c))[0] == 200  # capacity is back
 
 
-async def test_429_at_once_while_every_instance_predicts_a_long_prefill_wait() -> None:
-    """The prefill-wait bound: once streamed requests taught the router each instance's seconds per
-    prefill token, load reports with enough queued tokens on every instance make new requests 429 at
-    once; one instance with room is enough to admit again."""
-    async with scripted(2, max_prefill_wait=1.0) as (c, engines):
-        wait = c.router.dispatcher.prefill_wait
-        assert (await sse(c))[0] == 200
-        (first,) = wait.seconds_per_token  # the other one next: make the first look busy
-        agent = next(a for a in c.agents if a.name == first)
-        agent.load = (1, 1, 10**6, 0)
-        await wait_until(lambda: c.inst(first).view().queued_prefill_tokens >= 10**6, "first looks busy")
-        assert (await sse(c))[0] == 200
-        assert set(wait.seconds_per_token) == {"i0", "i1"}  # both instances answered once
-        # the queue that predicts a 2 s wait on the slower-learned instance predicts >= 2 s on both
-        queued = int(2.0 / min(wait.seconds_per_token.values())) + 1
-        for a in c.agents:
-            a.load = (1, 1, queued, 0)
-        await wait_until(
-            lambda: all(c.inst(a.name).view().queued_prefill_tokens >= queued for a in c.agents),
-            "load reports with the long queues",
-        )
-        sent = sum(len(e.received) for e in engines)
-        t0 = time.monotonic()
-        status, err = await c.post("/generate", {"text": PROMPT, "stream": True})
-        assert status == 429 and err["error"]["type"] == "rate_limit_exceeded"
-        assert time.monotonic() - t0 < 0.5 and sum(len(e.received) for e in engines) == sent
-        assert await metric(c, 'router_rejected_total{reason="overloaded"}') == 1
-        c.agents[1].load = (1, 1, 0, 0)
-        await wait_until(lambda: c.inst("i1").view().queued_prefill_tokens < queued, "i1 drained")
-        assert (await sse(c))[0] == 200
-
-
 async def test_413_for_a_body_over_the_limit_declared_or_chunked() -> None:
     async with scripted(1, max_body_size=1000) as (c, (eng,)):
         big = json.dumps({"text": "x" * 2000}).encode()
@@ -442,19 +410,6 @@ async def test_deeply_nested_json_is_400_not_500() -> None:
 
 
 # ------------------------------------------------------------------------------------------ pure units
-
-
-def test_prefill_wait_learns_seconds_per_token_per_instance() -> None:
-    w = PrefillWait(alpha=0.5)
-    assert w.wait("a", 1000) is None  # no sample yet: no prediction
-    w.observe("a", 1.0, 1000)  # 1 ms a token
-    assert w.wait("a", 500) == pytest.approx(0.5)
-    w.observe("a", 3.0, 1000)  # halfway to 3 ms
-    assert w.wait("a", 1000) == pytest.approx(2.0) and w.wait("b", 1000) is None
-    w.observe("b", 0.2, 0)  # no tokens counted as one
-    assert w.seconds_per_token["b"] == pytest.approx(0.2)
-    with pytest.raises(ValueError):
-        PrefillWait(alpha=0.0)
 
 
 def test_with_rid_splices_the_field_in() -> None:

@@ -3,10 +3,13 @@
 ``python -m launch cluster`` rewrites the file (atomically) whenever a process changes state and removes
 it on a clean shutdown. Its JSON::
 
-    {"router": URL | null, "metrics": URL | null, "updated_at": unix seconds,
+    {"router": URL | null, "metrics": URL | null, "updated_at": unix seconds, "routers": [URL, ...],
      "processes": [{"role", "instance", "pid", "endpoints": {name: endpoint}, "log", "status"}]}
 
-Roles: ``engine``, ``agent``, ``router-primary``, ``router-standby``, ``router-failed``, ``metrics``.
+Roles: ``engine``, ``agent``, ``router-primary``, ``router-standby``, ``router-active``, ``router-failed``,
+``metrics``. ``router`` is the URL to send requests to (the primary, or the first of several active
+routers); ``routers`` every serving router's URL (several with ``launch cluster --routers K``; absent from
+files written before it existed, read as ``[router]``).
 Status: ``starting``, ``running``, ``exited``. Endpoint names: an engine's ``http``; an agent's ``pub``
 (its stream) and ``snapshot``; a router's ``http``, ``decisions`` (its decision stream) and ``admin``.
 ``router`` is set once the whole cluster is ready. Readers: ``launch tail``, the metrics daemon, the
@@ -64,6 +67,8 @@ class ClusterFile:
     metrics: str | None
     processes: tuple[ProcessEntry, ...]
     updated_at: float = 0.0
+    routers: tuple[str, ...] = ()
+    """Every serving router's URL (``launch cluster --routers K``: K of them; else the primary's)."""
 
     def endpoints(self, role: str, name: str, *, running_only: bool = False) -> list[str]:
         """The ``name`` endpoints of the processes whose role is ``role`` (or starts with it, for a role
@@ -82,6 +87,7 @@ class ClusterFile:
             "router": self.router,
             "metrics": self.metrics,
             "updated_at": self.updated_at,
+            "routers": list(self.routers),
             "processes": [p.to_json() for p in self.processes],
         }
 
@@ -124,7 +130,11 @@ def parse_cluster_file(text: str) -> ClusterFile:
         raise ClusterFileError("router and metrics must be URLs or null")
     updated = obj.get("updated_at", 0.0)
     procs = tuple(_entry(p, k) for k, p in enumerate(obj.get("processes", [])))
-    return ClusterFile(router, metrics, procs, float(updated) if isinstance(updated, int | float) else 0.0)
+    routers = obj.get("routers", [router] if router else [])
+    if not isinstance(routers, list) or not all(isinstance(u, str) for u in routers):
+        raise ClusterFileError("routers must be a list of URLs")
+    when = float(updated) if isinstance(updated, int | float) else 0.0
+    return ClusterFile(router, metrics, procs, when, tuple(routers))
 
 
 def read_cluster_file(path: Path) -> ClusterFile:

@@ -64,6 +64,8 @@ class RunSpec:
         policy's when it has none, so keys made before parameters were generic stay valid."""
         cfg = asdict(self.cfg)
         del cfg["policy_params"]
+        if self.cfg.routers == 1:  # keys made before active routers existed stay valid
+            del cfg["routers"], cfg["router_delay"], cfg["decision_slot"]
         body: dict[str, object] = {
             "v": SIM_VERSION,
             "lv": LMETRIC_VERSION if self.policy.startswith("lmetric") else None,

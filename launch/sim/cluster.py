@@ -15,7 +15,9 @@ order, and ``seq`` (insertion order) makes the order total, so a run is a pure f
    Ticks in between would be superseded before the router reads them, so skipping them changes nothing.
 2. ``ARRIVAL``: trace request ``k`` arrives (sent at trace time / rate scale, then ingested by the
    router: :func:`ingest_times`); the router routes it at once
-   (:class:`SimRouter`) and it is queued in the chosen engine.
+   (:class:`SimRouter`) and it is queued in the chosen engine. With ``routers`` > 1 the requests go to
+   the routers round robin in send order, each router ingests its own, and each decision reaches the
+   other routers ``router_delay`` later (:mod:`launch.sim.router_tier`).
 3. ``KICK``: an idle engine that received requests schedules a step (after every arrival of that
    instant, so simultaneous arrivals can share a first step).
 
@@ -28,6 +30,7 @@ tokens - 1), as ``launch replay`` measures them.
 
 from __future__ import annotations
 
+import copy
 import heapq
 import math
 import random
@@ -43,10 +46,12 @@ from agents.engine.profiles import DEFAULT_PROFILE, get_profile
 from launch.sim.engine_pool import LiveRequest, SimInstance
 from launch.sim.prompts import PromptFactory
 from launch.sim.router_model import SimRouter
+from launch.sim.router_tier import ROUTER_DELAY_S, SimRouterTier
 from launch.summary import RequestRecord
 from launch.trace import DEFAULT_VOCAB_SIZE, TraceRequest
 from router.model.config import DEFAULTS, ModelConfig
 from router.model.policies import Policy
+from router.model.slots import DecisionSlots
 
 __all__ = ["INGEST_OVERHEAD_S", "INGEST_PER_TOKEN_S", "SimConfig", "SimResult", "ingest_times", "simulate"]
 
@@ -119,6 +124,9 @@ class SimConfig:
     request, processor-shared (see :data:`INGEST_OVERHEAD_S`). Both 0: every request is routed at its
     trace time, and equal timestamps in trace order. ``policy_params``: the policies' parameters given
     (``ModelConfig.policy_params``; :func:`launch.sim.run.seeded_policy` makes a policy with them).
+    ``routers``: active routers, each following the others' decisions ``router_delay`` seconds late
+    (:mod:`launch.sim.router_tier`; 1 = the single router); ``decision_slot`` > 0: they take turns to
+    decide, each in the first half of its own slot of that many seconds (:mod:`router.model.slots`).
     """
 
     instances: int = 16
@@ -139,6 +147,9 @@ class SimConfig:
     vocab_size: int = DEFAULT_VOCAB_SIZE
     seed: int = 0
     policy_params: tuple[tuple[str, str, float], ...] = DEFAULTS.policy_params
+    routers: int = 1
+    router_delay: float = ROUTER_DELAY_S
+    decision_slot: float = 0.0
 
     def engine_config(self) -> EngineConfig:
         """The :class:`EngineConfig` every simulated engine runs with."""
@@ -169,6 +180,32 @@ class SimResult:
     decisions: dict[str, int] = field(default_factory=dict)
     failure_cases: dict[str, int] = field(default_factory=dict)
     retractions: int = 0
+    peer_decisions: int = 0
+    """With several routers: peer decisions the routers applied (each counted once per receiver)."""
+    peer_races: int = 0
+    """With several routers: decisions for an instance that another router had chosen less than the
+    router delay before, unseen (:attr:`launch.sim.router_tier.SimRouterTier.races`)."""
+
+
+def _ingest_per_router(plan: Sequence[tuple[float, TraceRequest]], cfg: SimConfig) -> list[float]:
+    """:func:`ingest_times` of ``plan`` (same order), each router ingesting its own requests (request
+    ``j`` to router ``j mod cfg.routers``) on its own processor; with decision slots, each routed at
+    the start of its router's next slot if it was ingested outside one (:meth:`DecisionSlots.next_start`)."""
+    k = cfg.routers
+    out = [0.0] * len(plan)
+    for r in range(k):
+        part = plan[r::k]
+        times = ingest_times(
+            [t for t, _ in part],
+            [req.input_length for _, req in part],
+            cfg.ingest_overhead,
+            cfg.ingest_per_token,
+        )
+        if cfg.decision_slot > 0:
+            slots = DecisionSlots(r, k, cfg.decision_slot)
+            times = [slots.next_start(t) for t in times]
+        out[r::k] = times
+    return out
 
 
 def _needed_ticks(arrivals: Sequence[float], phase: float, period: float, delay: float) -> list[float]:
@@ -218,6 +255,10 @@ def simulate(
     """
     if cfg.instances < 1 or cfg.load_period <= 0 or cfg.event_delay < 0:
         raise ValueError("need instances >= 1, load_period > 0 and event_delay >= 0")
+    if cfg.routers < 1 or cfg.router_delay < 0 or cfg.decision_slot < 0:
+        raise ValueError("need routers >= 1, router_delay >= 0 and decision_slot >= 0")
+    if cfg.decision_slot > 0 and cfg.routers == 1:
+        raise ValueError("decision slots are for several routers")
     if routed_at is not None and len(routed_at) != len(plan):
         raise ValueError(f"routed_at has {len(routed_at)} times for {len(plan)} requests")
     wall0 = time.perf_counter()
@@ -225,28 +266,24 @@ def simulate(
     if prompts is None or prompts.page_size != cfg.page_size:
         prompts = PromptFactory(cfg.page_size, cfg.vocab_size)
     names = [f"sim-{i:02d}" for i in range(cfg.instances)]
-    router = SimRouter(
-        names,
-        policy,
-        cfg.page_size,
-        cfg.event_delay,
-        ModelConfig(
-            policy=policy.name,
-            load_coverage_margin=cfg.load_coverage_margin,
-            speculative_ttl=cfg.speculative_ttl,
-            max_speculative_per_instance=cfg.max_speculative_per_instance,
-        ),
+    mcfg = ModelConfig(
+        policy=policy.name,
+        load_coverage_margin=cfg.load_coverage_margin,
+        speculative_ttl=cfg.speculative_ttl,
+        max_speculative_per_instance=cfg.max_speculative_per_instance,
+    )
+    # Router 0 keeps the policy object given; the others get copies of its state (a randomised policy's
+    # generator included), each router then deciding on its own.
+    policies = [policy] + [copy.deepcopy(policy) for _ in range(cfg.routers - 1)]
+    router = SimRouterTier(
+        [SimRouter(names, p, cfg.page_size, cfg.event_delay, mcfg) for p in policies], cfg.router_delay
     )
     # Each request is routed once the router has ingested it (:func:`ingest_times`): bursts of equal
     # timestamps are routed shortest prompt first, as the live router routes them.
     sent_at = {req.index: t for t, req in plan}
+    via = {req.index: j % cfg.routers for j, (_, req) in enumerate(plan)}  # round robin in send order
     if routed_at is None:
-        routed_at = ingest_times(
-            [t for t, _ in plan],
-            [req.input_length for _, req in plan],
-            cfg.ingest_overhead,
-            cfg.ingest_per_token,
-        )
+        routed_at = _ingest_per_router(plan, cfg)
     plan = sorted(zip(routed_at, (req for _, req in plan), strict=True), key=lambda p: (p[0], p[1].index))
     records: dict[int, RequestRecord] = {}
     bar = tqdm(total=len(plan), unit="req", desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
@@ -324,9 +361,9 @@ def simulate(
             tokens = prompts.tokens(req)
             if before_route is not None:
                 before_route(req, len(rearrive))
-            i, ticket, decision = router.route(now, prompts.hashes(req, tokens), len(tokens))
+            i, ticket, decision = router.route(now, prompts.hashes(req, tokens), len(tokens), via[req.index])
             if decision.reason == "hold" and holds.get(x, 0) < MAX_HOLDS:
-                router.finish(i, ticket)
+                router.finish(i, ticket, now)
                 holds[x] = holds.get(x, 0) + 1
                 push(heap, (now + HOLD_S, _ARRIVAL, seq, x))
                 seq += 1
@@ -337,7 +374,7 @@ def simulate(
             try:
                 inst.add(Request(str(req.index), tokens, req.output_length, True, now), lv, now)
             except RequestRejected as exc:
-                router.finish(i, ticket)
+                router.finish(i, ticket, now)
                 records[req.index] = RequestRecord(
                     start_time=sent_at[req.index],
                     status=f"rejected: {exc}",
@@ -371,4 +408,6 @@ def simulate(
         decisions=dict(sorted(router.decisions.items())),
         failure_cases=dict(sorted(Counter(router.failure_cases).items())),
         retractions=sum(s.core.num_retractions for s in insts),
+        peer_decisions=router.peer_decisions_applied,
+        peer_races=router.races,
     )

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from agents.engine.core import EngineCore, Request, Step, TokenOutput
-from launch.sim.router_model import SimRouter
+from launch.sim.router_tier import SimRouterTier
 
 __all__ = ["LiveRequest", "SimInstance"]
 
@@ -49,7 +49,7 @@ class SimInstance:
     """
 
     def __init__(
-        self, idx: int, name: str, core: EngineCore, router: SimRouter, on_finish: FinishCallback
+        self, idx: int, name: str, core: EngineCore, router: SimRouterTier, on_finish: FinishCallback
     ) -> None:
         self.idx = idx
         self.name = name
@@ -109,7 +109,7 @@ class SimInstance:
                         lv.first_token_at = now
                     if o.finish_reason is not None:
                         del live[o.rid]
-                        router.finish(idx, lv.ticket)
+                        router.finish(idx, lv.ticket, now)
                         self.on_finish(lv, o, now)
             durations = core.run_quiet_decodes(now, horizon)
             if durations:  # quiet decode steps, completed in one call: account for each as _schedule does

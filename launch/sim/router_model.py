@@ -15,10 +15,17 @@ standby run; this module adds only what the simulator must make explicit, the de
   report with ``arrive <= t`` (a later report supersedes and covers more), then expires speculative
   entries older than the TTL, then routes. The router reads its state only when it routes, so applying
   lazily gives the same decisions as applying at each arrival instant.
+* with several active routers (:mod:`launch.sim.router_tier`) each one's decisions and request ends reach
+  the others ``router_delay`` later: :meth:`SimRouter.remote_routed` / :meth:`SimRouter.remote_finished`
+  queue them (in a heap: engines finish requests out of time order between two arrivals) and the same
+  lazy delivery applies them first, through :meth:`RoutingModel.apply_remote_decision` and
+  :meth:`RoutingModel.finish`, as a live router applies a peer's decision stream. With one router the
+  queue stays empty and nothing changes.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,7 +33,7 @@ from dataclasses import dataclass, field
 from kvindex.index import GlobalIndex
 from kvindex.protocol import KVEvent, LoadReport, LoadStat
 from router.model.config import ModelConfig
-from router.model.model import RoutingModel
+from router.model.model import Routed, RoutingModel
 from router.model.policies import Decision, Policy
 from router.model.sync import SnapshotJob
 
@@ -40,6 +47,24 @@ class _Inbox:
     name: str
     kv: deque[tuple[float, list[KVEvent]]] = field(default_factory=deque)  # (arrive, events)
     reports: deque[tuple[float, LoadReport]] = field(default_factory=deque)  # (arrive, report)
+
+
+@dataclass(frozen=True, slots=True)
+class _RemoteRouted:
+    """A peer router's decision on its way to this one."""
+
+    key: tuple[int, int]  # (deciding router, its ticket)
+    instance: str
+    hashes: tuple[int, ...]
+    new_tokens: int
+    dispatched_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class _RemoteFinished:
+    """The end of a peer router's request, on its way to this one."""
+
+    key: tuple[int, int]
 
 
 def _no_snapshot(job: SnapshotJob) -> None:
@@ -76,6 +101,13 @@ class SimRouter:
         self.event_delay = event_delay
         self._inbox = [_Inbox(n) for n in names]
         self._by_name = {n: i for i, n in enumerate(names)}
+        self._remote: list[tuple[float, int, _RemoteRouted | _RemoteFinished]] = []  # (arrive, seq, msg)
+        self._remote_seq = 0
+        self._remote_tickets: dict[tuple[int, int], tuple[str, int]] = {}  # peer key -> (instance, ours)
+        self.peer_routed = 0
+        """Peer decisions applied (pending dispatch + speculative entries)."""
+        self.peer_finished = 0
+        """Peer request ends applied (closing a pending dispatch mirrored here)."""
 
     def _clock(self) -> float:
         return self.now
@@ -111,8 +143,41 @@ class SimRouter:
         report = LoadReport.of_stat(stat, box.name, 0, produced_at)
         box.reports.append((produced_at + self.event_delay, report))
 
+    def remote_routed(
+        self, arrive: float, key: tuple[int, int], instance: str, r: Routed, dispatched_at: float
+    ) -> None:
+        """Queue peer decision ``r`` (to ``instance``, made at ``dispatched_at`` virtual seconds, ``key`` =
+        (peer index, peer ticket)); applied at the first routing at or after ``arrive``. Mutates."""
+        msg = _RemoteRouted(key, instance, r.hashes, r.decision.new_tokens, dispatched_at)
+        heapq.heappush(self._remote, (arrive, self._remote_seq, msg))
+        self._remote_seq += 1
+
+    def remote_finished(self, arrive: float, key: tuple[int, int]) -> None:
+        """Queue the end of the peer request ``key``; applied at the first routing at or after ``arrive``
+        (after its decision: same delay, later send). Mutates."""
+        heapq.heappush(self._remote, (arrive, self._remote_seq, _RemoteFinished(key)))
+        self._remote_seq += 1
+
+    def _deliver_remote(self, now: float) -> None:
+        model, q = self.model, self._remote
+        while q and q[0][0] <= now:
+            msg = heapq.heappop(q)[2]
+            if isinstance(msg, _RemoteRouted):
+                ours = model.apply_remote_decision(
+                    msg.instance, msg.hashes, msg.new_tokens, msg.dispatched_at
+                )
+                self._remote_tickets[msg.key] = (msg.instance, ours)
+                self.peer_routed += 1
+            else:
+                got = self._remote_tickets.pop(msg.key, None)
+                if got is not None:
+                    model.finish(*got)
+                    self.peer_finished += 1
+
     def _deliver(self, now: float) -> None:
         model = self.model
+        if self._remote:
+            self._deliver_remote(now)
         for box in self._inbox:
             q = box.kv
             while q and q[0][0] <= now:
@@ -133,11 +198,23 @@ class SimRouter:
         inserts the request's ``hashes`` speculatively on the chosen instance and records a pending
         dispatch).
         """
+        r = self.route_full(now, hashes, prompt_tokens)
+        return self._by_name[r.instance], r.ticket, r.decision
+
+    def route_full(self, now: float, hashes: Sequence[int], prompt_tokens: int) -> Routed:
+        """:meth:`route`, returning the model's whole :class:`Routed` (what a peer needs to mirror it)."""
         self.now = now
         self._deliver(now)
         self.model.expire_speculative()
-        r = self.model.route_hashes(prompt_tokens, hashes)
-        return self._by_name[r.instance], r.ticket, r.decision
+        return self.model.route_hashes(prompt_tokens, hashes)
+
+    def index_of(self, name: str) -> int:
+        """The position of instance ``name``. Raises ``KeyError`` for an unknown one."""
+        return self._by_name[name]
+
+    def name_of(self, instance: int) -> str:
+        """The name of instance number ``instance``."""
+        return self._inbox[instance].name
 
     def finish(self, instance: int, ticket: int) -> None:
         """The request of ``ticket`` ended (or failed): forget its dispatch. Idempotent; mutates."""

@@ -119,6 +119,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="seconds between an engine's load reports (default %(default)s)",
     )
     add_ingest_arguments(p)
+    a(
+        "--routers",
+        type=int,
+        default=d.routers,
+        help="active routers, each following every engine and the others' decisions; requests go to them "
+        "round robin in send order (default %(default)s)",
+    )
+    a(
+        "--router-delay",
+        type=float,
+        default=d.router_delay,
+        help="seconds from one router's decision (or a request's end) to the other routers applying it "
+        "(with --routers > 1; default %(default)s)",
+    )
+    a(
+        "--decision-slot",
+        type=float,
+        default=d.decision_slot,
+        help="with --routers > 1: the routers take turns to decide, each in the first half of its own slot "
+        "of this many seconds (python -m router --decision-slot; 0 = off, default %(default)s)",
+    )
     add_param_arguments(p)  # --POLICY-PARAM, from every policy's PARAMS (--linear-a, --linear-b, ...)
     a("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="token ids in [0, V) (default %(default)s)")
     a("--summary-json", type=Path, default=None, help="write every policy's summary as JSON here")
@@ -137,6 +158,10 @@ def config_from_args(a: argparse.Namespace) -> SimConfig:
     if a.event_delay < 0 or a.load_period <= 0:
         raise ValueError("--event-delay must be >= 0 and --load-period > 0")
     check_ingest_arguments(a)
+    if a.routers < 1 or a.router_delay < 0:
+        raise ValueError("--routers must be at least 1 and --router-delay >= 0")
+    if a.decision_slot < 0 or (a.decision_slot > 0 and a.routers == 1):
+        raise ValueError("--decision-slot must be >= 0, and needs --routers > 1")
     if a.rate_scale <= 0:
         raise ValueError("--rate-scale must be positive")
     return SimConfig(
@@ -154,6 +179,9 @@ def config_from_args(a: argparse.Namespace) -> SimConfig:
         ingest_per_token=a.ingest_per_token,
         vocab_size=a.vocab_size,
         seed=a.seed,
+        routers=a.routers,
+        router_delay=a.router_delay,
+        decision_slot=a.decision_slot,
     )
 
 
@@ -199,9 +227,12 @@ def seeded_policy(name: str, cfg: SimConfig) -> Policy:
 
 
 def config_json(cfg: SimConfig) -> dict[str, Any]:
-    """``cfg``'s fields for a summary's ``config``; ``policy_params`` only when some are given (so the
-    files written before it existed compare equal)."""
+    """``cfg``'s fields for a summary's ``config``; ``policy_params`` only when some are given and
+    ``routers`` / ``router_delay`` only with more than one router (so the files written before they
+    existed compare equal)."""
     conf = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
+    if cfg.routers == 1:
+        del conf["routers"], conf["router_delay"], conf["decision_slot"]
     if not cfg.policy_params:
         del conf["policy_params"]
     else:
@@ -223,6 +254,9 @@ def result_summary(res: SimResult) -> dict[str, Any]:
         failure_cases=res.failure_cases,
         decisions=res.decisions,
     )
+    if res.peer_decisions:  # several active routers only (summaries of one router stay as they were)
+        s["peer_decisions"] = res.peer_decisions
+        s["peer_races"] = res.peer_races
     return s
 
 
@@ -235,6 +269,12 @@ def format_result(s: dict[str, Any], title: str) -> str:
         + f"\nsteps {s['steps']}  virtual {s['virtual_s']:.0f} s  simulated in {s['sim_wall_s']:.1f} s"
         + (f"  retractions {s['retractions']}" if s["retractions"] else "")
         + (f"\npolicy failure cases: {s['failure_cases']}" if s["failure_cases"] else "")
+        + (
+            f"\npeer decisions applied: {s['peer_decisions']}; decisions racing an unseen peer decision"
+            f" for the same instance: {s['peer_races']}"
+            if s.get("peer_decisions")
+            else ""
+        )
     )
 
 
@@ -281,6 +321,10 @@ def run_simulate(args: argparse.Namespace) -> int:
     title = f"{args.trace.name}, {cfg.instances} x {cfg.profile}, rate scale {args.rate_scale}" + (
         f", first {args.duration:g} s" if args.duration is not None else ""
     )
+    if cfg.routers > 1:
+        title += f", {cfg.routers} active routers ({1e3 * cfg.router_delay:g} ms apart)"
+        if cfg.decision_slot > 0:
+            title += f" in {1e3 * cfg.decision_slot:g} ms decision slots"
     try:
         results = run_policies(plan, names, cfg, progress=not args.no_progress)
     except TraceError as exc:
