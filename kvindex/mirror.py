@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from kvindex.index import prefix_chains
+from kvindex.chains import prefix_chains
 from kvindex.protocol import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 __all__ = ["BlockMirror", "MirrorStats"]

@@ -1,6 +1,6 @@
-"""ZeroMQ sockets, one small piece per pattern, and the start-up every process shares. The I/O of kvindex.
+"""ZeroMQ sockets, one small piece per pattern. The I/O of kvindex, with :mod:`kvindex.process`.
 
-Everything else in :mod:`kvindex` is pure; this module is where the bytes of :mod:`kvindex.protocol` meet
+Everything else in :mod:`kvindex` but :mod:`kvindex.process` is pure; this module is where the bytes of :mod:`kvindex.protocol` meet
 sockets. Every socket is made by :func:`make_socket`, so every one gets the same options: linger 0, a
 high-water mark, on receiving sockets a maximum message size (:data:`MAX_MESSAGE_SIZE`: a peer cannot
 make a process allocate more than that for one frame), and CURVE when the process was given keys
@@ -21,9 +21,8 @@ Patterns:
   request with a timeout (snapshots); SGLang's multi-reply replay has its client in
   :mod:`agents.agent.engine_link`.
 
-Processes: :func:`run_process` (logging, uvloop, start-up errors, exit status) and :func:`stop_signals`
-(SIGINT/SIGTERM set an event, remembering which). The READY line is
-:func:`kvindex.protocol.ready.announce_ready`.
+Processes' start-up and shutdown (:func:`run_process`, :func:`stop_signals`, :class:`Stop`) live in
+:mod:`kvindex.process`; they are re-exported here for the modules that import them from this one.
 """
 
 from __future__ import annotations
@@ -31,10 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
-import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, Generic, TypeVar
 
 import zmq
@@ -43,6 +39,9 @@ from zmq.utils.monitor import parse_monitor_message
 
 from kvindex import curve as _curve
 from kvindex.logutil import RateLimitedLog
+from kvindex.process import Stop as Stop
+from kvindex.process import run_process as run_process
+from kvindex.process import stop_signals as stop_signals
 from kvindex.protocol.frames import make_frame
 from kvindex.protocol.messages import WireMessage
 from kvindex.protocol.numbered import Discontinuity, NumberedStream, SubscriberStats
@@ -378,77 +377,3 @@ async def request_reply(
     finally:
         sock.close(0)
     return reply
-
-
-# ------------------------------------------------------------------------------------------ processes
-
-
-@dataclass
-class Stop:
-    """Set when the process is asked to stop; ``by`` says by which signal (None: by code)."""
-
-    event: asyncio.Event
-    by: signal.Signals | None = None
-
-    def set(self, sig: signal.Signals | None = None) -> None:
-        """Ask to stop (the first signal is remembered)."""
-        if self.by is None:
-            self.by = sig
-        self.event.set()
-
-    async def wait(self) -> None:
-        """Until asked to stop."""
-        await self.event.wait()
-
-
-@contextlib.asynccontextmanager
-async def stop_signals(stop: Stop | None = None, *, install: bool = True) -> AsyncIterator[Stop]:
-    """SIGINT and SIGTERM set the yielded :class:`Stop` while inside. Handlers are installed only where
-    the loop allows (the main thread) and when ``install``; they are removed on exit."""
-    stop = stop if stop is not None else Stop(asyncio.Event())
-    loop = asyncio.get_running_loop()
-    installed: list[signal.Signals] = []
-    if install and threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                loop.add_signal_handler(sig, stop.set, sig)
-                installed.append(sig)
-            except (NotImplementedError, RuntimeError, ValueError):
-                pass
-    try:
-        yield stop
-    finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
-
-
-def run_process(
-    main: Callable[[], Coroutine[Any, Any, Any]],
-    *,
-    what: str,
-    log_level: str = "INFO",
-    fatal: tuple[type[BaseException], ...] = (OSError, zmq.ZMQError),
-) -> int:
-    """Run one process's ``main()`` coroutine under uvloop (asyncio's loop where uvloop is missing).
-
-    Configures logging at ``log_level``. An exception of a ``fatal`` type (a port that cannot be bound,
-    an engine that never came up) is logged as ``cannot start WHAT: ...`` and gives exit status 1; a
-    second Ctrl-C during shutdown gives 0. Returns the exit status.
-    """
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
-    )
-    try:
-        import uvloop
-
-        runner: Callable[[Coroutine[Any, Any, Any]], Any] = uvloop.run
-    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
-        runner = asyncio.run
-    try:
-        runner(main())
-    except fatal as exc:
-        logging.getLogger(what).error("cannot start %s: %s", what, exc)
-        return 1
-    except KeyboardInterrupt:
-        pass
-    return 0

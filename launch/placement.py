@@ -2,7 +2,7 @@
 
 Theory of operation. A Ray cluster is a set of nodes, each with an address and a map of resources
 (``CPU``, ``GPU``, and any custom resource an operator gave it with ``ray start --resources``). The
-launcher asks Ray for that list once (:func:`launch.ray_cluster.list_nodes`) and this module decides,
+launcher asks Ray for that list once (:func:`launch.ray_host.list_nodes`) and this module decides,
 without Ray:
 
 * **Instances** (an engine + its agent, kept together on one node) go into one placement group, one

@@ -28,14 +28,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
-from kvindex.protocol.ready import Ready
 from launch.cluster import Cluster, ClusterConfig
 from launch.placement import (
     RayNode,
@@ -47,140 +44,13 @@ from launch.placement import (
     router_pair,
 )
 from launch.procs import Child, ChildFailed
+from launch.ray_host import NodeHost, RemoteChild, as_future, first_line, list_nodes, ray_module
 from launch.sglang_engines import server_args
 
 log = logging.getLogger("launch.ray")
 
 POLL_INTERVAL = 0.5  # seconds between the supervisor's polls of every host
 HOST_CALL_TIMEOUT = 10.0  # a host that does not answer a poll within this is taken for dead
-
-
-class NodeHost:
-    """A Ray actor (made remote at run time, Ray being optional) that runs children on its node.
-
-    Every method is a coroutine of the actor's event loop; children are keyed by a name the launcher
-    gives. ``start`` raises :class:`ChildFailed` as the local launcher would.
-    """
-
-    def __init__(self) -> None:
-        self.children: dict[str, Child] = {}
-
-    async def where(self) -> dict[str, str]:
-        """This node's Ray id and address (what endpoints advertise). Does not mutate."""
-        ray = _ray()
-        return {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address()}
-
-    async def free_ports(self, n: int, host: str) -> list[int]:
-        """``n`` ports free on this node (for a real SGLang server's four sockets)."""
-        from launch.sglang_engines import free_ports
-
-        return free_ports(n, host)
-
-    async def start(self, key: str, spec: dict[str, Any]) -> dict[str, Any]:
-        """Start child ``key`` (``spec``: role, instance, args, log, env, timeout, and for a server that
-        prints no READY line ``health``, the URL to poll, with ``endpoints``) and wait until it is ready.
-        Returns its READY content. Mutates the host's children.
-
-        Raises:
-            ChildFailed: it exited or timed out first.
-        """
-        old = self.children.pop(key, None)
-        if old is not None:
-            await old.stop()
-        c = Child(spec["role"], spec["instance"], list(spec["args"]), Path(spec["log"]), dict(spec["env"]))
-        self.children[key] = c
-        await c.start()
-        if spec.get("health"):
-            r = await c.wait_http_ready(spec["health"], spec["endpoints"], spec["timeout"])
-        else:
-            r = await c.wait_ready(spec["timeout"])
-        return {"role": r.role, "instance": r.instance, "pid": c.pid or r.pid, "endpoints": r.endpoints}
-
-    async def poll(self) -> dict[str, int | None]:
-        """Each child's exit code, None while it runs. Does not mutate."""
-        return {k: (c.proc.returncode if c.proc else None) for k, c in self.children.items()}
-
-    async def stop(self, key: str, timeout: float = 5.0) -> None:
-        """Stop child ``key`` (SIGTERM, then SIGKILL); no error if it is unknown or gone."""
-        c = self.children.pop(key, None)
-        if c is not None:
-            await c.stop(timeout)
-
-
-@dataclass
-class RemoteChild(Child):
-    """A :class:`Child` whose process runs on a Ray node, started by ``host`` (a NodeHost actor handle).
-
-    ``pid`` is the process id on that node; ``alive`` is what the supervisor's last poll said.
-    """
-
-    host: Any = None
-    key: str = ""
-    node: RayNode | None = None
-    exit_code: int | None = None
-    health: str | None = None  # a real SGLang server: poll this URL instead of waiting for READY
-    endpoints_hint: dict[str, str] = field(default_factory=dict)
-    timeout: float = 60.0
-    _ref: Any = field(default=None, repr=False)
-    _started: bool = field(default=False, repr=False)
-
-    @property
-    def pid(self) -> int | None:
-        return self.ready.pid if self.ready else None
-
-    @property
-    def alive(self) -> bool:
-        return self._started and self.exit_code is None
-
-    async def start(self) -> None:
-        spec = {
-            "role": self.role, "instance": self.instance, "args": self.args, "log": str(self.log_path),
-            "env": self.env, "timeout": self.timeout, "health": self.health, "endpoints": self.endpoints_hint,
-        }  # fmt: skip
-        self._ref = self.host.start.remote(self.key, spec)
-        self._started = True
-
-    async def wait_ready(self, timeout: float) -> Ready:
-        try:
-            r = await asyncio.wait_for(_aw(self._ref), timeout + 5.0)
-        except asyncio.TimeoutError:
-            self.exit_code = -1
-            raise ChildFailed(
-                f"{self.name} on {self._where} did not become ready within {timeout:.0f} s"
-            ) from None
-        except Exception as exc:  # a RayTaskError wrapping ChildFailed, or the actor died
-            self.exit_code = -1
-            raise ChildFailed(f"{self.name} on {self._where}: {_first_line(exc)}") from None
-        eps = dict(r["endpoints"])
-        if self.node is not None:
-            eps["node"], eps["ray_node_id"] = self.node.ip, self.node.node_id
-        self.ready = Ready(r["role"], r["instance"], int(r["pid"]), eps)
-        return self.ready
-
-    async def stop(self, timeout: float = 5.0) -> None:
-        if self._started and self.host is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(_aw(self.host.stop.remote(self.key, timeout)), timeout + 5.0)
-        self.exit_code = self.exit_code if self.exit_code is not None else 0
-
-    @property
-    def _where(self) -> str:
-        return f"node {self.node.ip}" if self.node else "a Ray node"
-
-
-def _ray() -> Any:
-    """The ``ray`` module, untyped (an optional dependency: imported only when ``--ray`` is used)."""
-    return importlib.import_module("ray")
-
-
-def _aw(ref: Any) -> asyncio.Future[Any]:
-    """An asyncio future of a Ray ObjectRef (whatever the event loop)."""
-    return asyncio.wrap_future(ref.future())
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [x for x in str(exc).splitlines() if x.strip()]
-    return next((x for x in reversed(lines) if "ChildFailed" in x), lines[-1] if lines else repr(exc))
 
 
 def _with_host(args: list[str], ip: str) -> list[str]:
@@ -190,14 +60,6 @@ def _with_host(args: list[str], ip: str) -> list[str]:
         if a == "--host":
             out[i + 1] = ip
     return out
-
-
-def list_nodes() -> list[RayNode]:
-    """The Ray cluster's nodes, as the plan sees them (needs ``ray.init`` first)."""
-    return [
-        RayNode(n["NodeID"], n["NodeManagerAddress"], dict(n.get("Resources") or {}), bool(n["Alive"]))
-        for n in _ray().nodes()
-    ]
 
 
 class RayCluster(Cluster):
@@ -222,17 +84,17 @@ class RayCluster(Cluster):
     # ------------------------------------------------------------------ hosts
 
     def _new_host(self, name: str, strategy: Any, **resources: Any) -> Any:
-        cls = _ray().remote(NodeHost)
+        cls = ray_module().remote(NodeHost)
         h = cls.options(scheduling_strategy=strategy, max_concurrency=64, **resources).remote()
         self._hosts[name] = h
         return h
 
     async def _host_node(self, host: Any, timeout: float) -> RayNode:
         try:
-            w = await asyncio.wait_for(_aw(host.where.remote()), timeout)
+            w = await asyncio.wait_for(as_future(host.where.remote()), timeout)
         except Exception as exc:
             raise ChildFailed(
-                f"a Ray host actor did not start within {timeout:.0f} s: {_first_line(exc)}"
+                f"a Ray host actor did not start within {timeout:.0f} s: {first_line(exc)}"
             ) from None
         known = {n.node_id: n for n in self.nodes}
         return known.get(w["node_id"], RayNode(w["node_id"], w["ip"]))
@@ -274,7 +136,7 @@ class RayCluster(Cluster):
         """
         from ray.util.placement_group import placement_group
 
-        ray = _ray()
+        ray = ray_module()
 
         cfg = self.cfg
         if not ray.is_initialized():
@@ -290,7 +152,7 @@ class RayCluster(Cluster):
             [dict(b) for b in plan.bundles], strategy=plan.strategy, name="lmetric-instances"
         )
         try:
-            await asyncio.wait_for(_aw(self._pg.ready()), self.opts.placement_timeout)
+            await asyncio.wait_for(as_future(self._pg.ready()), self.opts.placement_timeout)
         except asyncio.TimeoutError:
             raise ChildFailed(
                 f"Ray did not place {len(plan.bundles)} instance bundles ({plan.strategy}) within "
@@ -312,7 +174,7 @@ class RayCluster(Cluster):
             assert cfg.model_path is not None
             from launch.sglang_engines import EnginePorts
 
-            ports = EnginePorts(*await _aw(host.free_ports.remote(4, node.ip)))
+            ports = EnginePorts(*await as_future(host.free_ports.remote(4, node.ip)))
             args = [
                 cfg.sglang_module,
                 *server_args(cfg.model_path, node.ip, ports, cfg.page_size, cfg.sglang_args),
@@ -420,9 +282,9 @@ class RayCluster(Cluster):
                 by_host.setdefault(id(c.host), []).append(c)
         for kids in by_host.values():
             try:
-                codes = await asyncio.wait_for(_aw(kids[0].host.poll.remote()), HOST_CALL_TIMEOUT)
+                codes = await asyncio.wait_for(as_future(kids[0].host.poll.remote()), HOST_CALL_TIMEOUT)
             except Exception as exc:  # the actor (or its node) is gone: so are its children
-                log.error("host of %s is gone: %s", ", ".join(k.name for k in kids), _first_line(exc))
+                log.error("host of %s is gone: %s", ", ".join(k.name for k in kids), first_line(exc))
                 codes = {}
             for k in kids:
                 if k.ready is not None and codes.get(k.key, -9) is not None:
@@ -440,10 +302,10 @@ class RayCluster(Cluster):
             self.write_cluster_file()
             host = engine.host
             try:
-                await asyncio.wait_for(_aw(host.poll.remote()), HOST_CALL_TIMEOUT)
+                await asyncio.wait_for(as_future(host.poll.remote()), HOST_CALL_TIMEOUT)
             except Exception:
                 with contextlib.suppress(Exception):
-                    _ray().kill(host)
+                    ray_module().kill(host)
                 host = self._bundle_host(bundle)  # placed once Ray has the bundle again
             try:
                 node = await self._host_node(host, self.opts.placement_timeout)
@@ -472,7 +334,7 @@ class RayCluster(Cluster):
         with contextlib.suppress(Exception):
             from ray.util.placement_group import remove_placement_group
 
-            ray = _ray()
+            ray = ray_module()
 
             for h in self._hosts.values():
                 ray.kill(h)

@@ -34,7 +34,8 @@ from prometheus_client.registry import Collector
 
 from kvindex.protocol import EventBatch, LoadReport
 from router.breaker import STATE_VALUES
-from router.model.policies import FAILURE_KINDS, Decision
+from router.model.lmetric import FAILURE_KINDS
+from router.model.policies import Decision
 
 if TYPE_CHECKING:
     from router.admission import Admission

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from launch.__main__ import parse_args
-from launch.bench.chaos import Done, Event, Run, analyse, explained, format_report
+from launch.bench.chaos_report import Done, Event, Run, analyse, explained, format_report
 from launch.bench.overload import Answer, Phase, figures
 from launch.bench.overload import format_report as overload_report
 

@@ -173,8 +173,9 @@ def test_provoke_traces_and_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 def test_router_takes_every_policy_and_the_linear_weights() -> None:
     from router.config import RouterConfig, parse_args
+    from router.model.lmetric import Linear
     from router.model.model import RoutingModel
-    from router.model.policies import POLICIES, Linear
+    from router.model.policies import POLICIES
 
     cfg = parse_args(["--policy", "linear", "--linear-a", "2", "--linear-b", "0"])
     assert (cfg.policy, cfg.policy_params) == ("linear", (("linear", "a", 2.0), ("linear", "b", 0.0)))

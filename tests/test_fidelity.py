@@ -16,15 +16,8 @@ import pytest
 from agents.engine.config import ServerConfig
 from agents.engine.server import EngineServer
 from launch.__main__ import main
-from launch.sim.fidelity import (
-    agreement,
-    format_agreement,
-    relative,
-    run_sim,
-    run_sim_observed,
-    side_by_side,
-    spread,
-)
+from launch.sim.fidelity import run_sim, run_sim_observed
+from launch.sim.fidelity_table import agreement, format_agreement, relative, side_by_side, spread
 from launch.sim.live_run import engine_pace, observed_arrivals
 from launch.summary import RequestRecord, summarize
 from launch.trace import load_trace, window

@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 
 from kvindex import index as index_module
 from kvindex.blocklog import BlockLog
+from kvindex.chains import prefix_chains
 from kvindex.hashing import block_hashes
-from kvindex.index import GlobalIndex, MatchResult, prefix_chains
+from kvindex.index import GlobalIndex, MatchResult
 from kvindex.protocol import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 BS = 4

@@ -8,17 +8,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from router.model.policies import (
+from router.model.lmetric import (
     ALL_AT_MAX_RUNNING,
     AT_MAX_RUNNING,
     FULLY_CACHED,
-    POLICIES,
-    InstanceView,
     LMetric,
     RoundRobin,
     lmetric_score,
-    make_policy,
 )
+from router.model.policies import POLICIES, InstanceView, make_policy
 
 
 def view(name: str, bs: int = 0, queued: int = 0, running: int = 0, max_running: int = 0) -> InstanceView:
@@ -319,7 +317,7 @@ def test_power_of_two_tie_keeps_the_first_drawn() -> None:
 
 
 def test_linear_is_a_times_prefill_plus_b_times_batch() -> None:
-    from router.model.policies import Linear
+    from router.model.lmetric import Linear
 
     views = [
         lv("a", batch_size=10, queued_prefill_tokens=0),
@@ -410,7 +408,7 @@ def test_every_policy_on_random_states_returns_a_candidate() -> None:
 
 
 def test_batch_over_prefill_fires_when_the_product_buys_a_smaller_batch_with_prefill() -> None:
-    from router.model.policies import BATCH_OVER_PREFILL
+    from router.model.lmetric import BATCH_OVER_PREFILL
 
     # a: (2000 + 1000) * 1 = 3000 beats b: (0 + 500) * 9 = 4500, although b has less prefill work
     views = [view("a", bs=0, queued=2000), view("b", bs=8, queued=0)]
@@ -450,8 +448,9 @@ def test_policy_params_reach_every_driver(monkeypatch: pytest.MonkeyPatch) -> No
     from launch.sim.run import config_from_args as sim_config
     from launch.sim.run import config_json, seeded_policy
     from router.config import RouterConfig, parse_args
+    from router.model.lmetric import Linear
     from router.model.model import RoutingModel
-    from router.model.policies import Linear, Param
+    from router.model.policies import Param
 
     monkeypatch.setattr(Linear, "PARAMS", {**Linear.PARAMS, "c": Param(0.0, "a third weight")})
     want = (("linear", "b", 0.0), ("linear", "c", 5.0))

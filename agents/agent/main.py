@@ -10,8 +10,8 @@ import zmq
 from agents.agent.config import AgentConfig, parse_args
 from agents.agent.engine_link import EngineDiscoveryError, EngineUnavailableError
 from agents.agent.process import Agent
+from kvindex.process import Stop, run_process, stop_signals
 from kvindex.protocol.ready import announce_ready
-from kvindex.transport import Stop, run_process, stop_signals
 
 __all__ = ["main", "serve"]
 

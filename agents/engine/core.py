@@ -38,14 +38,11 @@ finishes right after prefill with no token.
 
 from __future__ import annotations
 
-import itertools
 import random
 import zlib
 from array import array
-from collections import deque
-from collections.abc import Sequence
-from typing import Literal
 
+from agents.engine.core_state import EngineState, Seq
 from agents.engine.core_types import (
     EngineConfig,
     FinishReason,
@@ -56,9 +53,6 @@ from agents.engine.core_types import (
     StepKind,
     TokenOutput,
 )
-from agents.engine.profiles import Profile
-from agents.engine.radix_cache import RadixCache, RadixNode
-from kvindex.protocol import KVEvent, LoadStat
 
 __all__ = [
     "EngineConfig",
@@ -75,49 +69,8 @@ __all__ = [
 _CLIP_MAX_NEW_TOKENS = 4096  # SGLang's cap on max_new_tokens when estimating the decode reserve
 
 
-class _Seq:
-    """Mutable per-request state. ``kv_len`` = tokens with KV in the pool = ``locked_len`` + private."""
-
-    __slots__ = ("admitted", "cached_tokens", "est_uncached", "fill", "first_done", "kv_len", "locked_len",
-                 "max_new", "natural_len", "node", "output", "prefilled", "req", "rng", "state", "uid")  # fmt: skip
-
-    def __init__(self, req: Request, uid: int, max_new: int, natural_len: int, est_uncached: int) -> None:
-        self.req, self.uid, self.max_new, self.natural_len = req, uid, max_new, natural_len
-        self.est_uncached = est_uncached
-        self.fill: tuple[int, ...] = req.prompt_ids  # what to prefill: prompt + output so far
-        self.output: list[int] = []
-        self.state: Literal["waiting", "prefilling", "decoding"] = "waiting"
-        self.node: RadixNode | None = None
-        self.locked_len = self.kv_len = self.prefilled = self.cached_tokens = 0
-        self.admitted = self.first_done = False
-        self.rng: random.Random | None = None
-
-
-class EngineCore:
+class EngineCore(EngineState):
     """Scheduler + radix cache + step-time model of one emulated SGLang engine (one DP rank)."""
-
-    def __init__(self, config: EngineConfig, profile: Profile) -> None:
-        self.config, self.profile = config, profile
-        capacity = config.max_total_tokens or profile.kv_capacity_tokens()
-        self.cache = RadixCache(capacity, config.page_size)
-        self.max_total_num_tokens = capacity
-        self._seqs: dict[str, _Seq] = {}
-        self._by_uid: dict[int, _Seq] = {}
-        self._waiting: deque[_Seq] = deque()
-        self._admitted: dict[int, _Seq] = {}  # admission order (oldest first)
-        self._prefilling: list[_Seq] = []
-        self._uids = itertools.count()
-        self._inflight: Step | None = None
-        self._ratio = config.init_new_token_ratio
-        self._ratio_decay = (config.init_new_token_ratio - config.min_new_token_ratio) / max(
-            1, config.new_token_ratio_decay_steps
-        )
-        # cumulative counters
-        self.total_prefill_uncached_tokens = 0
-        self.total_prefill_busy_us = 0
-        self.admitted_prompt_tokens = 0
-        self.admitted_cached_tokens = 0
-        self.num_retractions = 0
 
     # --------------------------------------------------------------------------------------- requests
 
@@ -152,7 +105,7 @@ class EngineCore:
         max_new = max(0, min(req.max_new_tokens, cap - n))
         natural = 1 + zlib.crc32(array("I", req.prompt_ids).tobytes()) % max(1, max_new)
         est = n - self.cache.peek_prefix(req.prompt_ids[: n - 1])
-        s = _Seq(req, next(self._uids), max_new, natural, est)
+        s = Seq(req, next(self._uids), max_new, natural, est)
         self._seqs[req.rid] = s
         self._by_uid[s.uid] = s
         self._waiting.append(s)
@@ -287,10 +240,10 @@ class EngineCore:
             s.kv_len += m
         return durations
 
-    def _reserve(self, s: _Seq) -> int:
+    def _reserve(self, s: Seq) -> int:
         return int(min(s.max_new - len(s.output), _CLIP_MAX_NEW_TOKENS) * self._ratio)
 
-    def _chunk(self, s: _Seq, budget: int) -> int:
+    def _chunk(self, s: Seq, budget: int) -> int:
         remaining = len(s.fill) - s.prefilled
         if remaining <= budget:
             return remaining
@@ -356,23 +309,13 @@ class EngineCore:
             s.kv_len += 1
         return out
 
-    def _retract(self, s: _Seq) -> None:
+    def _retract(self, s: Seq) -> None:
         self._release(s)
         s.state, s.fill = "waiting", s.req.prompt_ids + tuple(s.output)
         s.est_uncached = len(s.fill)
         self._waiting.appendleft(s)
         self._ratio = self.config.init_new_token_ratio
         self.num_retractions += 1
-
-    def _release(self, s: _Seq) -> None:
-        """Unlock and free everything ``s`` holds; it leaves the running set."""
-        if s.node is not None:
-            self.cache.unlock(s.node)
-        self.cache.release(s.kv_len - s.locked_len)
-        s.node, s.locked_len, s.kv_len, s.prefilled = None, 0, 0, 0
-        self._admitted.pop(s.uid, None)
-        if s.state == "prefilling":
-            self._prefilling.remove(s)
 
     # -------------------------------------------------------------------------------------- completion
 
@@ -411,7 +354,7 @@ class EngineCore:
             outs.append(out)
         return outs
 
-    def _next_token(self, s: _Seq, now: float) -> TokenOutput:
+    def _next_token(self, s: Seq, now: float) -> TokenOutput:
         rng = s.rng
         if rng is None:
             rng = s.rng = random.Random(s.req.rid)
@@ -431,22 +374,7 @@ class EngineCore:
         s.first_done = True
         return TokenOutput(s.req.rid, (tok,), len(s.req.prompt_ids), n, s.cached_tokens, first, None)
 
-    def _commit(self, s: _Seq, upto: int, now: float) -> None:
-        """Insert ``s``'s first ``upto`` tokens (full pages) in the cache and move its lock there."""
-        p = self.config.page_size
-        aligned = upto // p * p
-        if aligned <= s.locked_len:
-            return
-        seq = s.fill if aligned <= len(s.fill) else s.req.prompt_ids + tuple(s.output)
-        # The private slots of [locked_len, aligned) become tree pages (or duplicates, freed).
-        self.cache.release(aligned - s.locked_len)
-        _, node = self.cache.insert_prefix(seq[:aligned], now)
-        self.cache.lock(node)
-        if s.node is not None:
-            self.cache.unlock(s.node)
-        s.node, s.locked_len = node, aligned
-
-    def _finish(self, s: _Seq, reason: FinishReason, toks: tuple[int, ...], now: float) -> TokenOutput:
+    def _finish(self, s: Seq, reason: FinishReason, toks: tuple[int, ...], now: float) -> TokenOutput:
         first = not s.first_done
         s.first_done = True
         self._commit(s, s.kv_len, now)
@@ -455,63 +383,3 @@ class EngineCore:
         return TokenOutput(
             s.req.rid, toks, len(s.req.prompt_ids), len(s.output), s.cached_tokens, first, reason
         )
-
-    # ---------------------------------------------------------------------------------------- queries
-
-    def drain_events(self) -> list[KVEvent]:
-        """KV events since the last call (evictions at schedule, inserts at complete, flushes). Mutates."""
-        return self.cache.drain_events()
-
-    def flush_cache(self) -> bool:
-        """Drop the whole cache (emits ``AllBlocksCleared``). False, doing nothing, if any request is
-        waiting or running (as SGLang's ``/flush_cache``)."""
-        if self._seqs or self._inflight is not None:
-            return False
-        self.cache.flush()
-        return True
-
-    @property
-    def num_running(self) -> int:
-        """Admitted requests (prefilling or decoding)."""
-        return len(self._admitted)
-
-    @property
-    def num_waiting(self) -> int:
-        return len(self._waiting)
-
-    @property
-    def busy(self) -> bool:
-        """Whether any request is waiting or running."""
-        return bool(self._seqs)
-
-    @property
-    def cache_hit_rate(self) -> float:
-        """Cached / prompt tokens over every admission so far (0 before the first)."""
-        return (
-            self.admitted_cached_tokens / self.admitted_prompt_tokens if self.admitted_prompt_tokens else 0.0
-        )
-
-    def load_stat(self) -> LoadStat:
-        """SGLang LoadStat of this engine. ``num_tokens`` = KV tokens pinned by running requests
-        (capacity - free - evictable, SGLang's "used"); ``num_total_tokens`` = every occupied KV token
-        including evictable cached pages; ``num_waiting_uncached_tokens`` = prompt tokens still to
-        prefill (waiting ones estimated against the cache at arrival). O(waiting + running)."""
-        c = self.cache
-        queued = sum(s.est_uncached for s in self._waiting)
-        queued += sum(len(s.fill) - s.prefilled for s in self._prefilling)
-        return LoadStat(
-            num_running_reqs=len(self._admitted),
-            num_waiting_reqs=len(self._waiting),
-            num_tokens=c.capacity - c.free - c.evictable_tokens,
-            max_total_num_tokens=c.capacity,
-            attn_dp_rank=0,
-            num_waiting_uncached_tokens=queued,
-            num_total_tokens=c.used,
-            max_running_requests=self.config.max_running_requests,
-            total_prefill_uncached_tokens=self.total_prefill_uncached_tokens,
-            total_prefill_busy_us=self.total_prefill_busy_us,
-        )
-
-    def prefix_lengths(self) -> Sequence[int]:
-        """KV tokens held by each running request (for tests)."""
-        return [s.kv_len for s in self._admitted.values()]

@@ -6,13 +6,8 @@ tokens to the waiting HTTP handlers and publishes the step's KV events as one ``
 PUB socket (seq from 0, +1 per published batch, steps without events skipped), keeping ``(seq,
 payload)`` in a replay buffer of ``--buffer-steps`` batches. It sleeps on an event while idle.
 
-Sockets (SGLang 0.5.23 formats, see :mod:`kvindex.protocol`):
-
-* KV PUB ``[topic, seq 8B BE, KVEventBatch]``;
-* replay ROUTER: receives ``[identity, b"", start_seq 8B]``, answers ``[identity, b"", topic, seq,
-  payload]`` per buffered batch with seq >= start then ``[identity, b"", b"", -1 8B, b""]``; malformed
-  requests are counted and ignored;
-* load PUB ``[b"load", seq 8B BE, LoadStat]`` every ``--load-interval`` seconds, own seq from 0.
+Sockets (SGLang 0.5.23 formats): the KV PUB, the replay ROUTER and the load PUB, in
+:mod:`agents.engine.streams`.
 
 HTTP follows SGLang 0.5.23's server (docs/sglang-contract.md): idle keep-alive connections are closed after
 ``SGLANG_TIMEOUT_KEEP_ALIVE`` seconds (5, uvicorn's ``timeout_keep_alive``); ``/health`` is SGLang's
@@ -31,15 +26,11 @@ import contextlib
 import logging
 import signal
 import ssl
-import time
 import uuid
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import zmq
-import zmq.asyncio
 from aiohttp import web
 
 from agents.engine.config import ServerConfig, parse_args
@@ -53,16 +44,10 @@ from agents.engine.health import (
 from agents.engine.http_api import HttpApi
 from agents.engine.metrics import EngineMetrics
 from agents.engine.profiles import get_profile
-from kvindex.protocol import (
-    REPLAY_END,
-    KVEventBatch,
-    encode_kv_batch,
-    encode_load_stat,
-    seq_to_bytes,
-)
+from agents.engine.streams import EngineStreams
+from kvindex.process import run_process, stop_signals
 from kvindex.protocol.ready import announce_ready
 from kvindex.protocol.tokenizer import load_tokenizer
-from kvindex.transport import Publisher, bind_router, run_process, stop_signals
 
 log = logging.getLogger("agents.engine")
 # Seconds the step pacing may fall behind before it resyncs to the clock. Within this bound a stall of the
@@ -110,13 +95,8 @@ class EngineServer:
         self.metrics = EngineMetrics(cfg.model_name)
         self.endpoints: dict[str, str] = {}
         self.ports: dict[str, int] = {}
-        self.malformed_replay_requests = 0
-        self._topic = cfg.kv_topic.encode()
+        self.streams = EngineStreams(cfg)
         self._live: dict[str, _Live] = {}
-        self._replay: deque[tuple[int, bytes]] = deque(maxlen=max(1, cfg.buffer_steps))
-        self._actx = zmq.asyncio.Context()
-        self._pubs: list[Publisher] = []  # KV events, load: sends never block (drop at the high-water mark)
-        self._replay_sock: zmq.asyncio.Socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None
         self._wake: asyncio.Event | None = None
@@ -127,27 +107,19 @@ class EngineServer:
 
     # ---------------------------------------------------------------------------------------- lifecycle
 
-    def _advertise(self, name: str, port: int) -> None:
-        self.ports[name] = port
-        self.endpoints[name] = f"tcp://{self.cfg.host}:{port}"
-
-    def _publisher(self, name: str, port: int) -> Publisher:
-        pub = Publisher(self._actx, self.cfg.host, port, curve=False)  # SGLang's protocol: no CURVE
-        self._pubs.append(pub)
-        self._advertise(name, pub.port)
-        return pub
+    @property
+    def malformed_replay_requests(self) -> int:
+        """Replay requests ignored for their shape."""
+        return self.streams.malformed_replay_requests
 
     async def start(self) -> None:
         """Bind every socket and the HTTP port (HTTPS with ``ssl_certfile``), start the core, replay and
         load tasks. Raises ``OSError`` / ``ssl.SSLError`` (port in use, unreadable certificate or key)."""
         cfg = self.cfg
         self._wake = asyncio.Event()
-        self._kv_pub = self._publisher("kv", cfg.kv_events_port)
-        self._replay_sock, replay_endpoint = bind_router(
-            self._actx, cfg.host, cfg.kv_replay_port, curve=False
-        )
-        self._advertise("replay", int(replay_endpoint.rsplit(":", 1)[1]))
-        self._load_pub = self._publisher("load", cfg.load_port)
+        self.streams.bind()
+        self.ports.update(self.streams.ports)
+        self.endpoints.update(self.streams.endpoints)
         self._runner = web.AppRunner(
             HttpApi(self).app(),
             handler_cancellation=True,
@@ -161,7 +133,7 @@ class EngineServer:
         self.ports["http"] = int(self._runner.addresses[0][1])
         scheme = "https" if tls is not None else "http"
         self.endpoints = {"http": f"{scheme}://{cfg.host}:{self.ports['http']}", **self.endpoints}
-        for coro in (self._core_loop(), self._replay_loop(), self._load_loop()):
+        for coro in (self._core_loop(), self.streams.replay_loop(), self.streams.load_loop(self.core)):
             task = asyncio.create_task(coro)
             task.add_done_callback(_log_crash)
             self._tasks.append(task)
@@ -200,13 +172,7 @@ class EngineServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        for pub in self._pubs:
-            pub.close()
-        self._pubs.clear()
-        if self._replay_sock is not None:
-            self._replay_sock.close(linger=0)
-            self._replay_sock = None
-        self._actx.term()
+        self.streams.close()
 
     @property
     def alive(self) -> bool:
@@ -389,35 +355,7 @@ class EngineServer:
         live.queue.put_nowait(out)
 
     def _publish_events(self) -> None:
-        events = self.core.drain_events()
-        if not events:
-            return
-        payload = encode_kv_batch(KVEventBatch(time.time(), tuple(events), 0))
-        seq = self._kv_pub.publish(self._topic, payload)
-        if seq >= 0:
-            self._replay.append((seq, payload))
-
-    async def _replay_loop(self) -> None:
-        sock = self._replay_sock
-        assert sock is not None
-        while True:
-            frames = await sock.recv_multipart()
-            if len(frames) != 3 or frames[1] != b"" or len(frames[2]) != 8:
-                self.malformed_replay_requests += 1
-                log.warning("malformed replay request of %d frames ignored", len(frames))
-                continue
-            ident, start = frames[0], int.from_bytes(frames[2], "big", signed=True)
-            buffered = list(self._replay)  # seqs are consecutive: skip straight to ``start``
-            first = buffered[0][0] if buffered else 0
-            for seq, payload in buffered[max(0, start - first) :]:
-                await sock.send_multipart([ident, b"", self._topic, seq_to_bytes(seq), payload])
-            await sock.send_multipart([ident, b"", b"", REPLAY_END, b""])
-
-    async def _load_loop(self) -> None:
-        while True:
-            payload = encode_load_stat(self.core.load_stat())
-            self._load_pub.publish(b"load", payload)
-            await asyncio.sleep(self.cfg.load_interval)
+        self.streams.publish_events(self.core.drain_events())
 
 
 async def serve(cfg: ServerConfig, announce: bool = True) -> None:

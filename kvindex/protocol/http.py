@@ -13,7 +13,7 @@ Endpoints and fields (SGLang 0.5.23 HTTP API, ``srt/entrypoints/openai/protocol.
   (default :data:`DEFAULT_CHAT_MAX_TOKENS`); ``stream``; ``stream_options.include_usage``; ``n`` = 1;
   the same extensions.
 
-Theory of operation. Each body is one ``msgspec`` ``Struct`` type, decoded straight from the request's
+Theory of operation. Each body is one ``msgspec`` ``Struct`` type (:mod:`kvindex.protocol.http_bodies`), decoded straight from the request's
 bytes: one pass does JSON parsing, type checks and range checks (``Meta`` bounds, taken from SGLang's
 ``SamplingParams.verify`` where SGLang has one and from the OpenAI reference otherwise), about 3x faster
 than ``json.loads`` alone on a 30 k-character chat body and 5x on 7.5 k token ids (docs/robustness.md).
@@ -33,11 +33,21 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import msgspec
-from msgspec import Meta, Struct
 
+from kvindex.protocol.http_bodies import (
+    MAX_TOKEN_ID,
+    Body,
+    ChatBody,
+    ChatMessage,
+    CompletionBody,
+    GenerateBody,
+    OpenAIBody,
+    SamplingParams,
+    StreamOptions,
+)
 from kvindex.protocol.tokenizer import Tokenizer, TokenizerError
 
 Endpoint = Literal["generate", "completions", "chat"]
@@ -45,13 +55,6 @@ Endpoint = Literal["generate", "completions", "chat"]
 DEFAULT_GENERATE_MAX_NEW_TOKENS = 128  # SGLang's SamplingParams default
 DEFAULT_COMPLETIONS_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
 DEFAULT_CHAT_MAX_TOKENS = 128  # SGLang runs to the context length; the emulated engine needs a bound
-MAX_TOKEN_ID = 2**32 - 1  # block hashing packs ids as uint32
-MAX_SHORT = 256
-"""Longest name-like string accepted (model, rid, user, tool and message names), in characters."""
-MAX_STOP = 32
-"""Most stop strings (or stop token ids) in one request."""
-MAX_TOKENS = 2**31 - 1
-"""Largest token count accepted (``max_tokens`` and friends): engines keep it in an int32."""
 
 
 class RequestError(ValueError):
@@ -119,142 +122,7 @@ class GenerationRequest:
         return len(self.text or self.input_ids or ())
 
 
-# ------------------------------------------------------------------------------------------- types
-
-Short = Annotated[str, Meta(max_length=MAX_SHORT)]
-TokenCount = Annotated[int, Meta(ge=0, le=MAX_TOKENS)]
-TokenId = Annotated[int, Meta(ge=0, le=MAX_TOKEN_ID)]
-Temperature = Annotated[float, Meta(ge=0.0)]
-OpenAITemperature = Annotated[float, Meta(ge=0.0, le=2.0)]
-TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
-MinP = Annotated[float, Meta(ge=0.0, le=1.0)]
-Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
-RepetitionPenalty = Annotated[float, Meta(gt=0.0, le=2.0)]
-TopK = Annotated[int, Meta(ge=-1, le=MAX_TOKENS)]
-Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
-Stop = str | Annotated[list[str], Meta(max_length=MAX_STOP)]
-StopIds = Annotated[list[TokenId], Meta(max_length=MAX_STOP)]
-LogitBias = Annotated[dict[str, Annotated[float, Meta(ge=-100.0, le=100.0)]], Meta(max_length=4096)]
-Role = Literal["system", "user", "assistant", "tool", "developer", "function"]
-PartType = Literal["text", "image_url", "input_audio", "audio_url", "video_url", "file"]
-
-
-class _Body(Struct, omit_defaults=True):
-    """Base of the body types: unknown fields are allowed (forwarded untouched)."""
-
-
-class SamplingParams(_Body):
-    """SGLang's ``sampling_params`` (``srt/sampling/sampling_params.py`` ``SamplingParams.verify``)."""
-
-    max_new_tokens: TokenCount | None = None
-    min_new_tokens: TokenCount | None = None
-    temperature: Temperature | None = None
-    top_p: TopP | None = None
-    top_k: TopK | None = None
-    min_p: MinP | None = None
-    frequency_penalty: Penalty | None = None
-    presence_penalty: Penalty | None = None
-    repetition_penalty: RepetitionPenalty | None = None
-    stop: Stop | None = None
-    stop_token_ids: StopIds | None = None
-    ignore_eos: bool | None = None
-    skip_special_tokens: bool | None = None
-    spaces_between_special_tokens: bool | None = None
-    no_stop_trim: bool | None = None
-    n: int | None = None
-    json_schema: str | None = None
-    regex: str | None = None
-    ebnf: str | None = None
-    logit_bias: LogitBias | None = None
-    sampling_seed: Seed | None = None
-
-
-class StreamOptions(_Body):
-    include_usage: bool | None = None
-    continuous_usage_stats: bool | None = None
-
-
-class GenerateBody(_Body):
-    text: str | None = None
-    input_ids: list[TokenId] | None = None
-    sampling_params: SamplingParams | None = None
-    stream: bool | None = None
-    rid: Short | None = None
-    return_logprob: bool | None = None
-    logprob_start_len: int | None = None
-    top_logprobs_num: Annotated[int, Meta(ge=0, le=MAX_TOKENS)] | None = None
-    return_text_in_logprobs: bool | None = None
-    lora_path: str | None = None
-    model: Short | None = None
-
-
-class _OpenAIBody(_Body):
-    """Fields the OpenAI completions and chat bodies share, with SGLang's extensions."""
-
-    model: Short | None = None
-    max_tokens: TokenCount | None = None
-    temperature: OpenAITemperature | None = None
-    top_p: TopP | None = None
-    n: int | None = None
-    stream: bool | None = None
-    stream_options: StreamOptions | None = None
-    stop: Stop | None = None
-    presence_penalty: Penalty | None = None
-    frequency_penalty: Penalty | None = None
-    logit_bias: LogitBias | None = None
-    seed: Seed | None = None
-    user: Short | None = None
-    # SGLang's extensions (openai/protocol.py CompletionRequest / ChatCompletionRequest)
-    ignore_eos: bool | None = None
-    top_k: TopK | None = None
-    min_p: MinP | None = None
-    min_tokens: TokenCount | None = None
-    repetition_penalty: RepetitionPenalty | None = None
-    stop_token_ids: StopIds | None = None
-    skip_special_tokens: bool | None = None
-    regex: str | None = None
-    ebnf: str | None = None
-    rid: Short | None = None
-
-
-class CompletionBody(_OpenAIBody):
-    prompt: Any = None  # str | list[int] | [str] | [list[int]]: checked by _completion_prompt
-    echo: bool | None = None
-    logprobs: Annotated[int, Meta(ge=0, le=5)] | None = None
-    suffix: str | None = None
-    best_of: Annotated[int, Meta(ge=1, le=1)] | None = None
-
-
-class ContentPart(_Body):
-    type: PartType
-    text: str | None = None
-
-
-class ResponseFormat(_Body):
-    type: Literal["text", "json_object", "json_schema", "structural_tag"]
-
-
-class ChatMessage(_Body):
-    role: Role
-    content: str | list[ContentPart] | None = None
-    name: Short | None = None
-    tool_calls: list[dict[str, Any]] | None = None
-    tool_call_id: Short | None = None
-    reasoning_content: str | None = None
-
-
-class ChatBody(_OpenAIBody):
-    messages: list[ChatMessage] | None = None
-    max_completion_tokens: TokenCount | None = None
-    logprobs: bool | None = None
-    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
-    response_format: ResponseFormat | None = None
-    tools: Annotated[list[dict[str, Any]], Meta(max_length=1024)] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
-
-
-_B = TypeVar("_B", bound=_Body)
+_B = TypeVar("_B", bound=Body)
 _DECODERS: dict[type[Any], msgspec.json.Decoder[Any]] = {
     t: msgspec.json.Decoder(t) for t in (GenerateBody, CompletionBody, ChatBody)
 }
@@ -337,7 +205,7 @@ def _finish_generate(b: GenerateBody) -> GenerationRequest:
     )
 
 
-def _check_sampling(sp: SamplingParams | _OpenAIBody, prefix: str) -> None:
+def _check_sampling(sp: SamplingParams | OpenAIBody, prefix: str) -> None:
     """Cross-field rules of ``SamplingParams.verify``: top_k is -1 or >= 1; min <= max new tokens."""
     if sp.top_k == 0:
         raise RequestError("'top_k' must be -1 (off) or at least 1", param=prefix + "top_k")

@@ -28,36 +28,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import ctypes
 import fnmatch
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvindex.protocol.ready import parse_ready
 from launch.bench.loadgen import PromptMaker, run_cell
+from launch.bench.overhead_procs import Proc, Rig, cpu_seconds, rss_bytes, start_router
 from launch.compare_live import (
     flush_engines,
-    free_port,
-    sglang_router_cmd,
-    wait_routing,
     write_local_tokenizer,
 )
 
 __all__ = ["TARGETS", "add_arguments", "run_overhead_bench"]
 
 TARGETS = ("direct", "ours", "ours-static", "sglang-router")
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
-_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -86,163 +76,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "DIR/CELL.txt (collapsed stacks) and DIR/CELL.top.txt (functions by own and total samples)",
     )
     a("--log-dir", type=Path, default=None, help="children's logs (default: a temporary directory)")
-
-
-# ------------------------------------------------------------------------------------------ processes
-
-
-def _cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` and its live descendants (all threads), in seconds; 0 if gone."""
-    total = 0
-    for p in (pid, *_descendants(pid)):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-    return total / _CLK_TCK
-
-
-def _descendants(pid: int) -> list[int]:
-    out: list[int] = []
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        for task in Path(f"/proc/{p}/task").glob("*/children") if Path(f"/proc/{p}").exists() else ():
-            with contextlib.suppress(OSError, ValueError):
-                kids = [int(x) for x in task.read_text().split()]
-                out += kids
-                todo += kids
-    return out
-
-
-def _rss_bytes(pid: int) -> int:
-    total = 0
-    for p in (pid, *_descendants(pid)):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            total += int(Path(f"/proc/{p}/statm").read_text().split()[1]) * _PAGE
-    return total
-
-
-@dataclass
-class Proc:
-    """One child of the benchmark, pinned to ``cpus``."""
-
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: Path
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait(timeout=10)
-
-
-def _spawn(
-    name: str, cmd: Sequence[str], cpus: set[int], log: Path, env: dict[str, str] | None = None
-) -> Proc:
-    def pin() -> None:  # in the child, before exec: every thread it starts inherits the CPU set
-        os.sched_setaffinity(0, cpus)
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # die with the benchmark
-
-    with log.open("wb") as out:
-        popen = subprocess.Popen(
-            list(cmd),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-            start_new_session=True,
-            preexec_fn=pin,
-        )
-    return Proc(name, popen, log)
-
-
-def _ready_endpoints(proc: Proc, timeout: float) -> dict[str, str]:
-    """The endpoints of ``proc``'s READY line (read from its log). Raises RuntimeError."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in proc.log.read_text(errors="replace").splitlines():
-            r = parse_ready(line.strip())
-            if r is not None:
-                return r.endpoints
-        if proc.popen.poll() is not None:
-            raise RuntimeError(f"{proc.name} exited with code {proc.popen.returncode} (log: {proc.log})")
-        time.sleep(0.1)
-    raise RuntimeError(f"{proc.name} not ready after {timeout:.0f} s (log: {proc.log})")
-
-
-@dataclass
-class Rig:
-    """The engines (and, for ``ours``, agents) shared by every target."""
-
-    sut: set[int]
-    logs: Path
-    timeout: float
-    engines: list[Proc] = field(default_factory=list)
-    engine_urls: list[str] = field(default_factory=list)
-    agents: list[Proc] = field(default_factory=list)
-    agent_pubs: list[str] = field(default_factory=list)
-
-    def start_engines(self, n: int = 2) -> None:
-        for i in range(n):
-            cmd = [sys.executable, "-m", "agents.engine.server", "--port", "0", "--time-scale", "0",
-                   "--log-level", "WARNING", "--max-total-tokens", "2000000"]  # fmt: skip
-            p = _spawn(f"engine{i}", cmd, self.sut, self.logs / f"engine{i}.log")
-            self.engines.append(p)
-            self.engine_urls.append(_ready_endpoints(p, self.timeout)["http"])
-
-    def start_agents(self) -> None:
-        if self.agents:
-            return
-        for i, url in enumerate(self.engine_urls):
-            cmd = [sys.executable, "-m", "agents.agent", "--engine-url", url, "--instance-id", f"e{i}",
-                   "--log-level", "WARNING"]  # fmt: skip
-            p = _spawn(f"agent{i}", cmd, self.sut, self.logs / f"agent{i}.log")
-            self.agents.append(p)
-            self.agent_pubs.append(_ready_endpoints(p, self.timeout)["pub"])
-
-    def stop_agents(self) -> None:
-        for p in self.agents:
-            p.stop()
-        self.agents, self.agent_pubs = [], []
-
-    def stop(self) -> None:
-        self.stop_agents()
-        for p in self.engines:
-            p.stop()
-
-    def others_cpu(self) -> float:
-        return sum(_cpu_seconds(p.popen.pid) for p in (*self.engines, *self.agents))
-
-
-def _start_router(args: argparse.Namespace, target: str, rig: Rig, tok_dir: Path) -> tuple[Proc, str]:
-    port = free_port()
-    env: dict[str, str] = {}
-    if target == "sglang-router":
-        cmd, env = sglang_router_cmd(args.sglang_venv, tok_dir, port, rig.engine_urls)
-    else:
-        cmd = [sys.executable, "-m", "router", "--host", "127.0.0.1", "--port", str(port),
-               "--policy", args.policy, "--decisions-port", "off", "--log-level", "WARNING",
-               *args.router_arg]  # fmt: skip
-        if target == "ours":
-            cmd += [x for ep in rig.agent_pubs for x in ("--agent", ep)]
-        else:
-            cmd += ["--worker-urls", *rig.engine_urls]
-        env = dict(kv.split("=", 1) for kv in args.router_env)
-    proc = _spawn(target, cmd, rig.sut, rig.logs / f"router-{target}.log", env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_routing(url, args.ready_timeout, proc.popen)
-    except RuntimeError:
-        proc.stop()
-        raise
-    return proc, url
 
 
 # -------------------------------------------------------------------------------------------- cells
@@ -287,7 +120,7 @@ def _measure(
         spy_out = args.py_spy / (cell.id.replace("/", "_") + ".txt")
 
     def edge() -> None:
-        marks.append((_cpu_seconds(router_pid) if router_pid else 0.0, rig.others_cpu()))
+        marks.append((cpu_seconds(router_pid) if router_pid else 0.0, rig.others_cpu()))
         if spy_out is not None and router_pid and len(marks) == 1:
             spy.append(_start_py_spy(router_pid, args.cell_seconds, spy_out))
 
@@ -316,7 +149,7 @@ def _measure(
     }
     if router_pid and len(marks) == 2:
         row["router_cpu_ms_per_req"] = round(1e3 * (marks[1][0] - marks[0][0]) / n, 3)
-        row["router_rss_mib"] = round(_rss_bytes(router_pid) / 2**20, 1)
+        row["router_rss_mib"] = round(rss_bytes(router_pid) / 2**20, 1)
     return row
 
 
@@ -366,7 +199,7 @@ def _run_target(
         if target == "direct":
             urls = [u + "/generate" for u in rig.engine_urls]
         else:
-            router, url = _start_router(args, target, rig, tok)
+            router, url = start_router(args, target, rig, tok)
             urls = [url + "/generate"]
         rows = []
         for c in cells:

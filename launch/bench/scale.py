@@ -93,9 +93,10 @@ def deep_size(root: object) -> int:
             stack.extend(o)
         elif hasattr(o, "__dict__"):
             stack.extend(vars(o).values())
-        for slot in getattr(type(o), "__slots__", ()):
-            if hasattr(o, slot):
-                stack.append(getattr(o, slot))
+        for cls in type(o).__mro__:  # slots of base classes too (GlobalIndex keeps its own in IndexCore)
+            for slot in cls.__dict__.get("__slots__", ()):
+                if hasattr(o, slot):
+                    stack.append(getattr(o, slot))
     return total
 
 

@@ -62,7 +62,7 @@ class Decision:
     ``score``, a tie-break (``batch_size``, ``new_tokens``, ``rotation``, ``first``, ``random``), or a
     policy's own branch (``imbalanced``, ``cache_match``, ``smallest_tree``, ``sampled``,
     ``two_choices``). ``failure_cases`` holds the failure kinds detected for this request
-    (:data:`router.model.policies.FAILURE_KINDS`); ``skipped`` the instances a mitigation excluded.
+    (:data:`router.model.lmetric.FAILURE_KINDS`); ``skipped`` the instances a mitigation excluded.
     """
 
     instance: str
