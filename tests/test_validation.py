@@ -154,6 +154,8 @@ def test_any_bytes_are_accepted_or_a_400(endpoint: Endpoint, raw: bytes) -> None
 @pytest.mark.parametrize(
     ("endpoint", "body", "param"),
     [
+        ("generate", {"text": "x", "sampling_params": {"n": 0}}, "sampling_params.n"),  # hypothesis found it
+        ("completions", {"prompt": "x", "n": 2}, "n"),
         ("chat", {"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
         ("chat", {"messages": [{"role": "user", "content": ""}]}, "messages[0].content"),
         ("chat", {"messages": [{"role": "user"}]}, "messages[0].content"),

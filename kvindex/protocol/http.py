@@ -171,9 +171,9 @@ def _convert(body: Any, body_type: type[_B]) -> _B:
 # ------------------------------------------------------------------------- checks types cannot say
 
 
-def _n_is_one(n: int | None) -> None:
+def _n_is_one(n: int | None, param: str = "n") -> None:
     if n is not None and n != 1:
-        raise RequestError("only n = 1 is supported", param="n")
+        raise RequestError("only n = 1 is supported", param=param)
 
 
 def _usage(opts: StreamOptions | None) -> bool:
@@ -190,7 +190,7 @@ def _finish_generate(b: GenerateBody) -> GenerationRequest:
         raise RequestError("'text' must be a non-empty string (batches are not supported)", param="text")
     sp = b.sampling_params or SamplingParams()
     _check_sampling(sp, "sampling_params.")
-    _n_is_one(sp.n)
+    _n_is_one(sp.n, "sampling_params.n")
     return GenerationRequest(
         endpoint="generate",
         model=b.model,
