@@ -68,6 +68,9 @@ class RayRig:
     def start_ray(self) -> None:
         t = time.monotonic()
         common = {"object_store_memory": OBJECT_STORE, "num_cpus": 2}
+        # Ray (2.60) writes the head's address to <system temp>/ray/ray_current_cluster even when the head
+        # has its own temp_dir, and does not create that folder: on a fresh machine the start fails.
+        (Path(tempfile.gettempdir()) / "ray").mkdir(exist_ok=True)
         self.ray = cluster_utils.Cluster(
             initialize_head=True,
             head_node_args={
@@ -130,7 +133,8 @@ class RayRig:
                 self.proc.wait(60)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-        self.ray.shutdown()
+        if hasattr(self, "ray"):
+            self.ray.shutdown()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
