@@ -41,6 +41,7 @@ from router.fence import Fence
 from router.model.model import RoutingModel
 from router.model.policies import make_policy
 from router.model.slots import DecisionSlots
+from tests.launched import launched_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN_KEY = "active-admin-key"
@@ -267,35 +268,15 @@ def active_cluster_file(active_cluster: dict[str, Any]) -> Path:
 def active_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("active")
     cfile, logs = tmp / "cluster.json", tmp / "logs"
-    cmd = [
-        sys.executable, "-m", "launch", "cluster", "--instances", "2", "--port", "0", "--routers", "2",
+    args = [
+        "--instances", "2", "--port", "0", "--routers", "2",
         "--cluster-file", str(cfile), "--log-dir", str(logs), "--time-scale", "1", "--no-metrics",
         "--decision-slot", "0.01", "--admin-key", ADMIN_KEY,  # given by value: reaches each router by variable
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 150
-    lines: list[str] = []
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if line.startswith("router: "):
-            break
-    if not lines or not lines[-1].startswith("router: "):
-        proc.kill()
-        logs_text = "\n".join(f"--- {f.name}\n{f.read_text()[-2000:]}" for f in sorted(logs.glob("*.log")))
-        pytest.fail("launch cluster --routers 2 not ready:\n" + "".join(lines) + logs_text)
-    info = json.loads(cfile.read_text())
-    info["_file"] = str(cfile)
-    yield info
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
+    with launched_cluster(args, logs, timeout=150):
+        info = json.loads(cfile.read_text())
+        info["_file"] = str(cfile)
+        yield info
 
 
 async def _state(s: aiohttp.ClientSession, url: str) -> dict[str, Any]:

@@ -21,6 +21,8 @@ import aiohttp
 import openai
 import pytest
 
+from tests.launched import launched_cluster
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -62,37 +64,16 @@ class RunningCluster:
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCluster]:
     tmp = tmp_path_factory.mktemp("cluster")
     cfile, logs = tmp / "cluster.json", tmp / "logs"
-    cmd = [
-        sys.executable, "-m", "launch", "cluster",
+    args = [
         "--instances", "2", "--port", "0",
         "--cluster-file", str(cfile), "--log-dir", str(logs),
         "--time-scale", "0.05", "--max-total-tokens", "20000",
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    rc = RunningCluster(proc, cfile, logs)
-    deadline = time.monotonic() + 90
-    lines: list[str] = []
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            pytest.fail("launch cluster exited before it was ready:\n" + "".join(lines) + rc.logs())
-        lines.append(line)
-        if line.startswith("router: "):
-            break
-    else:
-        proc.kill()
-        pytest.fail("launch cluster not ready in 90 s:\n" + "".join(lines) + rc.logs())
-    rc.info = json.loads(cfile.read_text())
-    assert rc.url == lines[-1].split("router: ", 1)[1].strip()
-    yield rc
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
+    with launched_cluster(args, logs) as (proc, lines):
+        rc = RunningCluster(proc, cfile, logs)
+        rc.info = json.loads(cfile.read_text())
+        assert rc.url == lines[-1].split("router: ", 1)[1].strip()
+        yield rc
 
 
 def test_cluster_file_lists_every_process(cluster: RunningCluster) -> None:

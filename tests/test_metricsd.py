@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -22,6 +21,8 @@ from typing import Any
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.launched import launched_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(90)
@@ -42,31 +43,14 @@ class Info:
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Info]:
     tmp = tmp_path_factory.mktemp("metricsd")
     cfile, logs = tmp / "cluster.json", tmp / "logs"
-    cmd = [
-        sys.executable, "-m", "launch", "cluster", "--instances", "2", "--port", "0",
+    args = [
+        "--instances", "2", "--port", "0",
         "--cluster-file", str(cfile), "--log-dir", str(logs),
         "--time-scale", "0.05", "--max-total-tokens", "20000",
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 60
-    lines = []
-    while True:
-        line = proc.stdout.readline()
-        lines.append(line)
-        if not line or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("launch cluster did not become ready:\n" + "".join(lines))
-        if line.startswith("router: "):
-            break
-    assert any(ln.startswith("metrics: http://") for ln in lines), "the table names the daemon's URL"
-    yield Info(cfile, logs)
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
+    with launched_cluster(args, logs, timeout=60) as (_proc, lines):
+        assert any(ln.startswith("metrics: http://") for ln in lines), "the table names the daemon's URL"
+        yield Info(cfile, logs)
 
 
 async def scrape(s: aiohttp.ClientSession, url: str) -> Samples:

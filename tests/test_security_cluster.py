@@ -26,6 +26,7 @@ import pytest
 from launch.keys import KEY_ENV, ClusterAuth, client_api_key
 from router.auth import AuthConfigError
 from router.metricsd import MetricsDaemon, MetricsdConfig, parse_args
+from tests.launched import launched_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(120)
@@ -143,36 +144,15 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeyedCluster]:
     cfile, logs, keyfile = tmp / "cluster.json", tmp / "logs", tmp / "api-keys"
     keyfile.write_text(f"# the API keys\n{API}\n")
     keyfile.chmod(0o600)
-    cmd = [
-        sys.executable, "-m", "launch", "cluster", "--instances", "1", "--port", "0",
+    args = [
+        "--instances", "1", "--port", "0",
         "--cluster-file", str(cfile), "--log-dir", str(logs), "--time-scale", "0.05",
         "--api-key", f"file:{keyfile}", "--admin-key", "env:TEST_ADMIN_KEY", "--metrics-key", METRICS,
     ]  # fmt: skip
     env = dict(os.environ, TEST_ADMIN_KEY=ADMIN)
     env.pop(KEY_ENV["api"], None)
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-    )
-    assert proc.stdout is not None
-    lines: list[str] = []
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        lines.append(line)
-        if not line or line.startswith("router: "):
-            break
-    if not lines[-1].startswith("router: "):
-        proc.kill()
-        pytest.fail("launch cluster with keys did not become ready:\n" + "".join(lines))
-    try:
+    with launched_cluster(args, logs, env=env) as (proc, lines):
         yield KeyedCluster(proc, cfile, logs, lines)
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
 
 
 async def _routable(s: aiohttp.ClientSession, url: str) -> None:
