@@ -42,6 +42,7 @@ from router.model.model import RoutingModel
 from router.model.policies import make_policy
 from router.model.slots import DecisionSlots
 from tests.launched import launched_cluster
+from tests.test_router import Clock
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN_KEY = "active-admin-key"
@@ -52,17 +53,6 @@ EP = "tcp://127.0.0.1:1"
 
 
 # ---------------------------------------------------------------------------------------------- pure
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 100.0
-
-    def mono(self) -> float:
-        return self.t
-
-    def wall(self) -> float:
-        return 1_000_000.0 + self.t
 
 
 def _core(clock: Clock) -> RoutingModel:

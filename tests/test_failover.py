@@ -57,23 +57,13 @@ from router.model.model import Routed, RoutingModel, SnapshotJob
 from router.server import RouterServer
 from router.subscriber import Subscriber
 from tests.ports import free_port
+from tests.test_router import Clock
 
 ROOT = Path(__file__).resolve().parents[1]
 BS = 4
 
 
 # ------------------------------------------------------------------------------- mirror on bare cores
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 100.0
-
-    def mono(self) -> float:
-        return self.t
-
-    def wall(self) -> float:
-        return 1_000_000.0 + self.t
 
 
 def stored(tokens: list[int]) -> BlockStored:
