@@ -22,7 +22,18 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from launch import cluster, compare, compare_live, failover, fuzz, ray_cluster, replay, rl, tail
+from launch import (
+    cluster,
+    cluster_config,
+    compare,
+    compare_live,
+    failover,
+    fuzz,
+    ray_cluster,
+    replay,
+    rl,
+    tail,
+)
 from launch.bench import chaos, overhead, overload
 from launch.sim import fidelity
 from launch.sim import run as simulate
@@ -35,7 +46,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description="KV-cache-aware router for SGLang clusters: launch, observe and load-test a cluster.",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    cluster.add_arguments(
+    cluster_config.add_arguments(
         sub.add_parser(
             "cluster",
             help="start engines, agents and the router on this machine",
@@ -148,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "cluster":
-        cfg = cluster.config_from_args(args)
+        cfg = cluster_config.config_from_args(args)
         # --ray: the same cluster, its processes placed on a Ray cluster (launch/ray_cluster.py)
         c = ray_cluster.RayCluster(cfg) if cfg.ray is not None else None
         try:

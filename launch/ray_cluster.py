@@ -33,7 +33,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from launch.cluster import Cluster, ClusterConfig
+from launch.cluster import Cluster
+from launch.cluster_config import ClusterConfig
 from launch.placement import (
     RayNode,
     RayOptions,

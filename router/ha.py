@@ -32,43 +32,29 @@ kernel refuses them). Every request that connects after the bind is served by th
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import os
-import secrets
 import socket
 import time
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import aiohttp
-import zmq
-from aiohttp import web
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
-
-from kvindex.protocol import TOPIC_ROUTER_HEARTBEAT, RouterHeartbeat
+from kvindex.protocol import RouterHeartbeat
 from kvindex.protocol.numbered import DecisionReceived
 from router import auth
 from router.decisions import (
     ROUTER_HEARTBEAT_INTERVAL,
     DecisionPublisher,
     DecisionSubscriber,
-    heartbeat_of,
 )
 from router.etcd_lease import EtcdLease, LeaseHeld, parse_endpoints
-from router.fence import Fence
-from router.model.mirror import DecisionMirror
+from router.ha_admin import HAAdmin
+from router.ha_state import SERVING_ROLES, HACollector
 
 if TYPE_CHECKING:
-    from router.server import RouterServer
+    pass
 
 log = logging.getLogger(__name__)
-
-SERVING_ROLES = ("primary", "active")
-"""Roles that serve the HTTP port. ``active`` (:mod:`router.active`) serves beside other active routers
-and is outside fencing: it heartbeats with term 0 and never steps down (only a ``primary`` does)."""
 
 BIND_RETRY_MIN = 0.005
 BIND_RETRY_MAX = 0.05
@@ -94,44 +80,14 @@ def try_bind(host: str, port: int) -> socket.socket | None:
     return sock
 
 
-class HANode:
+class HANode(HAAdmin):
     """Role, decision stream, primary following and takeover around one :class:`RouterServer`.
 
     Lifecycle: :meth:`start`, (:meth:`wait_for_primary`), :meth:`stop`. ``role`` changes from
-    ``standby`` to ``primary`` at a takeover, never back.
+    ``standby`` to ``primary`` at a takeover, never back. Its fields and reports are
+    :class:`~router.ha_state.HAState`'s, its admin port and peer registration
+    :class:`~router.ha_admin.HAAdmin`'s.
     """
-
-    def __init__(self, server: RouterServer) -> None:
-        self.server = server
-        cfg = server.cfg
-        self.cfg = cfg
-        self.role = cfg.role
-        self.epoch = secrets.randbelow(2**62 - 1) + 1
-        """This process's incarnation id (random; not comparable between routers)."""
-        self.fence = Fence(1 if cfg.role == "primary" else 0, self.epoch, cfg.primary_timeout)
-        self.fenced = asyncio.Event()
-        """Set once this router stepped down for a primary with a higher epoch."""
-        self.peers: DecisionSubscriber | None = None
-        self._registered_with: str | None = None
-        self.publisher: DecisionPublisher | None = None
-        self.follower: DecisionSubscriber | None = None
-        self.mirror = DecisionMirror(server.core)
-        self.takeovers = 0
-        self.promoted_at: float | None = None
-        """Wall clock (Unix seconds) of this router's takeover, if it took over."""
-        self.primary_lost_at: float | None = None
-        """Wall clock when the primary was first seen gone, for the takeover that followed."""
-        self.bind_attempts = 0
-        self._started = time.monotonic()
-        self._admin: web.AppRunner | None = None
-        self.admin_url: str | None = None
-        self._metrics_site: web.AppRunner | None = None
-        self.metrics_url: str | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._promoted = asyncio.Event()
-        self._promoting = False
-        self.lease: EtcdLease | None = None
-        """``--takeover etcd``: this router's side of the election (serves only while it holds the key)."""
 
     # ------------------------------------------------------------------------------------- lifecycle
 
@@ -146,7 +102,7 @@ class HANode:
         if cfg.takeover == "etcd":
             await self._start_lease()
         server.extra_state = self.state_json
-        server.metrics.registry.register(_HACollector(self))
+        server.metrics.registry.register(HACollector(self))
         server.middlewares.append(self._gate)
         await server.start(bind=self.role in SERVING_ROLES)
         loop = asyncio.get_running_loop()
@@ -179,23 +135,6 @@ class HANode:
             f", following {cfg.primary_decisions}" if self.follower else "",
         )
 
-    def endpoints(self) -> dict[str, str]:
-        """The READY line's endpoints: ``http`` (served, or to be served after a takeover), ``decisions``
-        and ``admin`` when on."""
-        http = (
-            self.server.url
-            if self.server.port
-            else f"{auth.scheme(self.cfg)}://{self.cfg.host}:{self.cfg.port}"
-        )
-        eps = {"http": http}
-        if self.publisher is not None:
-            eps["decisions"] = self.publisher.endpoint
-        if self.admin_url is not None:
-            eps["admin"] = self.admin_url
-        if self.metrics_url is not None:
-            eps["metrics"] = self.metrics_url
-        return eps
-
     async def wait_for_primary(self, timeout: float) -> bool:
         """A standby: wait until the primary's first heartbeat arrived (at most ``timeout`` s)."""
         deadline = time.monotonic() + timeout
@@ -223,33 +162,6 @@ class HANode:
         await self.server.stop()
         if self.publisher is not None:
             self.publisher.close()
-
-    async def _start_admin(self, port: int) -> None:
-        app = web.Application(middlewares=[self.server.access.middleware])
-        app.router.add_get("/health", self._handle_admin_health)
-        if self.cfg.metrics_port is None:
-            app.router.add_get("/metrics", self._handle_admin_metrics)
-        app.router.add_get("/router/state", self._handle_admin_state)
-        app.router.add_post("/router/promote", self._handle_promote)
-        app.router.add_post("/router/peers", self._handle_peers)
-        self._admin, self.admin_url = await self._site(app, self.cfg.admin_host or self.cfg.host, port)
-
-    async def _start_metrics(self, port: int) -> None:
-        app = web.Application(middlewares=[self.server.access.middleware])
-        app.router.add_get("/metrics", self._handle_admin_metrics)
-        app.router.add_get("/health", self._handle_admin_health)
-        host = self.cfg.metrics_host or self.cfg.host
-        self._metrics_site, self.metrics_url = await self._site(app, host, port)
-
-    async def _site(self, app: web.Application, host: str, port: int) -> tuple[web.AppRunner, str]:
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, host, port, ssl_context=self.server.ssl).start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        return runner, f"{auth.scheme(self.cfg)}://{host}:{int(runner.addresses[0][1])}"
 
     # -------------------------------------------------------------------------------------- following
 
@@ -340,21 +252,6 @@ class HANode:
 
     # ------------------------------------------------------------------------------------ heartbeats
 
-    def _publish_heartbeat(self) -> None:
-        if self.publisher is None:
-            return
-        hb = heartbeat_of(
-            self.server.core,
-            self.epoch,
-            self.role,
-            self.endpoints()["http"],
-            os.getpid(),
-            term=self.fence.term,
-            admin=self.admin_url or "",
-            decisions=self.publisher.endpoint,
-        )
-        self.publisher.publish(TOPIC_ROUTER_HEARTBEAT, hb)
-
     async def _beat(self) -> None:
         while True:
             self.fence.beat()
@@ -401,73 +298,6 @@ class HANode:
             self.server.port,
         )
         self.fenced.set()
-
-    @web.middleware
-    async def _gate(
-        self, request: web.Request, handler: Any
-    ) -> web.StreamResponse:  # an aiohttp middleware on the HTTP port
-        # Only a router with a peer can have been deposed while it did not run: a lone router (no standby
-        # registered or configured) never holds (a busy host's late beat would stall its requests ~1 s).
-        while (
-            self.role == "primary"
-            and self.peers is not None
-            and self.peers.endpoints
-            and self.fence.suspect()
-        ):
-            await asyncio.sleep(0.01)
-        if self.role not in SERVING_ROLES or (self.lease is not None and not self.lease.held()):
-            body = {
-                "error": {
-                    "message": "this router was fenced by a primary with a higher epoch or lost its lease",
-                    "type": "service_unavailable",
-                    "param": None,
-                    "code": 503,
-                }
-            }
-            return web.json_response(body, status=503, headers={"Connection": "close"})
-        resp: web.StreamResponse = await handler(request)
-        if not resp.prepared:  # which router answered, and under which epoch
-            resp.headers["X-Router-Epoch"] = f"{self.fence.term}:{self.epoch:x}"
-        return resp
-
-    def _register_with(self, hb: RouterHeartbeat) -> None:
-        """Once per primary: ask it to watch this standby's stream (so it sees a takeover)."""
-        if not hb.admin or self.publisher is None or self._registered_with == hb.admin:
-            return
-        self._registered_with = hb.admin
-        self._tasks.append(asyncio.get_running_loop().create_task(self._register(hb.admin), name="register"))
-
-    async def _register(self, admin: str) -> None:
-        key = self.server.access.client_key
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        ssl_ctx = auth.client_ssl(self.cfg)
-        body = {"decisions": self.publisher.endpoint if self.publisher else ""}
-        for attempt in range(20):
-            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
-                async with (
-                    aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as s,
-                    s.post(f"{admin}/router/peers", json=body, headers=headers, ssl=ssl_ctx) as r,
-                ):
-                    if r.status == 200:
-                        log.info("registered with the primary at %s as its peer", admin)
-                        return
-                    log.warning("primary at %s refused the peer registration: %d", admin, r.status)
-                    if r.status in (401, 403, 404):
-                        return
-            await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
-
-    async def _handle_peers(self, request: web.Request) -> web.Response:
-        try:
-            body = await request.json()
-            ep = body["decisions"]
-            if not isinstance(ep, str) or not ep.startswith("tcp://") or len(ep) > 200:
-                raise ValueError("decisions must be a tcp:// endpoint")
-            assert self.peers is not None
-            self.peers.add_endpoint(ep)
-        except (ValueError, KeyError, TypeError, zmq.ZMQError) as exc:
-            return web.json_response({"error": f"bad peer registration: {exc}"}, status=400)
-        log.info("watching peer decision stream %s", ep)
-        return web.json_response({"peers": list(self.peers.endpoints)})
 
     # ------------------------------------------------------------------------------------ etcd lease
 
@@ -542,122 +372,3 @@ class HANode:
         self.fenced.set()
 
     # ----------------------------------------------------------------------------------------- state
-
-    def state_json(self) -> dict[str, Any]:
-        """The ``ha`` section of ``GET /router/state``."""
-        now = time.monotonic()
-        hb = self.mirror.primary
-        f = self.follower
-        return {
-            "role": self.role,
-            "pid": os.getpid(),
-            "router_epoch": f"{self.epoch:x}",
-            "term": self.fence.term,
-            "highest_term_seen": self.fence.highest.term if self.fence.highest else None,
-            "fenced_by": None
-            if self.fence.fenced_by is None
-            else {"http": self.fence.fenced_by.http, "term": self.fence.fenced_by.term},
-            "stalls": self.fence.stalls,
-            "peers": list(self.peers.endpoints) if self.peers else [],
-            "decisions": self.publisher.endpoint if self.publisher else None,
-            "admin": self.admin_url,
-            "following": self.cfg.primary_decisions if self.cfg.role == "standby" else None,
-            "primary_connected": bool(
-                f and self.cfg.primary_decisions and f.connected(self.cfg.primary_decisions)
-            ),
-            "primary_heartbeat_age": None
-            if self.mirror.heartbeat_at is None
-            else now - self.mirror.heartbeat_at,
-            "primary_http": hb.http if hb else None,
-            "mirrored_open": self.mirror.open_tickets,
-            "mirror": vars(self.mirror.stats).copy(),
-            "takeovers": self.takeovers,
-            "promoted_at": self.promoted_at,
-            "primary_lost_at": self.primary_lost_at,
-            "bind_attempts": self.bind_attempts,
-            "lease": None
-            if self.lease is None
-            else {
-                "key": self.lease.key.decode(),
-                "held": self.lease.held(),
-                "epoch": self.lease.epoch,
-                "lost": self.lease.lost_reason or None,
-                "holder_seen": vars(self.lease.holder) if self.lease.holder else None,
-            },
-            "published": dict(self.publisher.published) if self.publisher else {},
-        }
-
-    async def _handle_admin_health(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            {"status": "ok", "role": self.role, "instances_routable": self.server.core.routable_count()}
-        )
-
-    async def _handle_admin_metrics(self, request: web.Request) -> web.Response:
-        m = self.server.metrics
-        return web.Response(body=m.render(), headers={"Content-Type": m.content_type})
-
-    async def _handle_admin_state(self, request: web.Request) -> web.Response:
-        return web.json_response(self.server.state_json())
-
-    async def _handle_promote(self, request: web.Request) -> web.Response:
-        if self.lease is not None:
-            msg = "--takeover etcd: the holder of the etcd leader key serves; promotion is not by request"
-            return web.json_response({"role": self.role, "error": msg}, status=409)
-        try:
-            ok = await self.promote_now()
-        except OSError as exc:
-            return web.json_response({"role": self.role, "error": str(exc)}, status=500)
-        if not ok:
-            msg = f"{self.cfg.host}:{self.cfg.port} is still in use or not on this machine"
-            return web.json_response({"role": self.role, "error": msg}, status=409)
-        return web.json_response({"role": self.role, "url": self.server.url})
-
-
-class _HACollector(Collector):
-    """The router's HA metrics, read at scrape time."""
-
-    def __init__(self, node: HANode) -> None:
-        self._node = node
-
-    def collect(self) -> Iterator[Metric]:
-        n = self._node
-        role = GaugeMetricFamily("router_role", "1 for this router's current role", labels=["role"])
-        for r in ("primary", "standby", "fenced", "active"):
-            role.add_metric([r], 1.0 if n.role == r else 0.0)
-        yield role
-        yield GaugeMetricFamily("router_epoch", "This router's fencing epoch (term)", value=n.fence.term)
-        yield CounterMetricFamily(
-            "router_fenced",
-            "Times this router stopped serving for a primary with a higher epoch",
-            value=1 if n.role == "fenced" else 0,
-        )
-        yield CounterMetricFamily(
-            "router_takeovers", "Times this router took the port over", value=n.takeovers
-        )
-        pub = CounterMetricFamily(
-            "router_decision_frames_published", "Decision-stream frames published, by type", labels=["type"]
-        )
-        if n.publisher is not None:
-            for t, c in sorted(n.publisher.published.items()):
-                pub.add_metric([t], c)
-        yield pub
-        ms = n.mirror.stats
-        mir = CounterMetricFamily(
-            "router_mirrored_decisions",
-            "Primary's decisions applied by this standby, by outcome",
-            labels=["kind"],
-        )
-        for kind in ("routed", "finished", "unknown_finished", "reconciled", "released"):
-            mir.add_metric([kind], getattr(ms, kind))
-        yield mir
-        gaps = CounterMetricFamily(
-            "router_decision_stream_lost_frames", "Frames of the followed decision stream never received"
-        )
-        gaps.add_metric([], n.follower.stats.lost_frames if n.follower else 0)
-        yield gaps
-        age = n.mirror.heartbeat_at
-        yield GaugeMetricFamily(
-            "router_primary_heartbeat_age_seconds",
-            "Seconds since the followed primary's last heartbeat (-1: none yet or not a standby)",
-            value=-1.0 if age is None or n.role != "standby" else time.monotonic() - age,
-        )

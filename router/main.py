@@ -22,7 +22,8 @@ from kvindex.protocol.tokenizer import TokenizerError
 from kvindex.transport import Stop, run_process, stop_signals
 from router.active import ActiveCollector, ActivePeers
 from router.auth import AuthConfigError
-from router.config import RouterConfig, parse_args
+from router.cli import parse_args
+from router.config import RouterConfig
 from router.etcd_lease import LeaseError
 from router.ha import HANode
 from router.model.slots import DecisionSlots

@@ -35,7 +35,8 @@ from launch.sim.router_tier import SimRouterTier
 from launch.summary import summarize
 from launch.trace import load_trace, window
 from router.active import ActivePeers
-from router.config import RouterConfig, parse_args
+from router.cli import parse_args
+from router.config import RouterConfig
 from router.decisions import finished_message, heartbeat_of, routed_message
 from router.fence import Fence
 from router.model.model import RoutingModel

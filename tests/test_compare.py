@@ -172,7 +172,8 @@ def test_provoke_traces_and_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 
 def test_router_takes_every_policy_and_the_linear_weights() -> None:
-    from router.config import RouterConfig, parse_args
+    from router.cli import parse_args
+    from router.config import RouterConfig
     from router.model.lmetric import Linear
     from router.model.model import RoutingModel
     from router.model.policies import POLICIES

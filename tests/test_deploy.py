@@ -31,7 +31,7 @@ kv = pytest.importorskip("kubernetes_validate")
 
 from agents.agent.config import parse_args as agent_args  # noqa: E402
 from agents.engine.config import parse_args as engine_args  # noqa: E402
-from router.config import parse_args as router_args  # noqa: E402
+from router.cli import parse_args as router_args  # noqa: E402
 from router.k8s_elector import parse_args as elector_args  # noqa: E402
 from router.metricsd import parse_args as metricsd_args  # noqa: E402
 

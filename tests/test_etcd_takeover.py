@@ -36,7 +36,7 @@ import aiohttp
 import pytest
 
 from kvindex.protocol.ready import parse_ready
-from router.config import parse_args
+from router.cli import parse_args
 from router.etcd_lease import Holder, LeaseClock, parse_endpoints
 from tests.ports import free_port
 

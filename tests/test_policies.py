@@ -442,12 +442,13 @@ def test_policy_params_reach_every_driver(monkeypatch: pytest.MonkeyPatch) -> No
     import argparse
 
     from launch.cluster import Cluster
-    from launch.cluster import add_arguments as cluster_arguments
-    from launch.cluster import config_from_args as cluster_config
+    from launch.cluster_config import add_arguments as cluster_arguments
+    from launch.cluster_config import config_from_args as cluster_config
     from launch.sim.run import add_arguments as sim_arguments
     from launch.sim.run import config_from_args as sim_config
     from launch.sim.run import config_json, seeded_policy
-    from router.config import RouterConfig, parse_args
+    from router.cli import parse_args
+    from router.config import RouterConfig
     from router.model.lmetric import Linear
     from router.model.model import RoutingModel
     from router.model.policies import Param

@@ -39,7 +39,8 @@ from kvindex.protocol import (
     encode_message,
     make_frame,
 )
-from router.config import RouterConfig, parse_args
+from router.cli import parse_args
+from router.config import RouterConfig
 from router.forward import SseEventCounter
 from router.model.model import NoLiveInstance, RoutingModel, SnapshotJob
 from router.server import RouterServer

@@ -27,7 +27,8 @@ import zmq.asyncio
 from kvindex import curve
 from kvindex.transport import Publisher, make_socket
 from router.auth import AuthConfigError, KeyRing, read_keys
-from router.config import RouterConfig, parse_args
+from router.cli import parse_args
+from router.config import RouterConfig
 from router.ha import HANode
 from router.server import RouterServer
 from tests.ports import free_port

@@ -11,15 +11,8 @@ from agents.engine.profiles import get_profile
 from kvindex.hashing import block_hashes
 from kvindex.protocol import BlockStored, LoadStat
 from launch.__main__ import main
-from launch.sim.cluster import (
-    INGEST_OVERHEAD_S,
-    INGEST_PER_TOKEN_S,
-    SimConfig,
-    SimResult,
-    _needed_ticks,
-    ingest_times,
-    simulate,
-)
+from launch.sim.cluster import SimConfig, SimResult, _needed_ticks, simulate
+from launch.sim.ingest import INGEST_OVERHEAD_S, INGEST_PER_TOKEN_S, ingest_times
 from launch.sim.prompts import PromptFactory
 from launch.sim.router_model import SimRouter
 from launch.summary import summarize

@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from router.config import RouterConfig, parse_args
+from router.cli import parse_args
+from router.config import RouterConfig
 from router.ha import HANode
 from router.server import RouterServer
 

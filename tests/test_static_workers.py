@@ -9,7 +9,7 @@ import random
 import pytest
 
 from kvindex.protocol.sglang import BlockRemoved, BlockStored
-from router.config import parse_args
+from router.cli import parse_args
 from router.model.routed import RoutedBlocks
 from router.server import RouterServer
 from router.static_workers import MIN_BLOCK_SIZE

@@ -20,7 +20,7 @@ import zmq.asyncio
 
 from kvindex.protocol import BlockStored, Snapshot, SnapshotRequest, decode_message, encode_message
 from kvindex.protocol.cluster_file import ProcessEntry, read_cluster_file
-from launch.cluster import ClusterConfig
+from launch.cluster_config import ClusterConfig
 
 READY_TIMEOUT = 180.0
 

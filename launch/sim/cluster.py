@@ -14,7 +14,7 @@ order, and ``seq`` (insertion order) makes the order total, so a run is a pure f
    arrives are computed: for an arrival at ``t`` that is the last tick ``T`` with ``T + delay <= t``.
    Ticks in between would be superseded before the router reads them, so skipping them changes nothing.
 2. ``ARRIVAL``: trace request ``k`` arrives (sent at trace time / rate scale, then ingested by the
-   router: :func:`ingest_times`); the router routes it at once
+   router: :func:`~launch.sim.ingest.ingest_times`); the router routes it at once
    (:class:`SimRouter`) and it is queued in the chosen engine. With ``routers`` > 1 the requests go to
    the routers round robin in send order, each router ingests its own, and each decision reaches the
    other routers ``router_delay`` later (:mod:`launch.sim.router_tier`).
@@ -44,6 +44,7 @@ from tqdm import tqdm
 from agents.engine.core import EngineConfig, EngineCore, Request, RequestRejected, TokenOutput
 from agents.engine.profiles import DEFAULT_PROFILE, get_profile
 from launch.sim.engine_pool import LiveRequest, SimInstance
+from launch.sim.ingest import INGEST_OVERHEAD_S, INGEST_PER_TOKEN_S, ingest_times
 from launch.sim.prompts import PromptFactory
 from launch.sim.router_model import SimRouter
 from launch.sim.router_tier import ROUTER_DELAY_S, SimRouterTier
@@ -53,7 +54,7 @@ from router.model.config import DEFAULTS, ModelConfig
 from router.model.policies import Policy
 from router.model.slots import DecisionSlots
 
-__all__ = ["INGEST_OVERHEAD_S", "INGEST_PER_TOKEN_S", "SimConfig", "SimResult", "ingest_times", "simulate"]
+__all__ = ["SimConfig", "SimResult", "simulate"]
 
 _DONE, _TICK, _ARRIVAL, _KICK = 0, 1, 2, 3
 
@@ -61,56 +62,6 @@ HOLD_S = 0.02
 """How long a held request waits at the router before it is routed again (the paper acts every 0.02 s)."""
 MAX_HOLDS = 50
 """A request is held at most this many times (1 s), then routed where the policy ranks best."""
-
-INGEST_OVERHEAD_S = 0.001
-INGEST_PER_TOKEN_S = 0.26e-6
-"""The router's ingest work per request, from send to routing decision (client write, HTTP transfer,
-JSON parse of the token ids, block hashing): ``INGEST_OVERHEAD_S + INGEST_PER_TOKEN_S * prompt tokens``
-seconds, served by one shared CPU, processor-sharing (:func:`ingest_times`). Measured on this project's
-live router (2-vCPU host) with ``launch fidelity``: on the Azure trace, where requests rarely overlap,
-send-to-route delays fit 1.0-1.1 ms + 0.25-0.27 us per token; with those constants the processor-sharing
-queue predicts the Mooncake trace's burst delays (mean 24-26 ms predicted, 19-22 ms observed). It matters
-because the Mooncake trace's timestamps come in 3 s steps, so a dozen requests share one and are routed
-shortest first; routed in trace order instead (both 0), the simulator's mean TPOT was 12-32 % below the
-live one in seven of eight level runs (docs/simulator.md)."""
-
-
-def ingest_times(
-    sends: Sequence[float], sizes: Sequence[int], overhead: float, per_token: float
-) -> list[float]:
-    """When each request is routed: a processor-sharing server (the router's one event loop reads and
-    parses every request in flight at once) with ``overhead + per_token * size`` seconds of work per
-    request. ``sends`` in seconds, ``sizes`` in prompt tokens, same order; the result in that order.
-
-    A lone request is routed its work after its send; ``n`` requests sent together share the server, so
-    the shortest is routed first, and the longest only after all of them (``sum`` of their work). Both
-    constants 0: the send times.
-    """
-    n = len(sends)
-    if overhead == 0.0 and per_token == 0.0:
-        return [float(t) for t in sends]
-    order = sorted(range(n), key=lambda i: (sends[i], i))
-    out = [0.0] * n
-    # (virtual finish, request); virtual time advances at 1 / (requests in service) per second
-    heap: list[tuple[float, int]] = []
-    t = v = 0.0
-    k = 0
-    while k < n or heap:
-        next_send = sends[order[k]] if k < n else math.inf
-        if heap:
-            vf, i = heap[0]
-            t_fin = t + (vf - v) * len(heap)
-            if t_fin <= next_send:
-                heapq.heappop(heap)
-                t, v = t_fin, vf
-                out[i] = t
-                continue
-            v += (next_send - t) / len(heap)
-        t = next_send
-        i = order[k]
-        k += 1
-        heapq.heappush(heap, (v + overhead + per_token * sizes[i], i))
-    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +72,7 @@ class SimConfig:
     mirror ``router.config.RouterConfig`` defaults. ``event_delay``: engine -> agent -> router latency
     of KV event batches and load reports; ``load_period``: seconds between an engine's load reports;
     ``ingest_overhead + ingest_per_token * prompt tokens``: seconds of the router's ingest work per
-    request, processor-shared (see :data:`INGEST_OVERHEAD_S`). Both 0: every request is routed at its
+    request, processor-shared (see :data:`launch.sim.ingest.INGEST_OVERHEAD_S`). Both 0: every request is routed at its
     trace time, and equal timestamps in trace order. ``policy_params``: the policies' parameters given
     (``ModelConfig.policy_params``; :func:`launch.sim.run.seeded_policy` makes a policy with them).
     ``routers``: active routers, each following the others' decisions ``router_delay`` seconds late

@@ -32,8 +32,9 @@ from typing import Any
 import numpy as np
 
 from agents.engine.profiles import DEFAULT_PROFILE, PROFILES
-from launch.sim.cluster import SimConfig, ingest_times, simulate
+from launch.sim.cluster import SimConfig, simulate
 from launch.sim.fidelity_table import agreement, format_agreement, side_by_side
+from launch.sim.ingest import ingest_times
 from launch.sim.live_run import run_live
 from launch.sim.run import add_ingest_arguments, check_ingest_arguments, result_summary, seeded_policy
 from launch.trace import DEFAULT_TRACE, TraceError, TraceRequest, load_trace, window
@@ -106,7 +107,7 @@ def ingest_check(
     live: Sequence[dict[str, Any]], prompt_tokens: dict[int, int], overhead: float, per_token: float
 ) -> dict[str, float] | None:
     """The live runs' send-to-route delays against what the simulator's ingest model
-    (:func:`launch.sim.cluster.ingest_times`) predicts for the same sends.
+    (:func:`launch.sim.ingest.ingest_times`) predicts for the same sends.
 
     ``prompt_tokens``: trace index -> prompt length. Returns ``{"requests", "observed_mean_s",
     "observed_p90_s", "observed_max_s", "predicted_mean_s", "predicted_p90_s", "predicted_max_s"}``, or

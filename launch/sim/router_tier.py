@@ -9,7 +9,7 @@ every other router's decision stream. The simulator models exactly that:
   (each router has its own inbox; they are the same agents' streams);
 * requests are assigned to routers **round robin in send order** (request ``j`` of the plan, in trace
   order, goes to router ``j mod k``; a Service or client-side round robin in front of the tier), and each
-  router ingests only its own requests (:func:`launch.sim.cluster.ingest_times` per router: k routers
+  router ingests only its own requests (:func:`launch.sim.ingest.ingest_times` per router: k routers
   have k event loops);
 * when router ``r`` routes a request at ``t``, its decision (instance, block hashes, new prefill tokens,
   dispatch time) reaches every other router at ``t + router_delay`` and is applied there as a pending

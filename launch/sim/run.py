@@ -22,7 +22,8 @@ from typing import Any
 
 from agents.engine.profiles import DEFAULT_PROFILE, PROFILES
 from launch.plots import cdf_title, plot_cdf
-from launch.sim.cluster import INGEST_OVERHEAD_S, INGEST_PER_TOKEN_S, SimConfig, SimResult, simulate
+from launch.sim.cluster import SimConfig, SimResult, simulate
+from launch.sim.ingest import INGEST_OVERHEAD_S, INGEST_PER_TOKEN_S
 from launch.sim.prompts import PromptFactory
 from launch.summary import format_summary, summarize
 from launch.trace import DEFAULT_TRACE, DEFAULT_VOCAB_SIZE, TraceError, TraceRequest, load_trace, window
@@ -197,7 +198,7 @@ def policy_names(spec: str) -> list[str]:
 
 
 def add_ingest_arguments(p: argparse.ArgumentParser) -> None:
-    """``--ingest-overhead`` and ``--ingest-per-token`` (see :data:`launch.sim.cluster.INGEST_OVERHEAD_S`)."""
+    """``--ingest-overhead`` and ``--ingest-per-token`` (see :data:`launch.sim.ingest.INGEST_OVERHEAD_S`)."""
     p.add_argument(
         "--ingest-overhead",
         type=float,

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from agents.engine.profiles import get_profile
-from launch.sim.cluster import SimConfig, ingest_times, simulate
+from launch.sim.cluster import SimConfig, simulate
+from launch.sim.ingest import ingest_times
 from launch.sim.prompts import PromptFactory
 from launch.sim.run import seeded_policy
 from launch.trace import load_trace, window
