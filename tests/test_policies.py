@@ -153,9 +153,32 @@ def test_lmetric_choice_is_minimal_among_candidates(
     candidates = [v for v in views if not v.at_max_running] or views
     by_name = {v.name: v for v in views}
     assert by_name[d.instance] in candidates
-    best = min(lmetric_score(v, prompt - cached[v.name]) for v in candidates)
-    assert d.score == best == lmetric_score(by_name[d.instance], d.new_tokens)
+    assert d.score == lmetric_score(by_name[d.instance], d.new_tokens)
     assert d.new_tokens + d.cached_tokens == prompt
+
+    def prefill(v: InstanceView) -> int:
+        return v.queued_prefill_tokens + prompt - cached[v.name]
+
+    def fresh(v: InstanceView) -> bool:
+        return v.queued_prefill_tokens > 0 or v.unreported > 0
+
+    if d.reason != "fresh_guard":  # the product's minimum
+        assert d.score == min(lmetric_score(v, prompt - cached[v.name]) for v in candidates)
+        return
+    # stalls_fresh: the least product among the candidates with less prefill work than the product's
+    # choice and no fresh request (which the product's choice holds)
+    assert "stalls_fresh" in d.failure_cases and not fresh(by_name[d.instance])
+    low = min(lmetric_score(v, prompt - cached[v.name]) for v in candidates)
+    tied = [v for v in candidates if lmetric_score(v, prompt - cached[v.name]) == low]  # one was the pick
+
+    def guarded(pick: InstanceView) -> float | None:
+        calm = [v for v in candidates if prefill(v) < prefill(pick) and not fresh(v)]
+        if not fresh(pick) or not calm:
+            return None
+        return min(lmetric_score(v, prompt - cached[v.name]) for v in calm)
+
+    assert d.score in {guarded(v) for v in tied}
+    assert prefill(by_name[d.instance]) < max(prefill(v) for v in tied)
 
 
 # ------------------------------------------------------------------------------- baselines, linear
