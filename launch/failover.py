@@ -41,12 +41,12 @@ from typing import Any
 import aiohttp
 
 from kvindex.protocol.cluster_file import ProcessEntry, read_cluster_file
+from launch.procs import start_cluster
 from launch.replay import build_body, send_one
 from launch.summary import RequestRecord
 from launch.trace import DEFAULT_TRACE, DEFAULT_VOCAB_SIZE, TraceError, TraceRequest, load_trace, window
 
 PROBE_INTERVAL = 0.01
-READY_TIMEOUT = 180.0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -134,35 +134,10 @@ def machine() -> str:
 async def _start_cluster(
     args: argparse.Namespace, port: int, workdir: Path
 ) -> tuple[asyncio.subprocess.Process, Path]:
-    cfile = workdir / "cluster.json"
-    cmd = [
-        sys.executable, "-m", "launch", "cluster", "--instances", str(args.instances), "--port", str(port),
-        "--cluster-file", str(cfile), "--log-dir", str(workdir / "logs"), "--time-scale", str(args.time_scale),
-        "--primary-timeout", str(args.primary_timeout),
-    ]  # fmt: skip
+    extra = ["--primary-timeout", str(args.primary_timeout)]
     if args.max_total_tokens:
-        cmd += ["--max-total-tokens", str(args.max_total_tokens)]
-    workdir.mkdir(parents=True, exist_ok=True)
-    errlog = (workdir / "launch.log").open("a")
-    proc = await asyncio.create_subprocess_exec(
-        *cmd, stdout=asyncio.subprocess.PIPE, stderr=errlog, stdin=asyncio.subprocess.DEVNULL
-    )
-    errlog.close()
-    assert proc.stdout is not None
-    deadline = time.monotonic() + READY_TIMEOUT
-    while True:
-        left = deadline - time.monotonic()
-        try:
-            line = await asyncio.wait_for(proc.stdout.readline(), max(left, 0.01))
-        except asyncio.TimeoutError:
-            line = b""
-        if not line:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGINT)
-            await proc.wait()
-            raise RuntimeError(f"launch cluster did not become ready (logs in {workdir})")
-        if line.startswith(b"router: "):
-            return proc, cfile
+        extra += ["--max-total-tokens", str(args.max_total_tokens)]
+    return await start_cluster(args, port, workdir, extra)
 
 
 async def _stop_cluster(proc: asyncio.subprocess.Process) -> None:

@@ -4,10 +4,14 @@ Each child runs ``python -m MODULE ARGS`` in its own process group (so a termina
 the launcher, which then stops children in dependency order), with ``PR_SET_PDEATHSIG`` on Linux so that
 a launcher killed with SIGKILL still takes its children with it. stdout and stderr go to one log file
 per child; the launcher scans stdout for the ``READY`` line (:mod:`kvindex.protocol.ready`).
+
+:func:`start_cluster` is the other direction: a whole ``launch cluster`` as one child, for the
+benchmarks (failover, chaos, overload) that start and kill clusters.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import ctypes
@@ -15,6 +19,8 @@ import logging
 import os
 import signal
 import sys
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -173,3 +179,46 @@ async def stop_all(children: list[Child], timeout: float = 5.0) -> None:
     """Stop children in reverse start order (routers before agents before engines)."""
     for c in reversed(children):
         await c.stop(timeout)
+
+
+CLUSTER_READY_TIMEOUT = 180.0
+"""Seconds a benchmark waits for its ``launch cluster`` child to be ready."""
+
+
+async def start_cluster(
+    args: argparse.Namespace, port: int, workdir: Path, extra: Sequence[str] = ()
+) -> tuple[asyncio.subprocess.Process, Path]:
+    """``python -m launch cluster`` for a benchmark: ``args.instances`` engines at ``args.time_scale`` on
+    HTTP ``port`` (plus ``extra`` flags), cluster file and logs under ``workdir``, in a child process.
+    Returns it and its cluster file once the launcher printed ``router: URL``.
+
+    Raises:
+        RuntimeError: the launcher exited, or was not ready within :data:`CLUSTER_CLUSTER_READY_TIMEOUT` s (it is
+            stopped first).
+    """
+    cfile = workdir / "cluster.json"
+    cmd = [
+        sys.executable, "-m", "launch", "cluster", "--instances", str(args.instances), "--port", str(port),
+        "--cluster-file", str(cfile), "--log-dir", str(workdir / "logs"), "--time-scale", str(args.time_scale),
+        *extra,
+    ]  # fmt: skip
+    workdir.mkdir(parents=True, exist_ok=True)
+    errlog = (workdir / "launch.log").open("a")
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, stdout=asyncio.subprocess.PIPE, stderr=errlog, stdin=asyncio.subprocess.DEVNULL
+    )
+    errlog.close()
+    assert proc.stdout is not None
+    deadline = time.monotonic() + CLUSTER_READY_TIMEOUT
+    while True:
+        try:
+            line = await asyncio.wait_for(proc.stdout.readline(), max(deadline - time.monotonic(), 0.01))
+        except asyncio.TimeoutError:
+            line = b""
+        if not line:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGINT)
+            await proc.wait()
+            raise RuntimeError(f"launch cluster did not become ready (logs in {workdir})")
+        if line.startswith(b"router: "):
+            return proc, cfile

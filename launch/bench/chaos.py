@@ -50,11 +50,11 @@ from launch.bench.chaos_cluster import (
     router_blocks,
     router_state,
     rss_kib,
-    start_cluster,
     stop_cluster,
 )
 from launch.bench.chaos_report import Done, Event, Run, analyse, format_report
 from launch.failover import free_port
+from launch.procs import start_cluster
 from launch.replay import build_body
 from launch.trace import DEFAULT_TRACE, DEFAULT_VOCAB_SIZE, TraceRequest, load_trace, window
 

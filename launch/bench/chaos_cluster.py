@@ -10,7 +10,6 @@ import contextlib
 import signal
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,43 +21,7 @@ from kvindex.protocol import BlockStored, Snapshot, SnapshotRequest, decode_mess
 from kvindex.protocol.cluster_file import ProcessEntry, read_cluster_file
 from launch.cluster_config import ClusterConfig
 
-READY_TIMEOUT = 180.0
-
-
 # ------------------------------------------------------------------------------------------ cluster
-
-
-async def start_cluster(
-    args: argparse.Namespace, port: int, workdir: Path, extra: Sequence[str] = ()
-) -> tuple[asyncio.subprocess.Process, Path]:
-    """``launch cluster`` (plus ``extra`` flags) in a child process; returns it and its cluster file once
-    the router is up."""
-    cfile = workdir / "cluster.json"
-    cmd = [
-        sys.executable, "-m", "launch", "cluster", "--instances", str(args.instances), "--port", str(port),
-        "--cluster-file", str(cfile), "--log-dir", str(workdir / "logs"), "--time-scale", str(args.time_scale),
-        *extra,
-    ]  # fmt: skip
-    workdir.mkdir(parents=True, exist_ok=True)
-    errlog = (workdir / "launch.log").open("a")
-    proc = await asyncio.create_subprocess_exec(
-        *cmd, stdout=asyncio.subprocess.PIPE, stderr=errlog, stdin=asyncio.subprocess.DEVNULL
-    )
-    errlog.close()
-    assert proc.stdout is not None
-    deadline = time.monotonic() + READY_TIMEOUT
-    while True:
-        try:
-            line = await asyncio.wait_for(proc.stdout.readline(), max(deadline - time.monotonic(), 0.01))
-        except asyncio.TimeoutError:
-            line = b""
-        if not line:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGINT)
-            await proc.wait()
-            raise RuntimeError(f"launch cluster did not become ready (logs in {workdir})")
-        if line.startswith(b"router: "):
-            return proc, cfile
 
 
 async def stop_cluster(proc: asyncio.subprocess.Process, extra: list[asyncio.subprocess.Process]) -> None:

@@ -34,8 +34,9 @@ import aiohttp
 import numpy as np
 
 from kvindex.protocol.cluster_file import read_cluster_file
-from launch.bench.chaos_cluster import rss_kib, start_cluster, stop_cluster
+from launch.bench.chaos_cluster import rss_kib, stop_cluster
 from launch.failover import free_port, machine
+from launch.procs import start_cluster
 from launch.trace import DEFAULT_TRACE, DEFAULT_VOCAB_SIZE, TraceRequest, load_trace, prompt_tokens
 
 
