@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
@@ -21,8 +25,9 @@ from agents.agent.config import AgentConfig
 from agents.agent.engine_link import check_health
 from agents.agent.health import EngineHealth, Health
 from agents.engine.config import ServerConfig
-from agents.engine.health import ServerStatus
+from agents.engine.health import ENV_HEALTH_GENERATION, ServerStatus
 from agents.engine.server import EngineServer
+from kvindex.protocol.ready import parse_ready
 from tests.live_rig import AgentRunner, agent_config, close_all, engine_config, wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -325,3 +330,27 @@ async def test_abort_request_stops_a_running_request(http: aiohttp.ClientSession
         assert resp.status == 200 and res["meta_info"]["finish_reason"]["type"] == "abort"
     finally:
         await srv.stop()
+
+
+def test_idle_engine_process_at_time_scale_0_answers_every_probe_in_about_a_second() -> None:
+    """``health_generate`` compares ``time.time()`` stamps, so the probe's own 1-token output always counts.
+    The engine process runs on uvloop, whose ``loop.time()`` is libuv's cached millisecond clock: stamps
+    from it made the probe and an instant (time scale 0) step read the same value, ``>`` failed, and an
+    idle engine looked unhealthy for up to its 20 s timeout, probe after probe (an agent waited up to a
+    minute to start). Every probe of an idle engine process must answer 200 in about a second."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", ENV_HEALTH_GENERATION: "1"}
+    cmd = [sys.executable, "-m", "agents.engine.server", "--port", "0", "--time-scale", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        ready = parse_ready(proc.stdout.readline())
+        assert ready is not None
+        for _ in range(6):
+            t0 = time.monotonic()
+            with urllib.request.urlopen(ready.endpoints["http"] + "/health", timeout=10) as r:
+                assert r.status == 200
+            took = time.monotonic() - t0
+            assert 0.95 <= took < 5.0, took
+    finally:
+        proc.kill()
+        proc.wait()

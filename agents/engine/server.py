@@ -26,6 +26,7 @@ import contextlib
 import logging
 import signal
 import ssl
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -102,7 +103,10 @@ class EngineServer:
         self._wake: asyncio.Event | None = None
         self._deadline = 0.0
         self.status = ServerStatus.STARTING
-        # Loop time of the scheduler's last output (SGLang: TokenizerManager.last_receive_tstamp).
+        # time.monotonic() of the scheduler's last output (SGLang: TokenizerManager.last_receive_tstamp,
+        # from time.time()). Not loop.time(): uvloop's is libuv's cached millisecond clock, so a probe and
+        # the 1-token step that answers it often read the same value and ``>`` never held on an idle engine
+        # (the agent then waited up to a minute for an engine to look healthy).
         self.last_receive = 0.0
 
     # ---------------------------------------------------------------------------------------- lifecycle
@@ -137,7 +141,7 @@ class EngineServer:
             task = asyncio.create_task(coro)
             task.add_done_callback(_log_crash)
             self._tasks.append(task)
-        self.last_receive = asyncio.get_running_loop().time()
+        self.last_receive = time.monotonic()
         if cfg.startup_delay > 0:
             task = asyncio.create_task(self._come_up(cfg.startup_delay))
             task.add_done_callback(_log_crash)
@@ -199,6 +203,7 @@ class EngineServer:
         """
         loop = asyncio.get_running_loop()
         tic = loop.time()
+        seen = time.monotonic()  # compared with last_receive (see __init__)
         rid: str | None = None
         if self.alive and not self.core.busy:
             rid = f"{HEALTH_CHECK_RID_PREFIX}_{uuid.uuid4().hex}"
@@ -212,7 +217,7 @@ class EngineServer:
         try:
             while loop.time() < tic + self.cfg.health_check_timeout:
                 await asyncio.sleep(PROBE_TICK)
-                if self.last_receive > tic:
+                if self.last_receive > seen:
                     if self.status is ServerStatus.UNHEALTHY:
                         self.status = ServerStatus.UP
                     return True
@@ -333,7 +338,7 @@ class EngineServer:
             now = loop.time()
             self.metrics.step_lateness.observe(max(0.0, now - self._deadline))
             outputs = core.complete(step, now)
-            self.last_receive = now
+            self.last_receive = time.monotonic()
             self._publish_events()
             for out in outputs:
                 self._deliver(out, now)
