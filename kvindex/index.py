@@ -8,15 +8,16 @@ instance ids (instance names are interned to ``0..n-1``; a freed id is reused, l
 stay small). Matching a prompt hashes its full pages and walks them from the start with an ``alive`` mask
 (every known instance at first), ANDing in each block's holders; the depth at which an instance's bit
 drops is its cached prefix in blocks. The walk stops as soon as ``alive`` is 0, so it costs
-O(longest match) dict look-ups whatever the number of instances.
+O(longest match) table look-ups whatever the number of instances.
 
 Data layout (chosen for memory: ~84 bytes of RSS per resident (instance, block) pair at 10 million of
 them, against 154 for the previous per-instance sets and global parent map; ``docs/kvindex.md``
 has the measurements):
 
-* ``holders: dict[int, int]`` -- the ONLY per-hash structure. A bit means "holds it, really or
-  speculatively". A sole holder's mask is the shared ``1 << id`` int, so a block held once costs its dict
-  slot and its key int, nothing else.
+* ``holders`` (:mod:`kvindex.holders`: a C open-addressing table of 64-bit hashes and masks, ~16-27
+  bytes a hash, or a dict with the same batch methods) -- the ONLY per-hash structure. A bit means
+  "holds it, really or speculatively". Each pass over a request's blocks (the match walk, the
+  speculative insert, an event's store or remove) is one call into the table.
 * ``spec[id]``: the instance's speculative entries (hash -> insertion time in seconds of the caller's
   clock, in insertion order, so expiry and the per-instance cap pop from the front). Small: capped.
   An instance *really* holds ``h`` iff its bit is set and ``h`` is not in ``spec[id]``.
@@ -46,16 +47,14 @@ Events come from the network: nothing here raises on their content. Odd events a
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from itertools import repeat
-from operator import and_, eq
 
 from kvindex.blocklog import BlockLog
 from kvindex.hashing import block_hashes
-from kvindex.index_core import CHUNK, IndexCore, IndexStats
+from kvindex.index_core import IndexCore, IndexStats
 from kvindex.protocol.sglang import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 __all__ = ["COMPACT_STEP", "LOG_SLACK", "GlobalIndex", "MatchResult"]
@@ -102,7 +101,7 @@ class GlobalIndex(IndexCore):
     def _live(self, i: int, hashes: Sequence[int]) -> Sequence[object]:
         """Per hash, truthy iff instance ``i`` really holds it (look-ups from C: misses overlap)."""
         bit = 1 << i
-        masks = list(map(self._holders.get, hashes, repeat(0)))
+        masks = self._holders.masks(hashes)
         spec = self._spec[i]
         if spec:
             return [m & bit and h not in spec for h, m in zip(hashes, masks, strict=True)]
@@ -142,53 +141,29 @@ class GlobalIndex(IndexCore):
             stats.unknown_parent += 1  # applied anyway: SGLang can evict a parent before its child
         log = self._log[i]
         log.append_chain(hashes, parent)
-        # The hot loop of ingestion, in C: setdefault inserts every new block with the shared ``bit``
-        # int as its mask (a sole holder costs no int object); new keys are counted by the dict's growth.
-        n0 = len(holders)
-        masks = list(map(holders.setdefault, hashes, repeat(bit)))
-        added = 0
-        if not all(map(bit.__and__, masks)):  # some blocks were held by other instances only
-            for h in hashes:
-                m = holders[h]  # re-read: a hash may occur twice
-                if not m & bit:
-                    holders[h] = m | bit
-                    added += 1
+        # The hot loop of ingestion, in one C call: the bit set on every block (a new hash inserted).
+        added = len(holders.or_bit(hashes, bit))
         if spec:
             for h in filter(spec.__contains__, hashes):  # lazy: a duplicate is not seen twice
                 del spec[h]
                 stats.speculative_confirmed += 1
                 added += 1
-        self._count[i] += len(holders) - n0 + added
+        self._count[i] += added
         stats.events_applied += 1
         if log.compacting or len(log) > 2 * self._count[i] + LOG_SLACK:
             self._maybe_compact(i, len(hashes))
 
     def _remove(self, i: int, hashes: Sequence[int]) -> None:
-        bit = 1 << i
-        holders = self._holders
-        get = holders.get
         spec = self._spec[i]
-        removed = unknown = 0
-        for a in range(0, len(hashes), CHUNK):
-            chunk = hashes[a : a + CHUNK]
-            deque(map(get, chunk), maxlen=0)  # warm the cache, misses overlapped
-            for h in chunk:
-                m = get(h)
-                if m is None or not m & bit:
-                    unknown += 1
-                    continue
-                if spec and h in spec:  # not really held: counted, but its speculative entry goes too
-                    del spec[h]
-                    unknown += 1
-                else:
-                    removed += 1
-                m ^= bit
-                if m:
-                    holders[h] = m
-                else:
-                    del holders[h]
+        cleared = self._holders.clear_bit(hashes, 1 << i)  # in one C call; a duplicate clears once
+        unconfirmed = 0
+        if spec:
+            for h in filter(spec.__contains__, cleared):  # not really held: its speculative entry goes
+                del spec[h]
+                unconfirmed += 1
+        removed = len(cleared) - unconfirmed
         self._count[i] -= removed
-        self.stats.unknown_removed += unknown
+        self.stats.unknown_removed += len(hashes) - removed
         self.stats.events_applied += 1
         self._maybe_compact(i)
 
@@ -259,14 +234,7 @@ class GlobalIndex(IndexCore):
         bit = 1 << i
         self._unset_many([h for h in self._log[i].hashes() if h not in new], bit)
         self._unset_many([h for h in self._spec[i] if h not in new], bit)
-        holders = self._holders
-        fresh = list(new)
-        masks = list(map(holders.setdefault, fresh, repeat(bit)))
-        if not all(map(bit.__and__, masks)):
-            for h in fresh:
-                m = holders[h]
-                if not m & bit:
-                    holders[h] = m | bit
+        self._holders.or_bit(list(new), bit)
         self._log[i] = new_log
         self._overs[i] = 0
         self._spec[i] = OrderedDict()
@@ -289,40 +257,18 @@ class GlobalIndex(IndexCore):
 
         Speculative entries count like real ones. ``prompt_tokens`` is passed through to the result.
         """
-        get = self._holders.get
         alive = self._all_mask
         dropped_at: dict[int, int] = {}
         depth = 0
-        n = len(hashes)
-        size = _MATCH_CHUNK
-        # Look-ups a chunk at a time from C (misses overlap; chunks double, so a prompt that matches
-        # nothing costs one small chunk). Inside a chunk the walk runs in C too: the next hash where the
-        # set of instances still matching shrinks is found with map + list.index, so Python runs once per
-        # instance dropping out, not once per block.
-        while depth < n and alive:
-            masks = list(map(get, hashes[depth : depth + size], repeat(0)))
-            j = 0
-            while alive:
-                try:
-                    if alive & (alive - 1):  # several instances still match: all of them must hold it
-                        k = j + list(map(eq, map(and_, masks[j:], repeat(alive)), repeat(alive))).index(False)
-                    else:  # one instance (the usual case past the first block): it must hold it
-                        k = j + list(map(and_, masks[j:], repeat(alive))).index(0)
-                except ValueError:  # every instance still matching holds the rest of the chunk
-                    break
-                new = alive & masks[k]
-                gone = alive ^ new
+        if alive:
+            # One C call walks the blocks, ANDing each one's holders into ``alive``; Python then runs once
+            # per instance dropping out, not once per block.
+            depth, drops = self._holders.walk(hashes, alive)
+            for gone, at in drops:
                 while gone:
                     low = gone & -gone
-                    dropped_at[low.bit_length() - 1] = depth + k
+                    dropped_at[low.bit_length() - 1] = at
                     gone ^= low
-                alive = new
-                j = k + 1
-            if not alive:
-                depth += k
-                break
-            depth += len(masks)
-            size *= 2
         # Instances still alive hold every hash walked; every other one has its drop depth recorded.
         bs = self._block_size
         cached = {name: dropped_at.get(i, depth) * bs for name, i in self._id_of.items()}

@@ -10,14 +10,14 @@ logs they grow) and matching are in :mod:`kvindex.index`.
 from __future__ import annotations
 
 import heapq
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from itertools import repeat
-from operator import and_
 
 from kvindex.blocklog import BlockLog
 from kvindex.chains import prefix_chains
+from kvindex.holders import C_MAX_IDS, Holders, PyHolders, new_holders
 from kvindex.protocol.sglang import BlockStored
 
 __all__ = ["CHUNK", "IndexCore", "IndexStats"]
@@ -89,7 +89,7 @@ class IndexCore:
         self._block_size = block_size
         self._ttl = float(ttl)
         self._max_spec = max_speculative_per_instance
-        self._holders: dict[int, int] = {}
+        self._holders: Holders = new_holders()
         self._id_of: dict[str, int] = {}
         self._names: list[str | None] = []
         self._free: list[int] = []  # min-heap of reusable ids
@@ -123,6 +123,10 @@ class IndexCore:
             self._names[i] = name
         else:
             i = len(self._names)
+            if i >= C_MAX_IDS and not isinstance(self._holders, PyHolders):
+                # The C table's masks are 64 bits: the 65th concurrent instance moves the index to the
+                # pure-Python table, once (O(hashes)).
+                self._holders = PyHolders(self._holders.items())
             self._names.append(name)
             self._count.append(0)
             self._log.append(BlockLog())
@@ -196,13 +200,7 @@ class IndexCore:
 
     def _unset_many(self, hashes: Sequence[int], bit: int) -> None:
         """:meth:`_unset` of every hash, duplicates allowed."""
-        get = self._holders.get
-        unset = self._unset
-        for a in range(0, len(hashes), CHUNK):
-            chunk = hashes[a : a + CHUNK]
-            deque(map(get, chunk), maxlen=0)  # warm the cache, misses overlapped
-            for h in chunk:
-                unset(h, bit)
+        self._holders.clear_bit(hashes, bit)
 
     def _drop_all(self, i: int) -> None:
         """Everything instance ``i`` holds, real (found through its log) and speculative, goes."""
@@ -220,7 +218,7 @@ class IndexCore:
         bit = 1 << i
         spec = self._spec[i]
         hs = list(parents)
-        masks = list(map(self._holders.get, hs, repeat(0)))
+        masks = self._holders.masks(hs)
         return {h: parents[h] for h, m in zip(hs, masks, strict=True) if m & bit and h not in spec}
 
     # ------------------------------------------------------------------------------------ speculative
@@ -243,36 +241,27 @@ class IndexCore:
         bit = 1 << i
         spec = self._spec[i]
         holders = self._holders
-        get = holders.get
-        added = 0
         # The prefix ``name`` already holds (usually most of the request: the policy chose it for its
-        # match) is found from C; in it only speculative entries need a refresh.
-        if held_prefix is not None:
-            k = held_prefix
-        else:
-            held = list(map(and_, map(get, hashes, repeat(0)), repeat(bit)))
-            try:
-                k = held.index(0)
-            except ValueError:
-                k = len(held)
+        # match) needs only its speculative entries refreshed; the rest gets ``bit`` in one C call.
+        k = holders.prefix_with(hashes, bit) if held_prefix is None else held_prefix
         if spec and k:
             for h in filter(spec.__contains__, hashes[:k]):
                 spec.move_to_end(h)
                 spec[h] = now
-        for h in hashes[k:]:
-            m = get(h)
-            if m is None:
-                holders[h] = bit
-            elif not m & bit:
-                holders[h] = m | bit
-            elif h in spec:
-                spec.move_to_end(h)
-                spec[h] = now
-                continue
-            else:  # really held
-                continue
-            spec[h] = now
-            added += 1
+        rest = hashes[k:]
+        newly = holders.or_bit(rest, bit)
+        added = len(newly)
+        if added == len(rest):  # all new (the usual case): no duplicate, nothing held
+            spec.update(zip(rest, repeat(now)))
+        else:  # in order: a new hash enters, a speculative one is refreshed, a real one is left alone
+            fresh = set(newly)
+            for h in rest:
+                if h in fresh:
+                    fresh.discard(h)
+                    spec[h] = now
+                elif h in spec:
+                    spec.move_to_end(h)
+                    spec[h] = now
         over = len(spec) - self._max_spec
         if over > 0:
             self.stats.speculative_evicted += over
@@ -344,6 +333,8 @@ class IndexCore:
             assert self._count[i] == len(real), f"{name}: count {self._count[i]} != {len(real)} real blocks"
             for h in (*real, *spec):
                 expect[h] = expect.get(h, 0) | bit
-        assert expect == self._holders, "holders masks disagree with logs and speculative entries"
+        assert expect == dict(self._holders.items()), (
+            "holders masks disagree with logs and speculative entries"
+        )
         assert 0 not in self._holders.values(), "zero mask stored"
         assert self._all_mask == sum(1 << i for i in self._id_of.values())

@@ -1,0 +1,122 @@
+"""The holder table (kvindex/holders.py): the C table (kvindex/_holders.c) against the pure-Python one, op
+for op, on random operations (hypothesis), plus each method's contract on small cases."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvindex import holders as hmod
+from kvindex.holders import Holders, PyHolders, new_holders
+
+needs_c = pytest.mark.skipif(hmod.BACKEND != "c", reason="kvindex._holders is not built (no C compiler)")
+
+# Keys: a small pool (so operations collide) plus ints outside int64 (the C table's side dict).
+keys = st.sampled_from([0, 1, -1, 7, 2**63 - 1, -(2**63), 2**63, 2**64 + 5, -(2**70), 12345678901234567])
+masks = st.integers(min_value=1, max_value=2**64 - 1)
+bits = st.integers(min_value=0, max_value=63).map(lambda i: 1 << i)
+hash_lists = st.lists(keys, max_size=12)
+
+ops = st.one_of(
+    st.tuples(st.just("set"), keys, masks),
+    st.tuples(st.just("del"), keys),
+    st.tuples(st.just("get"), keys),
+    st.tuples(st.just("setdefault"), keys, masks),
+    st.tuples(st.just("masks"), hash_lists),
+    st.tuples(st.just("walk"), hash_lists, masks),
+    st.tuples(st.just("prefix_with"), hash_lists, bits),
+    st.tuples(st.just("or_bit"), hash_lists, bits),
+    st.tuples(st.just("clear_bit"), hash_lists, bits),
+    st.tuples(st.just("contains"), keys),
+)
+
+
+def apply(t: Holders, op: tuple[Any, ...]) -> Any:
+    name, *args = op
+    try:
+        if name == "set":
+            t[args[0]] = args[1]
+            return None
+        if name == "del":
+            del t[args[0]]
+            return None
+        if name == "get":
+            return t.get(args[0], "absent")
+        if name == "contains":
+            return args[0] in t
+        return getattr(t, name)(*args)
+    except KeyError:
+        return "KeyError"
+
+
+@needs_c
+@settings(max_examples=400, deadline=None)
+@given(st.lists(ops, max_size=60))
+def test_c_table_equals_the_python_table_op_for_op(seq: list[tuple[Any, ...]]) -> None:
+    c, py = new_holders(), PyHolders()
+    assert type(c).__name__ == "HolderTable"
+    for op in seq:
+        assert apply(c, op) == apply(py, op), op
+        assert len(c) == len(py)
+    assert dict(c.items()) == dict(py) and c == py and py == c and (c != py) is False
+    assert sorted(c.values()) == sorted(py.values()) and sorted(c) == sorted(py)
+
+
+@needs_c
+def test_c_table_grows_and_deletes_without_losing_a_key() -> None:
+    """Tens of thousands of keys through growth and backward-shift deletion, checked against a dict."""
+    c, ref = new_holders(), {}
+    for k in range(40_000):
+        h = (k * 0x9E3779B97F4A7C15) % 2**63
+        c[h] = ref[h] = k % 7 + 1
+    for k in range(0, 40_000, 3):
+        h = (k * 0x9E3779B97F4A7C15) % 2**63
+        del c[h]
+        del ref[h]
+    assert len(c) == len(ref) and dict(c.items()) == ref
+    assert all(c.get(h) == m for h, m in ref.items())
+
+
+@pytest.mark.parametrize("pure", [True, False])
+def test_batch_methods_contract(pure: bool) -> None:
+    t = new_holders(pure_python=pure)
+    assert t.or_bit([1, 2, 2, 3], 0b01) == [1, 2, 3]
+    assert t.or_bit([2, 4], 0b10) == [2, 4]
+    assert t.masks([1, 2, 4, 9]) == [1, 3, 2, 0]
+    assert t.prefix_with([1, 2, 3, 4], 0b01) == 3 and t.prefix_with([], 1) == 0
+    assert t.walk([1, 2, 3], 0b11) == (3, [(0b10, 0)])
+    assert t.walk([2, 4, 9], 0b11) == (2, [(0b01, 1), (0b10, 2)])
+    assert t.walk([2, 4, 9], 0b10) == (2, [(0b10, 2)])
+    assert t.walk([2, 2], 0b11) == (2, [])
+    assert t.clear_bit([2, 2, 9], 0b01) == [2]
+    assert t.clear_bit([4], 0b10) == [4] and 4 not in t
+    if not pure:  # PyHolders is a plain dict for single keys
+        with pytest.raises(ValueError):
+            t[5] = 0
+        with pytest.raises(TypeError):
+            t.get("x")  # type: ignore[arg-type]
+        with pytest.raises(OverflowError):
+            t[5] = 2**64
+
+
+def test_walk_matches_a_plain_loop() -> None:
+    """``walk`` against the obvious per-block loop, on a table shaped like an index (shared prefixes)."""
+    for pure in (True, False):
+        t = new_holders(pure_python=pure)
+        chains = [[(c << 20) + j if j >= 5 else j for j in range(300)] for c in range(4)]
+        for c, chain in enumerate(chains):
+            t.or_bit(chain[: 100 + 50 * c], 1 << c)
+        for chain in chains:
+            alive, drops, depth = 0b1111, [], len(chain)
+            for j, h in enumerate(chain):
+                now = t.get(h, 0) & alive
+                if now != alive:
+                    drops.append((alive ^ now, j))
+                    alive = now
+                    if not alive:
+                        depth = j
+                        break
+            assert t.walk(chain, 0b1111) == (depth, drops)
