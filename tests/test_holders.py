@@ -120,3 +120,20 @@ def test_walk_matches_a_plain_loop() -> None:
                         depth = j
                         break
             assert t.walk(chain, 0b1111) == (depth, drops)
+
+
+def test_index_moves_to_the_python_table_at_the_65th_instance_and_stays_exact() -> None:
+    """64-bit masks carry ids 0..63; interning id 64 moves the index to PyHolders with every entry."""
+    from kvindex.index import GlobalIndex
+    from kvindex.protocol.sglang import BlockStored
+
+    idx = GlobalIndex(4)
+    chain = list(range(1000, 1040))
+    for k in range(70):
+        idx.apply(f"i{k}", BlockStored(tuple(chain[: k % 40 + 1]), None, (), 4))
+        if k == 63:
+            assert isinstance(idx._holders, PyHolders) == (hmod.BACKEND == "python")
+    assert isinstance(idx._holders, PyHolders)
+    idx.check_invariants()
+    cached = idx.match_hashes(chain).cached_tokens
+    assert all(cached[f"i{k}"] == 4 * (k % 40 + 1) for k in range(70))
