@@ -268,6 +268,8 @@ class Supervisor:
             young = time.monotonic() - w.started_at < YOUNG
             w.young_deaths = w.young_deaths + 1 if young else 0
             delay = min(RESTART_BACKOFF_MAX, 0.1 * 2**w.young_deaths) if young else 0.0
+            if code == 0:  # it was asked to stop: a Ctrl-C or a killpg reaches the supervisor too
+                delay = max(delay, 0.5)
             w.restarts += 1
             self.admin.restarts.labels(str(w.index)).inc()
             log.warning(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -29,6 +30,7 @@ from router.cli import parse_args
 from router.config import RouterConfig
 from router.workers import Supervisor
 from router.workers_admin import label_families
+from tests.launched import launched_cluster
 from tests.live_rig import AgentRunner, agent_config, close_all, engine_config, start_engine
 
 pytestmark = pytest.mark.timeout(60)
@@ -245,3 +247,32 @@ async def test_a_killed_worker_is_restarted_and_workers_die_with_the_supervisor(
         while not all(_gone(p) for p in pids):
             assert time.monotonic() < deadline, pids
             await asyncio.sleep(0.1)
+
+
+@pytest.mark.timeout(150)
+async def test_launch_cluster_workers_primary_and_its_standby(tmp_path: Path) -> None:
+    cfile, logs = tmp_path / "cluster.json", tmp_path / "logs"
+    args = ["--instances", "1", "--port", "0", "--workers", "2", "--cluster-file", str(cfile)]
+    args += ["--log-dir", str(logs), "--time-scale", "0.01"]
+    with launched_cluster(args, logs, timeout=120):
+        info = json.loads(cfile.read_text())
+        primary = next(p for p in info["processes"] if p["role"] == "router-primary")
+        assert len(primary["endpoints"]["decisions_all"].split(",")) == 2
+        async with aiohttp.ClientSession() as s:
+            workers = (await _json(s, primary["endpoints"]["admin"] + "/router/state"))["workers"]
+            assert len(workers) == 2 and all(w["ready"] for w in workers)
+            await _generate(info["router"], [5] * 40)
+            # The whole group gone (SIGKILL to the supervisor, its workers follow): the standby takes over.
+            os.kill(primary["pid"], signal.SIGKILL)
+            deadline = time.monotonic() + 60
+            while True:
+                procs = json.loads(cfile.read_text())["processes"]
+                now = [p for p in procs if p["role"] == "router-primary" and p["status"] == "running"]
+                if now and now[0]["pid"] != primary["pid"]:
+                    break
+                assert time.monotonic() < deadline, procs
+                await asyncio.sleep(0.2)
+            await _generate(info["router"], [6] * 40)
+            while not all(_gone(w["pid"]) for w in workers):  # its workers stopped (they may still drain)
+                assert time.monotonic() < deadline, workers
+                await asyncio.sleep(0.1)
