@@ -28,7 +28,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from kvindex.protocol.ready import Ready, parse_ready
 from router.cli import parse_args
 from router.config import RouterConfig
-from router.workers import Supervisor
+from router.ha import try_bind
+from router.workers import Supervisor, Worker, reserve_port
 from router.workers_admin import label_families
 from tests.launched import launched_cluster
 from tests.live_rig import AgentRunner, agent_config, close_all, engine_config, start_engine
@@ -59,8 +60,6 @@ def test_a_worker_is_an_active_router_following_its_siblings() -> None:
     argv = ["--port", "0", "--agent", "tcp://127.0.0.1:9", "--workers", "3", "--admin-port", "7777"]
     sup = Supervisor(parse_args(argv), argv)
     sup.port = 4321
-    from router.workers import Worker
-
     sup.workers = [Worker(i, 5000 + i) for i in range(3)]
     w = parse_args(sup.worker_args(1))
     assert (w.workers, w.role, w.port, w.worker_index, w.worker_of) == (1, "active", 4321, 1, os.getpid())
@@ -78,6 +77,16 @@ def test_metrics_get_a_worker_label() -> None:
         ({"k": "a", "worker": "1"}, 3.0),
     ]
     assert [s.labels for s in fams["g"].samples] == [{"worker": "0"}]
+
+
+def test_the_reserved_port_keeps_a_standby_out_until_the_supervisor_is_gone() -> None:
+    held = reserve_port("127.0.0.1", 0)
+    port = int(held.getsockname()[1])
+    assert try_bind("127.0.0.1", port) is None  # no worker listens, yet a standby cannot bind
+    held.close()
+    sock = try_bind("127.0.0.1", port)
+    assert sock is not None
+    sock.close()
 
 
 # ----------------------------------------------------------------------------------- real processes
