@@ -155,6 +155,9 @@ class Supervisor:
         self._reserved: socket.socket | None = None
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
+        """Readers of the workers' stdout."""
+        self._keepers: list[asyncio.Task[None]] = []
+        """One per worker: restarts it when it exits."""
 
     @property
     def url(self) -> str:
@@ -197,7 +200,7 @@ class Supervisor:
                     f"worker {w.index} did not start (exit code {w.proc and w.proc.returncode})"
                 )
         await self.admin.start()
-        self._tasks = [
+        self._keepers = [
             asyncio.create_task(self._keep(w), name=f"keep-worker-{w.index}") for w in self.workers
         ]
 
@@ -233,6 +236,7 @@ class Supervisor:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
         )
+        self._tasks = [t for t in self._tasks if not t.done()]
         self._tasks.append(asyncio.create_task(self._read(w, w.proc), name=f"read-worker-{w.index}"))
 
     async def _read(self, w: Worker, proc: asyncio.subprocess.Process) -> None:
@@ -293,6 +297,10 @@ class Supervisor:
         """SIGTERM every worker, kill those still running after :data:`STOP_GRACE`, close the admin
         port and the reserved socket. Idempotent."""
         self._stopping = True
+        for t in self._keepers:  # no restart from here on
+            t.cancel()
+        await asyncio.gather(*self._keepers, return_exceptions=True)
+        self._keepers.clear()
         procs = [w.proc for w in self.workers if w.proc is not None and w.proc.returncode is None]
         for p in procs:
             with contextlib.suppress(ProcessLookupError):
