@@ -24,7 +24,8 @@ group's admin port (:mod:`router.workers_admin`: one ``/metrics`` with a ``worke
 - serves its ``/metrics`` on a loopback port of its own and its admin port on loopback (both listed by
   the supervisor's ``/router/state``), and stops when the supervisor is gone (:mod:`router.worker_link`).
 
-Lifecycle. SIGINT/SIGTERM to the supervisor: SIGTERM to every worker, each drains and stops as a single
+Lifecycle. SIGHUP to the supervisor reloads its keys and is passed on to every worker (key rotation,
+docs/security.md). SIGINT/SIGTERM to the supervisor: SIGTERM to every worker, each drains and stops as a single
 router does, one still running after :data:`STOP_GRACE` seconds is killed; then the supervisor exits 0.
 A worker that exits on its own is restarted on the same ports (a warning and
 ``router_worker_restarts_total{worker}``; its peers reconnect to its stream and release its dispatches
@@ -293,6 +294,18 @@ class Supervisor:
             elif w.alive:
                 w.proc.kill()  # not ready in time: the next round restarts it
 
+    def reload_keys(self) -> None:
+        """SIGHUP: re-read the supervisor's keys (on error the old ones stay) and pass SIGHUP on to every
+        worker, which reloads its own. Never raises."""
+        try:
+            self.admin.access.reload()
+        except auth.AuthConfigError as exc:
+            log.error("SIGHUP: keys not reloaded, the old ones stay: %s", exc)
+        for w in self.workers:
+            if w.proc is not None and w.alive:
+                with contextlib.suppress(ProcessLookupError):
+                    w.proc.send_signal(signal.SIGHUP)
+
     async def stop(self) -> None:
         """SIGTERM every worker, kill those still running after :data:`STOP_GRACE`, close the admin
         port and the reserved socket. Idempotent."""
@@ -328,6 +341,9 @@ async def supervise(cfg: RouterConfig, argv: list[str], *, stop: asyncio.Event |
     READY line (role ``router-primary`` or ``router-active``) once every worker is ready. Raises
     ``OSError`` (:class:`WorkerFailed` included) when the group cannot start."""
     sup = Supervisor(cfg, argv)
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        loop.add_signal_handler(signal.SIGHUP, sup.reload_keys)
     async with stop_signals(Stop(stop) if stop is not None else None) as stopped:
         starting = asyncio.ensure_future(sup.start(ready_timeout=max(60.0, cfg.warmup_timeout + 30.0)))
         asked = asyncio.ensure_future(stopped.wait())

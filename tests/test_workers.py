@@ -3,8 +3,9 @@
 Pure: the flags, what a worker is told, the metric relabelling. Real processes: two emulated engines and
 their agents in-process, ``python -m router --workers 2`` as a subprocess: requests through the one port
 are answered by both workers, each worker sees the other's dispatches, one ``/metrics`` counts every
-request, a killed worker is restarted, SIGTERM leaves no process, and the workers die with a supervisor
-killed with SIGKILL.
+request, a killed worker is restarted, SIGHUP stops nothing, SIGTERM leaves no process, and the workers die with
+a supervisor killed with SIGKILL; and ``launch cluster --workers 2``'s standby takes over once the whole
+group is gone.
 """
 
 from __future__ import annotations
@@ -231,6 +232,12 @@ async def test_two_workers_share_the_port_and_each_others_decisions() -> None:
 async def test_a_killed_worker_is_restarted_and_workers_die_with_the_supervisor() -> None:
     async with cluster() as pubs, group(pubs) as g, aiohttp.ClientSession() as s:
         old = (await _json(s, g.admin + "/router/state"))["workers"]
+        g.proc.send_signal(signal.SIGHUP)  # keys reloaded everywhere; nothing stops
+        await asyncio.sleep(0.5)
+        assert g.proc.returncode is None
+        assert [w["pid"] for w in (await _json(s, g.admin + "/router/state"))["workers"]] == [
+            w["pid"] for w in old
+        ]
         os.kill(old[0]["pid"], signal.SIGKILL)
 
         async def restarted() -> dict[str, Any]:
