@@ -57,7 +57,8 @@ class RouterConfig:
     Several processes (:mod:`router.workers`): ``workers`` > 1 makes this process a supervisor of that
     many worker routers on the same ``port`` (``SO_REUSEPORT``), each an active router following the
     others. ``worker_index`` / ``worker_of`` are set only in a worker (internal flags): its number and its
-    supervisor's pid (the worker exits when that process is gone).
+    supervisor's pid (the worker exits when that process is gone); a worker keeps ``workers`` (the group's
+    size) and its last ``workers - 1`` ``peer_routers`` are its siblings.
     """
 
     host: str = "127.0.0.1"
@@ -230,5 +231,5 @@ class RouterConfig:
             )
         if self.takeover != "auto":
             raise ValueError("--workers N runs its workers as active routers: --takeover must be auto")
-        if self.decision_slot > 0 and self.peer_routers:
+        if self.decision_slot > 0 and self.peer_routers and self.worker_index is None:
             raise ValueError("--decision-slot with --workers N takes no --peer-routers (one slot per worker)")

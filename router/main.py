@@ -36,6 +36,9 @@ __all__ = ["main", "serve"]
 
 log = logging.getLogger("router")
 
+SIBLINGS_TIMEOUT = 15.0
+"""Seconds (at least) a worker of ``--workers N`` waits for its siblings' heartbeats before READY."""
+
 
 async def serve(
     cfg: RouterConfig,
@@ -92,7 +95,8 @@ async def _run(cfg: RouterConfig, stop: Stop, on_ready: Callable[[RouterServer],
                 cfg.warmup_timeout,
             )
         if peers is not None and cfg.worker_index is not None:
-            await _hear_siblings(peers, len(cfg.peer_routers), max(cfg.warmup_timeout, 1.0))
+            siblings = cfg.peer_routers[len(cfg.peer_routers) - (cfg.workers - 1) :]  # the supervisor's, last
+            await _hear_siblings(peers, siblings, max(cfg.warmup_timeout, SIBLINGS_TIMEOUT))
         if not await node.wait_for_primary(max(cfg.warmup_timeout, 1.0)):
             log.warning("no heartbeat from the primary at %s yet; standing by anyway", cfg.primary_decisions)
         if on_ready is not None:
@@ -110,14 +114,18 @@ async def _run(cfg: RouterConfig, stop: Stop, on_ready: Callable[[RouterServer],
         await node.stop()
 
 
-async def _hear_siblings(peers: ActivePeers, n: int, timeout: float) -> None:
-    """A worker of ``--workers N``: wait until a heartbeat came from each of the ``n`` siblings, so that
-    no decision of theirs made after the group's READY is lost to a subscription not yet made."""
+async def _hear_siblings(peers: ActivePeers, siblings: Sequence[str], timeout: float) -> None:
+    """A worker of ``--workers N``: wait until a heartbeat came on each sibling's decision stream, so
+    that no decision of theirs made after the group's READY is lost to a subscription not yet made."""
     deadline = time.monotonic() + timeout
-    while len(peers.peers()) < n:
+
+    def heard() -> int:
+        return sum(1 for ep in siblings if ep in peers.mirrors and peers.mirrors[ep].primary is not None)
+
+    while heard() < len(siblings):
         if time.monotonic() >= deadline:
             log.warning(
-                "heard %d of %d sibling workers after %g s; serving anyway", len(peers.peers()), n, timeout
+                "heard %d of %d sibling workers after %g s; serving anyway", heard(), len(siblings), timeout
             )
             return
         await asyncio.sleep(0.02)
@@ -148,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     router could not start: a port in use, a tokenizer that does not load, an etcd leader key held by another;
     with ``--workers N``, also: a worker that never became ready)."""
     cfg = parse_args(argv)
-    if cfg.workers > 1:
+    if cfg.workers > 1 and cfg.worker_index is None:
         from router.workers import supervise  # only a supervisor needs it
 
         args = list(sys.argv[1:] if argv is None else argv)

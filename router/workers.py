@@ -169,7 +169,7 @@ class Supervisor:
         the last value of a flag; ``--peer-routers`` adds to the given ones)."""
         cfg = self.cfg
         host = _loopback(cfg.decisions_host or cfg.host)
-        args = [*self.argv, "--workers", "1", "--role", "active", "--port", str(self.port)]
+        args = [*self.argv, "--workers", str(cfg.workers), "--role", "active", "--port", str(self.port)]
         args += ["--decisions-port", str(self.workers[i].decisions_port)]
         args += ["--admin-port", "0", "--admin-host", "127.0.0.1"]
         args += ["--metrics-port", "0", "--metrics-host", "127.0.0.1"]

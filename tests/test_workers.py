@@ -63,10 +63,15 @@ def test_a_worker_is_an_active_router_following_its_siblings() -> None:
     sup.port = 4321
     sup.workers = [Worker(i, 5000 + i) for i in range(3)]
     w = parse_args(sup.worker_args(1))
-    assert (w.workers, w.role, w.port, w.worker_index, w.worker_of) == (1, "active", 4321, 1, os.getpid())
+    assert (w.workers, w.role, w.port, w.worker_index, w.worker_of) == (3, "active", 4321, 1, os.getpid())
     assert w.peer_routers == ("tcp://127.0.0.1:5000", "tcp://127.0.0.1:5002")
     assert (w.decisions_port, w.admin_port, w.admin_host, w.metrics_port) == (5001, 0, "127.0.0.1", 0)
     assert w.agents == ("tcp://127.0.0.1:9",)
+    argv += ["--decision-slot", "0.01"]  # the workers take turns, one slot each
+    sup = Supervisor(parse_args(argv), argv)
+    sup.workers = [Worker(i, 5000 + i) for i in range(3)]
+    w = parse_args(sup.worker_args(2))
+    assert (w.decision_slot, w.slot_index, len(w.peer_routers)) == (0.01, 2, 2)
 
 
 def test_metrics_get_a_worker_label() -> None:
