@@ -235,8 +235,11 @@ async def test_two_workers_share_the_port_and_each_others_decisions() -> None:
 
 
 async def test_a_killed_worker_is_restarted_and_workers_die_with_the_supervisor() -> None:
-    async with cluster() as pubs, group(pubs) as g, aiohttp.ClientSession() as s:
+    async with cluster() as pubs, group(pubs, "--decision-slot", "0.004") as g, aiohttp.ClientSession() as s:
         old = (await _json(s, g.admin + "/router/state"))["workers"]
+        for i, w in enumerate(old):  # the workers take turns to decide
+            st = await _json(s, w["endpoints"]["admin"] + "/router/state")
+            assert st["ha"]["active"]["decision_slots"] == {"index": i, "count": 2, "slot": 0.004}
         g.proc.send_signal(signal.SIGHUP)  # keys reloaded everywhere; nothing stops
         await asyncio.sleep(0.5)
         assert g.proc.returncode is None
