@@ -275,22 +275,21 @@ class Supervisor:
             delay = min(RESTART_BACKOFF_MAX, 0.1 * 2**w.young_deaths) if young else 0.0
             if code == 0:  # it was asked to stop: a Ctrl-C or a killpg reaches the supervisor too
                 delay = max(delay, 0.5)
-            w.restarts += 1
-            self.admin.restarts.labels(str(w.index)).inc()
             log.warning(
-                "worker %d (pid %d) exited with code %s; restarting it in %.1f s (restart %d)",
+                "worker %d (pid %d) exited with code %s; restarting it in %.1f s",
                 w.index,
                 w.proc.pid,
                 code,
                 delay,
-                w.restarts,
             )
             await asyncio.sleep(delay)
             if self._stopping:
                 return
+            w.restarts += 1
+            self.admin.restarts.labels(str(w.index)).inc()
             await self._spawn(w)
             if await self._wait_ready(w, max(60.0, self.cfg.warmup_timeout + 30.0)):
-                log.warning("worker %d restarted (pid %d)", w.index, w.proc.pid)
+                log.warning("worker %d restarted (pid %d, restart %d)", w.index, w.proc.pid, w.restarts)
             elif w.alive:
                 w.proc.kill()  # not ready in time: the next round restarts it
 
