@@ -4,7 +4,8 @@
 Metrics: each worker serves its own ``/metrics`` on a loopback port of its own (never on the shared HTTP
 port, where the kernel would pick a worker at random). At scrape time the supervisor reads every live
 worker's text (:func:`scrape`), adds a ``worker`` label (``"0"`` .. ``"N-1"``) to every sample and serves
-the union, plus its own ``router_worker_*`` metrics: sum over ``worker`` for the group's totals
+the union, plus its own ``router_worker*`` metrics (its ``router_auth_rejected_total``, a metric the
+workers have too, merged in with ``worker="supervisor"``): sum over ``worker`` for the group's totals
 (``sum without (worker) (rate(router_requests_total[1m]))``). Why not prometheus_client's multiprocess
 mode: most router metrics are read at scrape time from the worker's in-memory state (the index, the
 instances' load, admission, breakers, peers; :mod:`router.metrics`), which that mode cannot see, and it
@@ -94,7 +95,8 @@ class WorkersAdmin:
         self.sup = sup
         self.cfg = cfg
         self.registry = CollectorRegistry()
-        self.access = auth.Access(cfg, self.registry)
+        self._access_registry = CollectorRegistry()  # its counter is the workers' too: merged, labelled
+        self.access = auth.Access(cfg, self._access_registry)
         self.ssl = auth.server_ssl(cfg)
         self.restarts = Counter(
             "router_worker_restarts",
@@ -154,8 +156,9 @@ class WorkersAdmin:
         """The exposition text of every live worker, labelled, then the supervisor's own metrics."""
         urls = [(str(w.index), w.url("metrics")) for w in self.sup.workers if w.alive]
         texts = await asyncio.gather(*(self._fetch(i, u) for i, u in urls if u))
+        own = ("supervisor", generate_latest(self._access_registry).decode())
         reg = CollectorRegistry()
-        reg.register(_Families(label_families([t for t in texts if t is not None])))
+        reg.register(_Families(label_families([*(t for t in texts if t is not None), own])))
         return generate_latest(reg) + generate_latest(self.registry)
 
     async def _fetch(self, worker: str, url: str) -> tuple[str, str] | None:

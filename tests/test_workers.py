@@ -199,6 +199,13 @@ async def test_two_workers_share_the_port_and_each_others_decisions() -> None:
         n = 24
         for i in range(n):  # a new connection each: the kernel spreads them over the two workers
             await _generate(g.http, [100 + i] * 40)
+        async with s.get(g.http + "/metrics", headers=AUTH) as r:  # not on the shared port: one worker's
+            assert r.status == 404
+        async with s.get(g.admin + "/health") as r:
+            assert r.status == 200 and (await r.json())["ready"] == 2
+        async with s.get(g.admin + "/metrics", headers=AUTH) as r:
+            types = [ln.split()[2] for ln in (await r.text()).splitlines() if ln.startswith("# TYPE")]
+        assert len(types) == len(set(types))  # every family once (Prometheus refuses a repeated one)
         by_worker = await _requests_by_worker(s, g.admin)
         assert sum(by_worker.values()) == n and set(by_worker) == {"0", "1"}, by_worker
         assert all(v > 0 for v in by_worker.values()), by_worker
