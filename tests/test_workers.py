@@ -307,3 +307,13 @@ async def test_launch_cluster_workers_primary_and_its_standby(tmp_path: Path) ->
             while not all(_gone(w["pid"]) for w in workers):  # its workers stopped (they may still drain)
                 assert time.monotonic() < deadline, workers
                 await asyncio.sleep(0.1)
+
+
+async def test_a_worker_that_cannot_start_fails_the_group() -> None:
+    cmd = ["-m", "router", "--workers", "2", "--port", "0", "--tokenizer", "/nonexistent/tokenizer.json"]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, *cmd, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 40)
+    assert proc.returncode == 1 and b"READY" not in out
+    assert b"cannot start the router workers: worker" in err, err.decode()[-2000:]
