@@ -161,7 +161,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         args = list(sys.argv[1:] if argv is None else argv)
         return run_process(
-            lambda: supervise(cfg, args), what="the router workers", log_level=cfg.log_level, fatal=(OSError,)
+            lambda: supervise(cfg, args),
+            what="the router workers",
+            log_level=cfg.log_level,
+            fatal=(OSError, AuthConfigError),
         )
     return run_process(
         lambda: serve(cfg),
