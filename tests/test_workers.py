@@ -4,8 +4,8 @@ Pure: the flags, what a worker is told, the metric relabelling. Real processes: 
 their agents in-process, ``python -m router --workers 2`` as a subprocess: requests through the one port
 are answered by both workers, each worker sees the other's dispatches, one ``/metrics`` counts every
 request, a killed worker is restarted, SIGHUP stops nothing, SIGTERM leaves no process, and the workers die with
-a supervisor killed with SIGKILL; and ``launch cluster --workers 2``'s standby takes over once the whole
-group is gone.
+a supervisor killed with SIGKILL; and ``launch cluster --workers 2``'s standby stays a standby while one
+worker restarts and takes over once the whole group is gone.
 """
 
 from __future__ import annotations
@@ -67,6 +67,11 @@ def test_a_worker_is_an_active_router_following_its_siblings() -> None:
     assert w.peer_routers == ("tcp://127.0.0.1:5000", "tcp://127.0.0.1:5002")
     assert (w.decisions_port, w.admin_port, w.admin_host, w.metrics_port) == (5001, 0, "127.0.0.1", 0)
     assert w.agents == ("tcp://127.0.0.1:9",)
+    ext = [*argv, "--role", "active", "--peer-routers", "tcp://10.0.0.9:7000"]  # one more router elsewhere
+    sup = Supervisor(parse_args(ext), ext)
+    sup.workers = [Worker(i, 5000 + i) for i in range(3)]
+    w = parse_args(sup.worker_args(0))
+    assert w.peer_routers == ("tcp://10.0.0.9:7000", "tcp://127.0.0.1:5001", "tcp://127.0.0.1:5002")
     argv += ["--decision-slot", "0.01"]  # the workers take turns, one slot each
     sup = Supervisor(parse_args(argv), argv)
     sup.workers = [Worker(i, 5000 + i) for i in range(3)]
@@ -293,6 +298,21 @@ async def test_launch_cluster_workers_primary_and_its_standby(tmp_path: Path) ->
             workers = (await _json(s, primary["endpoints"]["admin"] + "/router/state"))["workers"]
             assert len(workers) == 2 and all(w["ready"] for w in workers)
             await _generate(info["router"], [5] * 40)
+            # One worker killed: its supervisor restarts it; the standby (which follows worker 0) must not
+            # take over, since the supervisor's reserved socket keeps the port.
+            standby = next(p for p in info["processes"] if p["role"] == "router-standby")
+            os.kill(workers[0]["pid"], signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while True:
+                now_workers = (await _json(s, primary["endpoints"]["admin"] + "/router/state"))["workers"]
+                if now_workers[0]["pid"] != workers[0]["pid"] and now_workers[0]["ready"]:
+                    break
+                assert time.monotonic() < deadline, now_workers
+                await asyncio.sleep(0.1)
+            workers = now_workers
+            st = await _json(s, standby["endpoints"]["admin"] + "/router/state")
+            assert st["ha"]["role"] == "standby", st["ha"]
+            await _generate(info["router"], [9] * 40)
             # The whole group gone (SIGKILL to the supervisor, its workers follow): the standby takes over.
             os.kill(primary["pid"], signal.SIGKILL)
             deadline = time.monotonic() + 60
