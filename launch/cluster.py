@@ -19,6 +19,11 @@ that every router can be told every other's) and every agent. Put them behind on
 balancer, or spread requests over them (``launch replay --url A,B,...``). A router that exits is
 restarted on the same ports; the others reconnect to it.
 
+Several processes (``--workers N``, N > 1): the primary runs as ``python -m router --workers N``, N
+processes on its one port (:mod:`router.workers`); the standby stays one process, follows the first
+worker's decision stream and takes over once every worker is gone. The metrics daemon follows every
+worker's stream.
+
 The cluster file (``--cluster-file``, default ``cluster.json``; its format and reader are
 :mod:`kvindex.protocol.cluster_file`) is rewritten whenever a process changes state and removed on a clean
 shutdown; ``router`` is set once the whole cluster is ready (with ``--routers K``, the first router's URL;
@@ -153,8 +158,9 @@ class Cluster(ClusterRouters):
                 x
                 for r in (self.primary, self.standby, *self.actives)
                 if r and r.ready
-                for x in ("--decisions", r.ready.endpoints["decisions"])
-            ]
+                for ep in r.ready.endpoints.get("decisions_all", r.ready.endpoints["decisions"]).split(",")
+                for x in ("--decisions", ep)
+            ]  # a primary with --workers N: every worker's stream
             mkeys = cfg.auth.for_metrics(by_value=self.keys_by_value)
             daemon = self._child("metrics", None, "router.metricsd", [*margs, *mkeys.args])
             daemon.env.update(mkeys.env)

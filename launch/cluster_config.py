@@ -35,6 +35,7 @@ class ClusterConfig:
     ready_timeout: float = 60.0
     standby: bool = True
     routers: int = 1
+    workers: int = 1
     decision_slot: float = 0.0
     primary_timeout: float = 0.4
     metrics: bool = True
@@ -139,6 +140,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="K > 1: run K active routers (on --port, --port + 1, ...; no standby), each following every "
         "agent and the other routers' decision streams, so each counts the others' dispatches as pending "
         "(docs/scale.md; default %(default)s: a primary and its standby)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=d.workers,
+        metavar="N",
+        help="N > 1: the primary router runs as N processes on its one port (python -m router --workers "
+        "N: SO_REUSEPORT, each an active router following the others, one /metrics on its admin port); "
+        "the standby stays one process and takes over once all N are gone (default %(default)s)",
     )
     p.add_argument(
         "--decision-slot",
@@ -257,6 +267,10 @@ def config_from_args(a: argparse.Namespace) -> ClusterConfig:
         sys.exit("launch cluster: error: --primary-timeout must be positive")
     if a.routers < 1:
         sys.exit("launch cluster: error: --routers must be at least 1")
+    if a.workers < 1:
+        sys.exit("launch cluster: error: --workers must be at least 1")
+    if a.workers > 1 and a.routers > 1:
+        sys.exit("launch cluster: error: --workers N is for the primary/standby pair, not --routers K > 1")
     if a.decision_slot < 0 or (a.decision_slot > 0 and a.routers == 1):
         sys.exit("launch cluster: error: --decision-slot must be >= 0, and needs --routers > 1")
     if a.policy not in POLICIES:
@@ -319,6 +333,7 @@ def config_from_args(a: argparse.Namespace) -> ClusterConfig:
         ready_timeout=a.ready_timeout,
         standby=a.standby,
         routers=a.routers,
+        workers=a.workers,
         decision_slot=a.decision_slot,
         primary_timeout=a.primary_timeout,
         metrics=a.metrics,

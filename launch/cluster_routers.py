@@ -71,6 +71,8 @@ class ClusterRouters(ClusterState):
             args += [x for ep in peers for x in ("--peer-routers", ep)]
             if cfg.decision_slot > 0:
                 args += ["--decision-slot", str(cfg.decision_slot), "--slot-index", str(active)]
+        if role == "primary" and cfg.workers > 1:  # the standby stays one process (router/workers.py)
+            args += ["--workers", str(cfg.workers)]
         args += ["--exit-when-fenced"]
         args += [x for ep in self._agents for x in ("--agent", ep)]
         if role == "standby":

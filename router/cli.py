@@ -203,6 +203,20 @@ def build_parser() -> argparse.ArgumentParser:
         "fencing epoch (both routers of the pair run with it; needs the etcd extra)",
     )
     _add_etcd_flags(ha)
+    ha.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=_D.workers,
+        metavar="N",
+        help="N > 1: this process supervises N router processes that all serve --port (SO_REUSEPORT: "
+        "the kernel spreads connections over them), each an active router following the others' decision "
+        "streams on loopback and every agent, so the HTTP work scales with cores; one /metrics for all of "
+        "them (a 'worker' label) on the supervisor's --admin-port (OS-assigned if not given) or "
+        "--metrics-port; a worker that dies is restarted; SIGINT/SIGTERM stop them all. For --role "
+        "primary or active (docs/overhead.md)",
+    )
+    ha.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)  # set by the supervisor
+    ha.add_argument("--worker-of", type=int, default=None, help=argparse.SUPPRESS)  # the supervisor's pid
     _add_security_flags(p)
     add_worker_arguments(p)
     return p
@@ -253,6 +267,9 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
             peer_routers=tuple(ep.strip() for arg in ns.peer_routers for ep in arg.split(",") if ep.strip()),
             decision_slot=ns.decision_slot,
             slot_index=ns.slot_index,
+            workers=ns.workers,
+            worker_index=ns.worker_index,
+            worker_of=ns.worker_of,
             decisions_port=ns.decisions_port,
             primary_timeout=ns.primary_timeout,
             admin_port=ns.admin_port if ns.admin_port is not None else ns.prometheus_port,

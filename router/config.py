@@ -53,6 +53,12 @@ class RouterConfig:
     counting their dispatches as pending; active routers never fence each other. ``decision_slot`` > 0
     (seconds): the routers take turns to decide (:mod:`router.model.slots`), this one being number
     ``slot_index`` of ``1 + len(peer_routers)``.
+
+    Several processes (:mod:`router.workers`): ``workers`` > 1 makes this process a supervisor of that
+    many worker routers on the same ``port`` (``SO_REUSEPORT``), each an active router following the
+    others. ``worker_index`` / ``worker_of`` are set only in a worker (internal flags): its number and its
+    supervisor's pid (the worker exits when that process is gone); a worker keeps ``workers`` (the group's
+    size) and its last ``workers - 1`` ``peer_routers`` are its siblings.
     """
 
     host: str = "127.0.0.1"
@@ -117,6 +123,9 @@ class RouterConfig:
     peer_routers: tuple[str, ...] = ()
     decision_slot: float = 0.0
     slot_index: int = 0
+    workers: int = 1
+    worker_index: int | None = None
+    worker_of: int | None = None
     # Without agents (sglang-router's command line; router/static_workers.py): see add_worker_arguments.
     worker_urls: tuple[str, ...] = ()
     routed_cache_tokens: int | None = None
@@ -194,8 +203,9 @@ class RouterConfig:
                 raise ValueError(f"--etcd-endpoints: host:port expected, got {ep!r}")
         if self.peer_routers and self.role != "active":
             raise ValueError("--peer-routers is for --role active (a standby follows --primary-decisions)")
-        if self.decision_slot < 0 or (self.decision_slot > 0 and self.role != "active"):
-            raise ValueError("--decision-slot is for --role active and must be >= 0")
+        if self.decision_slot < 0 or (self.decision_slot > 0 and self.role != "active" and self.workers == 1):
+            raise ValueError("--decision-slot is for --role active (or --workers N) and must be >= 0")
+        self._check_workers()
         if self.decision_slot > 0 and not 0 <= self.slot_index <= len(self.peer_routers):
             raise ValueError(
                 f"--slot-index must be in [0, {len(self.peer_routers)}] (one slot per active router)"
@@ -208,3 +218,18 @@ class RouterConfig:
             v = getattr(self, name)
             if v is not None and not 0 <= v <= 65535:
                 raise ValueError(f"{name} out of range: {v}")
+
+    def _check_workers(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {self.workers}")
+        if self.workers == 1:
+            return
+        if self.role == "standby":
+            raise ValueError(
+                "--workers N is for a primary or an active router; a standby runs one process "
+                "(it follows the primary's first worker and takes over once every worker is gone)"
+            )
+        if self.takeover != "auto":
+            raise ValueError("--workers N runs its workers as active routers: --takeover must be auto")
+        if self.decision_slot > 0 and self.peer_routers and self.worker_index is None:
+            raise ValueError("--decision-slot with --workers N takes no --peer-routers (one slot per worker)")

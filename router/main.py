@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
@@ -28,10 +30,14 @@ from router.etcd_lease import LeaseError
 from router.ha import HANode
 from router.model.slots import DecisionSlots
 from router.server import RouterServer
+from router.worker_link import watch_parent
 
 __all__ = ["main", "serve"]
 
 log = logging.getLogger("router")
+
+SIBLINGS_TIMEOUT = 15.0
+"""Seconds (at least) a worker of ``--workers N`` waits for its siblings' heartbeats before READY."""
 
 
 async def serve(
@@ -76,6 +82,7 @@ async def _run(cfg: RouterConfig, stop: Stop, on_ready: Callable[[RouterServer],
     with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
         loop.add_signal_handler(signal.SIGHUP, _reload_keys, server)
     peers: ActivePeers | None = None
+    orphaned = watch_parent(cfg.worker_of, stop) if cfg.worker_of is not None else None
     try:
         await node.start()
         if cfg.role == "active":
@@ -87,6 +94,9 @@ async def _run(cfg: RouterConfig, stop: Stop, on_ready: Callable[[RouterServer],
                 len(set(cfg.agents)),
                 cfg.warmup_timeout,
             )
+        if peers is not None and cfg.worker_index is not None:
+            siblings = cfg.peer_routers[len(cfg.peer_routers) - (cfg.workers - 1) :]  # the supervisor's, last
+            await _hear_siblings(peers, siblings, max(cfg.warmup_timeout, SIBLINGS_TIMEOUT))
         if not await node.wait_for_primary(max(cfg.warmup_timeout, 1.0)):
             log.warning("no heartbeat from the primary at %s yet; standing by anyway", cfg.primary_decisions)
         if on_ready is not None:
@@ -97,9 +107,28 @@ async def _run(cfg: RouterConfig, stop: Stop, on_ready: Callable[[RouterServer],
         await _first(*waits)
         log.info("router shutting down%s", " (fenced)" if node.fenced.is_set() else "")
     finally:
+        if orphaned is not None:
+            orphaned.cancel()
         if peers is not None:
             await peers.close()
         await node.stop()
+
+
+async def _hear_siblings(peers: ActivePeers, siblings: Sequence[str], timeout: float) -> None:
+    """A worker of ``--workers N``: wait until a heartbeat came on each sibling's decision stream, so
+    that no decision of theirs made after the group's READY is lost to a subscription not yet made."""
+    deadline = time.monotonic() + timeout
+
+    def heard() -> int:
+        return sum(1 for ep in siblings if ep in peers.mirrors and peers.mirrors[ep].primary is not None)
+
+    while heard() < len(siblings):
+        if time.monotonic() >= deadline:
+            log.warning(
+                "heard %d of %d sibling workers after %g s; serving anyway", heard(), len(siblings), timeout
+            )
+            return
+        await asyncio.sleep(0.02)
 
 
 def _follow_peers(server: RouterServer, node: HANode) -> ActivePeers:
@@ -124,8 +153,19 @@ def _follow_peers(server: RouterServer, node: HANode) -> ActivePeers:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m router``: parse flags, run until SIGINT/SIGTERM. Returns the exit status (1: the
-    router could not start: a port in use, a tokenizer that does not load, an etcd leader key held by another)."""
+    router could not start: a port in use, a tokenizer that does not load, an etcd leader key held by another;
+    with ``--workers N``, also: a worker that never became ready)."""
     cfg = parse_args(argv)
+    if cfg.workers > 1 and cfg.worker_index is None:
+        from router.workers import supervise  # only a supervisor needs it
+
+        args = list(sys.argv[1:] if argv is None else argv)
+        return run_process(
+            lambda: supervise(cfg, args),
+            what="the router workers",
+            log_level=cfg.log_level,
+            fatal=(OSError, AuthConfigError),
+        )
     return run_process(
         lambda: serve(cfg),
         what="the router",

@@ -10,7 +10,8 @@ aiohttp's request handlers. All of them call the core synchronously, so the core
 loop.
 
 Endpoints: ``POST /generate``, ``/v1/completions``, ``/v1/chat/completions``; ``GET /v1/models``,
-``/health``, ``/metrics``, ``/router/state``. Every error body is :func:`kvindex.protocol.http.error_body`,
+``/health``, ``/metrics``, ``/router/state`` (its ``process`` part: this process's pid and, in a worker
+of ``--workers N``, its number). Every error body is :func:`kvindex.protocol.http.error_body`,
 aiohttp's own 404 and 405 included (:func:`json_http_errors`).
 
 A generation request goes through :class:`router.generation.Generation`: size check, admission, body,
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -204,9 +206,9 @@ class RouterServer:
         self._prober.start()
 
     async def bind(self, sock: socket.socket | None = None) -> None:
-        """Serve HTTP on ``cfg.host:cfg.port`` (``SO_REUSEADDR``, never ``SO_REUSEPORT``, so it fails
-        while another router listens there), or on ``sock``, already bound and listening. Raises
-        ``OSError``."""
+        """Serve HTTP on ``cfg.host:cfg.port`` (``SO_REUSEADDR``; ``SO_REUSEPORT`` only in a worker of
+        ``--workers N``, whose siblings listen there too: otherwise the bind fails while another router
+        listens there), or on ``sock``, already bound and listening. Raises ``OSError``."""
         assert self._runner is not None, "server not started"
         if sock is None:
             site: web.BaseSite = web.TCPSite(
@@ -214,7 +216,7 @@ class RouterServer:
                 self.cfg.host,
                 self.cfg.port,
                 reuse_address=True,
-                reuse_port=False,
+                reuse_port=self.cfg.worker_index is not None,
                 ssl_context=self.ssl,
             )
         else:
@@ -317,6 +319,7 @@ class RouterServer:
     def state_json(self) -> dict[str, Any]:
         """``GET /router/state``: the core's dump, the subscriber's counters, and the HA section."""
         state = self.core.state_json()
+        state["process"] = {"pid": os.getpid(), "worker": self.cfg.worker_index}
         ss = self.subscriber.stats
         state["subscriber"] = {
             "endpoints": list(self.subscriber.endpoints),
