@@ -3,7 +3,7 @@
  * kvindex/holders.py documents the type (HolderTable) and keeps the pure-Python equivalent (PyHolders, a
  * dict with the same batch methods); tests/test_holders.py runs both on the same operations.
  *
- * Layout: open addressing with linear probing over two parallel arrays (keys, masks), capacity a power of
+ * Layout: open addressing with linear probing over one array of (key, mask) slots, capacity a power of
  * two, at most 60 % full; an empty slot has mask 0 (a stored mask is never 0); deletion shifts the
  * following run back (no tombstones). One probe usually touches one cache line, where a dict probe of an
  * int key touches its index, its entry and the key object. Keys are block hashes that fit in int64 (SGLang's
@@ -16,9 +16,13 @@
 #include <string.h>
 
 typedef struct {
+    uint64_t key;
+    uint64_t val; /* 0 = empty slot */
+} Slot;
+
+typedef struct {
     PyObject_HEAD
-    uint64_t *keys;
-    uint64_t *vals; /* 0 = empty slot */
+    Slot *slots;
     size_t cap;     /* 0 or a power of two */
     size_t used;
     PyObject *big;  /* dict of int keys outside int64 -> int mask, or NULL */
@@ -67,34 +71,28 @@ static inline size_t find(const HolderTable *t, uint64_t k) { /* slot of k, or S
     if (!t->cap) return SIZE_MAX;
     size_t mask = t->cap - 1, i = (size_t)mix(k) & mask;
     for (;;) {
-        if (!t->vals[i]) return SIZE_MAX;
-        if (t->keys[i] == k) return i;
+        if (!t->slots[i].val) return SIZE_MAX;
+        if (t->slots[i].key == k) return i;
         i = (i + 1) & mask;
     }
 }
 
 static int grow(HolderTable *t) {
     size_t cap = t->cap ? t->cap * 2 : 16;
-    uint64_t *keys = PyMem_Calloc(cap, sizeof(uint64_t));
-    uint64_t *vals = PyMem_Calloc(cap, sizeof(uint64_t));
-    if (!keys || !vals) {
-        PyMem_Free(keys);
-        PyMem_Free(vals);
+    Slot *slots = PyMem_Calloc(cap, sizeof(Slot));
+    if (!slots) {
         PyErr_NoMemory();
         return -1;
     }
     size_t mask = cap - 1;
     for (size_t j = 0; j < t->cap; j++) {
-        if (!t->vals[j]) continue;
-        size_t i = (size_t)mix(t->keys[j]) & mask;
-        while (vals[i]) i = (i + 1) & mask;
-        keys[i] = t->keys[j];
-        vals[i] = t->vals[j];
+        if (!t->slots[j].val) continue;
+        size_t i = (size_t)mix(t->slots[j].key) & mask;
+        while (slots[i].val) i = (i + 1) & mask;
+        slots[i] = t->slots[j];
     }
-    PyMem_Free(t->keys);
-    PyMem_Free(t->vals);
-    t->keys = keys;
-    t->vals = vals;
+    PyMem_Free(t->slots);
+    t->slots = slots;
     t->cap = cap;
     return 0;
 }
@@ -103,9 +101,9 @@ static int grow(HolderTable *t) {
 static int insert_new(HolderTable *t, uint64_t k, uint64_t v) {
     if ((t->used + 1) * 10 > t->cap * 6 && grow(t) < 0) return -1;
     size_t mask = t->cap - 1, i = (size_t)mix(k) & mask;
-    while (t->vals[i]) i = (i + 1) & mask;
-    t->keys[i] = k;
-    t->vals[i] = v;
+    while (t->slots[i].val) i = (i + 1) & mask;
+    t->slots[i].key = k;
+    t->slots[i].val = v;
     t->used++;
     return 0;
 }
@@ -114,16 +112,16 @@ static void delete_at(HolderTable *t, size_t i) { /* backward-shift deletion */
     size_t mask = t->cap - 1, j = i;
     for (;;) {
         j = (j + 1) & mask;
-        if (!t->vals[j]) break;
-        size_t h = (size_t)mix(t->keys[j]) & mask;
+        if (!t->slots[j].val) break;
+        size_t h = (size_t)mix(t->slots[j].key) & mask;
         int between = (i <= j) ? (i < h && h <= j) : (i < h || h <= j); /* home in (i, j]: stays */
         if (!between) {
-            t->keys[i] = t->keys[j];
-            t->vals[i] = t->vals[j];
+            t->slots[i].key = t->slots[j].key;
+            t->slots[i].val = t->slots[j].val;
             i = j;
         }
     }
-    t->vals[i] = 0;
+    t->slots[i].val = 0;
     t->used--;
 }
 
@@ -157,7 +155,7 @@ static int tget(HolderTable *t, PyObject *key, uint64_t *v) {
     if (r == 0) return big_get(t, key, v);
     size_t i = find(t, k);
     if (i == SIZE_MAX) return 0;
-    *v = t->vals[i];
+    *v = t->slots[i].val;
     return 1;
 }
 
@@ -179,7 +177,7 @@ static int tset(HolderTable *t, PyObject *key, uint64_t v) {
     size_t i = find(t, k);
     if (i != SIZE_MAX) {
         if (v)
-            t->vals[i] = v;
+            t->slots[i].val = v;
         else
             delete_at(t, i);
         return 0;
@@ -199,8 +197,7 @@ static PyObject *HT_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
 }
 
 static void HT_dealloc(HolderTable *t) {
-    PyMem_Free(t->keys);
-    PyMem_Free(t->vals);
+    PyMem_Free(t->slots);
     Py_XDECREF(t->big);
     Py_TYPE(t)->tp_free((PyObject *)t);
 }
@@ -276,10 +273,10 @@ static PyObject *listing(HolderTable *t, int kind) {
     PyObject *out = PyList_New(0);
     if (!out) return NULL;
     for (size_t i = 0; i < t->cap; i++) {
-        if (!t->vals[i]) continue;
+        if (!t->slots[i].val) continue;
         PyObject *k = NULL, *v = NULL, *item = NULL;
-        if (kind != 1 && !(k = PyLong_FromLongLong((long long)t->keys[i]))) goto fail;
-        if (kind != 0 && !(v = PyLong_FromUnsignedLongLong(t->vals[i]))) goto fail_k;
+        if (kind != 1 && !(k = PyLong_FromLongLong((long long)t->slots[i].key))) goto fail;
+        if (kind != 0 && !(v = PyLong_FromUnsignedLongLong(t->slots[i].val))) goto fail_k;
         item = kind == 0 ? k : kind == 1 ? v : PyTuple_Pack(2, k, v);
         if (!item) goto fail_kv;
         if (PyList_Append(out, item) < 0) {
@@ -435,16 +432,16 @@ static PyObject *change_bit(HolderTable *t, PyObject *const *args, Py_ssize_t na
         if (r < 0) goto fail;
         if (r == 1) { /* inline fast path */
             size_t i = find(t, k);
-            v = i == SIZE_MAX ? 0 : t->vals[i];
+            v = i == SIZE_MAX ? 0 : t->slots[i].val;
             if (set ? (v & bit) != 0 : (v & bit) == 0) continue;
             if (set) {
                 if (i == SIZE_MAX) {
                     if (insert_new(t, k, bit) < 0) goto fail;
                 } else {
-                    t->vals[i] = v | bit;
+                    t->slots[i].val = v | bit;
                 }
             } else if (v ^ bit) {
-                t->vals[i] = v ^ bit;
+                t->slots[i].val = v ^ bit;
             } else {
                 delete_at(t, i);
             }
@@ -467,6 +464,62 @@ fail:
 static PyObject *HT_or_bit(HolderTable *t, PyObject *const *args, Py_ssize_t n) { return change_bit(t, args, n, 1); }
 static PyObject *HT_clear_bit(HolderTable *t, PyObject *const *args, Py_ssize_t n) { return change_bit(t, args, n, 0); }
 
+/* flags(hashes, bit) -> bytes: 1 where the hash's mask has bit, else 0. hashes: a C-contiguous buffer of
+ * int64 (array('q'), a numpy int64 array: read in place) or any sequence of ints. */
+static int int64_format(const Py_buffer *v) {
+    const char *f = v->format ? v->format : "B";
+    if (*f == '@' || *f == '=' || *f == '<') f++;
+    return v->itemsize == 8 && (strcmp(f, "q") == 0 || strcmp(f, "l") == 0);
+}
+
+static PyObject *HT_flags(HolderTable *t, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "flags(hashes, bit)");
+        return NULL;
+    }
+    uint64_t bit;
+    if (bit_arg(args[1], &bit) < 0) return NULL;
+    if (PyObject_CheckBuffer(args[0])) {
+        Py_buffer v;
+        if (PyObject_GetBuffer(args[0], &v, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) return NULL;
+        if (!int64_format(&v)) {
+            PyBuffer_Release(&v);
+            PyErr_SetString(PyExc_TypeError, "flags(): a buffer of hashes must hold int64");
+            return NULL;
+        }
+        Py_ssize_t n = v.len / 8;
+        PyObject *out = PyBytes_FromStringAndSize(NULL, n);
+        if (out) {
+            char *o = PyBytes_AS_STRING(out);
+            const int64_t *h = (const int64_t *)v.buf;
+            for (Py_ssize_t j = 0; j < n; j++) {
+                size_t i = find(t, (uint64_t)h[j]);
+                o[j] = i != SIZE_MAX && (t->slots[i].val & bit) ? 1 : 0;
+            }
+        }
+        PyBuffer_Release(&v);
+        return out;
+    }
+    PyObject *seq = fast_seq(args[0]);
+    if (!seq) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n);
+    if (out) {
+        char *o = PyBytes_AS_STRING(out);
+        for (Py_ssize_t j = 0; j < n; j++) {
+            uint64_t m = 0;
+            if (tget(t, items[j], &m) < 0) {
+                Py_CLEAR(out);
+                break;
+            }
+            o[j] = (m & bit) ? 1 : 0;
+        }
+    }
+    Py_DECREF(seq);
+    return out;
+}
+
 /* == and != as dicts (a HolderTable equals a dict, or another table, with the same items). */
 static PyObject *as_dict(PyObject *o);
 
@@ -480,7 +533,7 @@ static PyObject *HT_richcompare(PyObject *a, PyObject *b, int op) {
 }
 
 static PyObject *HT_nbytes(HolderTable *t, PyObject *unused) {
-    return PyLong_FromSize_t(t->cap * 2 * sizeof(uint64_t));
+    return PyLong_FromSize_t(t->cap * sizeof(Slot));
 }
 
 static PyMethodDef HT_methods[] = {
@@ -498,6 +551,8 @@ static PyMethodDef HT_methods[] = {
      "or_bit(hashes, bit): set bit on each; the hashes whose bit was newly set, in order."},
     {"clear_bit", (PyCFunction)(void (*)(void))HT_clear_bit, METH_FASTCALL,
      "clear_bit(hashes, bit): clear bit on each (dropping emptied masks); the hashes it was set on."},
+    {"flags", (PyCFunction)(void (*)(void))HT_flags, METH_FASTCALL,
+     "flags(hashes, bit) -> bytes: 1 where the mask has bit; hashes may be an int64 buffer."},
     {"nbytes", (PyCFunction)HT_nbytes, METH_NOARGS, "Bytes of the open-addressing arrays."},
     {NULL, NULL, 0, NULL},
 };

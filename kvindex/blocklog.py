@@ -33,6 +33,8 @@ from __future__ import annotations
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
+import numpy as np
+
 __all__ = ["BlockLog"]
 
 _NOTHING = object()
@@ -154,6 +156,61 @@ class BlockLog:
         done, log = self._done, self._log
         start = self._cursor
         end = min(start + budget, len(log.hashes))
+        if not log.wide and not done.wide:
+            self._compact_vectorised(live, start, end)
+        else:  # bad-input hashes present: entry by entry
+            self._compact_entries(live, start, end)
+        self._cursor = end
+        if end < len(log.hashes):
+            return False
+        self._log, self._done, self._cursor, self._last = done, None, 0, _NOTHING
+        return True
+
+    def _compact_vectorised(
+        self, live: Callable[[Sequence[int]], Sequence[object]], start: int, end: int
+    ) -> None:
+        """:meth:`_compact_entries` with numpy over the int64 arrays (same result; no wide hashes)."""
+        done, log = self._done, self._log
+        assert done is not None
+        hs = np.frombuffer(log.hashes, dtype=np.int64)[start:end].copy()
+        if not len(hs):
+            return
+        keep = np.asarray(live(hs), dtype=bool)
+        # Each entry's parent: the entry before it, unless an explicit one is logged (None = a root).
+        par = np.empty_like(hs)
+        par[1:] = hs[:-1]
+        par[0] = log.hashes[start - 1] if start else 0
+        root = np.zeros(len(hs), dtype=bool)
+        for pos, p in log.parents.items():
+            if start <= pos < end:
+                if p is None:
+                    root[pos - start] = True
+                else:
+                    par[pos - start] = p
+        kept = np.flatnonzero(keep)
+        if not len(kept):
+            return
+        kh, kp, kroot = hs[kept], par[kept], root[kept]
+        # An explicit parent wherever it is not the last kept hash (or is a root).
+        prev = np.empty_like(kh)
+        prev[1:] = kh[:-1]
+        need = kroot | (kp != prev)
+        last = self._last
+        if last is _NOTHING or not isinstance(last, int):
+            need[0] = True
+        else:
+            need[0] = bool(kroot[0]) or int(kp[0]) != last
+        base = len(done.hashes)
+        for j in np.flatnonzero(need).tolist():
+            done.parents[base + j] = None if kroot[j] else int(kp[j])
+        done.hashes.frombytes(kh.tobytes())
+        self._last = int(kh[-1])
+
+    def _compact_entries(
+        self, live: Callable[[Sequence[int]], Sequence[object]], start: int, end: int
+    ) -> None:
+        done, log = self._done, self._log
+        assert done is not None
         chunk = list(log.entries(start, end))
         flags = live([h for h, _p in chunk])
         last = self._last
@@ -164,11 +221,6 @@ class BlockLog:
                 done.append(h)
                 last = h
         self._last = last
-        self._cursor = end
-        if end < len(log.hashes):
-            return False
-        self._log, self._done, self._cursor, self._last = done, None, 0, _NOTHING
-        return True
 
     def rebuild(self, items: Iterable[tuple[int, int | None]]) -> None:
         """Replace the log with one entry per ``(hash, parent)`` of ``items``, in that order (ends any

@@ -23,6 +23,8 @@ allowed; a ``bit``/``alive`` mask is a nonzero int; a stored mask is never 0):
   where ``drops`` lists ``(gone_mask, index)`` each time bits left ``alive`` and ``depth`` is the index at
   which ``alive`` became 0, else ``len(hashes)``.
 * ``prefix_with(hashes, bit)``: how many leading hashes have ``bit`` set.
+* ``flags(hashes, bit)``: ``bytes``, 1 where a hash's mask has ``bit`` (``hashes`` may be an int64 buffer,
+  ``array('q')`` or a numpy array, read in place by the C table).
 * ``or_bit(hashes, bit)`` / ``clear_bit(hashes, bit)``: set / clear ``bit`` on each hash (a missing key is
   inserted; an emptied mask is deleted); returns the hashes whose bit changed, in order.
 
@@ -66,6 +68,7 @@ class Holders(Protocol):
     def walk(self, hashes: Sequence[int], alive: int, /) -> tuple[int, list[tuple[int, int]]]: ...
     def prefix_with(self, hashes: Sequence[int], bit: int, /) -> int: ...
     def or_bit(self, hashes: Sequence[int], bit: int, /) -> list[int]: ...
+    def flags(self, hashes: Sequence[int], bit: int, /) -> bytes: ...
     def clear_bit(self, hashes: Sequence[int], bit: int, /) -> list[int]: ...
 
 
@@ -117,6 +120,12 @@ class PyHolders(dict[int, int]):
             return held.index(0)
         except ValueError:
             return len(held)
+
+    def flags(self, hashes: Sequence[int], bit: int, /) -> bytes:
+        """One byte a hash: 1 where its mask has ``bit``, else 0."""
+        _check_mask(bit)
+        seq = hashes.tolist() if hasattr(hashes, "tolist") else hashes
+        return bytes(map(bool, map(and_, map(self.get, seq, repeat(0)), repeat(bit))))
 
     def or_bit(self, hashes: Sequence[int], bit: int, /) -> list[int]:
         """Set ``bit`` on each hash; the hashes whose bit was newly set, in order."""

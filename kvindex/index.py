@@ -52,6 +52,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 
+import numpy as np
+
 from kvindex.blocklog import BlockLog
 from kvindex.hashing import block_hashes
 from kvindex.index_core import IndexCore, IndexStats
@@ -99,10 +101,22 @@ class GlobalIndex(IndexCore):
     # :mod:`kvindex.index_core`), then do per-block Python logic on warm lines.
 
     def _live(self, i: int, hashes: Sequence[int]) -> Sequence[object]:
-        """Per hash, truthy iff instance ``i`` really holds it (look-ups from C: misses overlap)."""
+        """Per hash, truthy iff instance ``i`` really holds it (one call into the holder table; ``hashes``
+        may be a numpy int64 array, as compaction passes, which returns a bool array)."""
         bit = 1 << i
-        masks = self._holders.masks(hashes)
         spec = self._spec[i]
+        if isinstance(hashes, np.ndarray):
+            held = np.frombuffer(self._holders.flags(hashes, bit), dtype=bool)
+            if spec:
+                try:
+                    pending = np.fromiter(spec, dtype=np.int64, count=len(spec))
+                except OverflowError:  # a speculative hash outside int64 (bad input): entry by entry
+                    return [
+                        bool(f) and h not in spec for h, f in zip(hashes.tolist(), held.tolist(), strict=True)
+                    ]
+                held = held & ~np.isin(hashes, pending)
+            return held
+        masks = self._holders.masks(hashes)
         if spec:
             return [m & bit and h not in spec for h, m in zip(hashes, masks, strict=True)]
         return list(map(bit.__and__, masks))

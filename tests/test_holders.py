@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvindex import holders as hmod
+from kvindex.blocklog import BlockLog
 from kvindex.holders import Holders, PyHolders, new_holders
 
 needs_c = pytest.mark.skipif(hmod.BACKEND != "c", reason="kvindex._holders is not built (no C compiler)")
@@ -137,3 +138,51 @@ def test_index_moves_to_the_python_table_at_the_65th_instance_and_stays_exact() 
     idx.check_invariants()
     cached = idx.match_hashes(chain).cached_tokens
     assert all(cached[f"i{k}"] == 4 * (k % 40 + 1) for k in range(70))
+
+
+class _EntryByEntryLog(BlockLog):
+    """The Python compaction path whatever the input (the reference for the numpy one)."""
+
+    _compact_vectorised = BlockLog._compact_entries
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.lists(st.integers(0, 30), min_size=1, max_size=8), st.one_of(st.none(), st.integers(0, 30))
+        ),
+        min_size=1,
+        max_size=12,
+    ),
+    st.sets(st.integers(0, 30)),
+    st.integers(1, 9),
+)
+def test_vectorised_compaction_equals_entry_by_entry(
+    events: list[tuple[list[int], int | None]], dead: set[int], budget: int
+) -> None:
+    """BlockLog.compact_step's numpy path keeps exactly the entries and explicit parents the
+    entry-by-entry path keeps, whatever the chunking (appends between steps included)."""
+    logs = [BlockLog(), _EntryByEntryLog()]
+    half = len(events) // 2
+    for hashes, parent in events[:half]:
+        for log in logs:
+            log.append_chain(hashes, parent)
+
+    def live(hs: Any) -> list[bool]:
+        return [int(h) not in dead for h in hs]
+
+    done = [False, False]
+    rest = iter(events[half:])
+    while not all(done):
+        for k, log in enumerate(logs):
+            if not done[k]:
+                done[k] = log.compact_step(live, budget)
+        nxt = next(rest, None)
+        if nxt is not None and not any(done):
+            for log in logs:
+                log.append_chain(*nxt)
+    a, b = logs
+    a.check()
+    assert list(a.entries()) == list(b.entries())
+    assert list(a.hashes()) == list(b.hashes()) and a._log.parents == b._log.parents
