@@ -31,8 +31,6 @@ after checking the shared tokens byte for byte; it needs the C backend and hashe
 from __future__ import annotations
 
 import hashlib
-import importlib
-import logging
 import os
 import struct
 import sys
@@ -41,6 +39,8 @@ from collections.abc import Callable, Sequence
 from functools import lru_cache
 from types import ModuleType
 from typing import NamedTuple, NewType, cast
+
+from kvindex import native
 
 BlockHash = NewType("BlockHash", int)
 """A published block hash: signed int64, the first 8 bytes (big-endian) of the chained SHA-256 digest."""
@@ -189,20 +189,8 @@ PURE_PYTHON_ENV = "LMETRIC_PURE_PYTHON_HASH"
 PYTHON_BACKEND = HashBackend("python", _py_chained_digests, _py_chained_digests_packed, _py_block_hashes)
 
 
-def _load_c() -> ModuleType | None:
-    try:
-        return importlib.import_module("kvindex._chash")
-    except ImportError as exc:
-        logging.getLogger(__name__).warning(
-            "kvindex._chash is not built (%s): SGLang page hashing runs in pure Python, ~3x slower; "
-            "reinstall with a C compiler and OpenSSL headers (libssl-dev) to build it",
-            exc,
-        )
-        return None
-
-
 _forced_pure = os.environ.get(PURE_PYTHON_ENV, "") not in ("", "0")
-_chash: ModuleType | None = None if _forced_pure else _load_c()
+_chash: ModuleType | None = None if _forced_pure else native.load("_chash")
 
 C_BACKEND: HashBackend | None = (
     None if _chash is None else HashBackend("c", _chash.digests, _chash.digests_packed, _chash.hashes)

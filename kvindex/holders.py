@@ -35,13 +35,13 @@ a ``ValueError``, a mask outside ``1 .. 2**64 - 1`` an ``OverflowError``.
 
 from __future__ import annotations
 
-import importlib
-import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import repeat
 from operator import and_, eq
 from typing import Any, Protocol
+
+from kvindex import native
 
 __all__ = ["BACKEND", "C_MAX_IDS", "Holders", "PyHolders", "new_holders"]
 
@@ -161,19 +161,7 @@ def _check_mask(bit: int) -> None:
         raise ValueError("holder mask must be nonzero")
 
 
-def _load_c() -> Any:
-    if os.environ.get("LMETRIC_PURE_PYTHON_INDEX") == "1":
-        return None
-    try:
-        return importlib.import_module("kvindex._holders")
-    except ImportError as e:  # not built: no C compiler at install time
-        logging.getLogger(__name__).warning(
-            "kvindex._holders is not built (%s): the index's holder table runs in pure Python", e
-        )
-        return None
-
-
-_c = _load_c()
+_c = None if os.environ.get("LMETRIC_PURE_PYTHON_INDEX") == "1" else native.load("_holders")
 
 BACKEND: str = "python" if _c is None else "c"
 """``"c"`` (kvindex/_holders.c) or ``"python"`` (``LMETRIC_PURE_PYTHON_INDEX=1`` forces it)."""

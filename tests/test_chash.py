@@ -196,15 +196,18 @@ def test_env_var_forces_the_python_backend() -> None:
     assert out.stderr == ""  # asked for: no warning
 
 
-def test_missing_extension_falls_back_with_one_warning() -> None:
-    out = import_backend(
-        {"LMETRIC_PURE_PYTHON_HASH": ""}, "import sys; sys.modules['kvindex._chash'] = None; "
-    )
-    assert out.stdout.split()[0] == "python"
+def test_missing_extensions_fall_back_with_one_warning() -> None:
+    """No C compiler at install time: neither extension is built; hashing and the index run on their
+    pure-Python fallbacks with one warning line naming both."""
+    blocked = "import sys; sys.modules['kvindex._chash'] = None; sys.modules['kvindex._holders'] = None; "
+    index = "import kvindex.hashing as h, kvindex.index as ix, kvindex.holders as ho; g = ix.GlobalIndex(4); "
+    index += "g.insert_speculative('a', h.block_hashes([1, 2, 3, 4], 4), 0.0); print(ho.BACKEND, g.total_blocks()); "
+    out = import_backend({"LMETRIC_PURE_PYTHON_HASH": "", "LMETRIC_PURE_PYTHON_INDEX": ""}, blocked + index)
+    assert out.stdout.split()[:2] == ["python", "1"]
     assert "-3488128144981237669" in out.stdout
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1
-    assert "kvindex._chash is not built" in lines[0]
+    assert "C extensions not built: kvindex._chash" in lines[0] and "kvindex._holders" in lines[0]
 
 
 @needs_c
