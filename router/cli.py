@@ -251,6 +251,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
             max_ejected=ns.max_ejected,
             stall_after=ns.stall_after,
             max_inflight_per_instance=ns.max_inflight_per_instance,
+            engine_queue_allowance=ns.engine_queue_allowance,
             max_queued_prefill_tokens=ns.max_queued_prefill_tokens,
             max_queue=ns.max_queue,
             queue_timeout=ns.queue_timeout,

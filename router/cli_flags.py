@@ -245,6 +245,13 @@ def _add_robustness_flags(p: argparse.ArgumentParser, d: RouterConfig) -> None:
         help="requests in flight through the router, per routable instance; more wait in the queue",
     )  # fmt: skip
     g.add_argument(
+        "--engine-queue-allowance", type=int, default=d.engine_queue_allowance, metavar="N",
+        help="adaptive in-flight limits: per instance, at most what its engine runs at once plus N, the limit "
+        "dropping when more than N requests wait in the engine and growing by one a load report while the "
+        "router keeps it full (--max-inflight-per-instance is the ceiling); -1 = a fixed limit of "
+        "--max-inflight-per-instance",
+    )  # fmt: skip
+    g.add_argument(
         "--max-queued-prefill-tokens", type=_non_negative_int, default=d.max_queued_prefill_tokens, metavar="N",
         help="while every routable instance has at least N prefill tokens queued (its last load report plus "
         "the router's own dispatches), new requests get 429 at once: the engines' queues are the queue "

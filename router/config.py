@@ -29,7 +29,9 @@ class RouterConfig:
     the base of the jittered exponential wait between attempts; ``breaker_*`` and ``max_ejected`` the
     per-instance circuit breakers (:mod:`router.breaker`); ``stall_after`` the longest silence of an
     engine's load stream before it is ejected as stalled (0 = off); ``max_inflight_per_instance`` x
-    routable instances requests in flight, ``max_queue`` waiting at most ``queue_timeout`` s, the rest 429
+    routable instances requests in flight, or, with ``engine_queue_allowance`` >= 0, per instance a limit that
+    follows the engine's own concurrency (:mod:`router.model.concurrency`: it drops to what the engine runs
+    when more than that many requests wait in it), ``max_queue`` waiting at most ``queue_timeout`` s, the rest 429
     (:mod:`router.admission`); while every routable instance has at least ``max_queued_prefill_tokens``
     queued prefill tokens (0 = no such bound), new requests get 429 at once; ``max_body_size`` bytes per
     request body (413 above). Slow clients: ``client_body_timeout`` the longest gap between two reads of a
@@ -82,6 +84,7 @@ class RouterConfig:
     max_ejected: float = 0.5
     stall_after: float = 3.0
     max_inflight_per_instance: int = 256
+    engine_queue_allowance: int = -1
     max_queued_prefill_tokens: int = 32768
     max_queue: int = 1024
     queue_timeout: float = 2.0

@@ -41,6 +41,7 @@ from router.decisions import DecisionPublisher
 from router.dispatch import Dispatcher
 from router.generation import Generation, error_response, unavailable
 from router.metrics import RouterMetrics
+from router.model.concurrency import ConcurrencyLimits
 from router.model.model import RoutingModel, SnapshotJob
 from router.static_workers import WorkerProber, declare_workers
 from router.subscriber import Received, SnapshotError, Subscriber, fetch_snapshot
@@ -96,6 +97,12 @@ class RouterServer:
         self.middlewares: list[Any] = []
         """Extra aiohttp middlewares, inside the key check (the HA node's fence gate)."""
         self.dispatcher = Dispatcher(cfg, self.core, self.metrics)
+        self.limits: ConcurrencyLimits | None = (
+            None
+            if cfg.engine_queue_allowance < 0
+            else ConcurrencyLimits(cfg.max_inflight_per_instance, queue_allowance=cfg.engine_queue_allowance)
+        )
+        """Adaptive per-instance in-flight limits (``--engine-queue-allowance``), or ``None``: fixed."""
         self.admission = Admission(self._inflight_limit, cfg.max_queue, cfg.queue_timeout)
         self.metrics.watch(self.admission, self.dispatcher.breakers, self.core)
         self.generation = Generation(
@@ -121,7 +128,10 @@ class RouterServer:
         self.dispatcher.decisions = publisher
 
     def _inflight_limit(self) -> int:
-        return self.cfg.max_inflight_per_instance * max(1, self.core.routable_count())
+        if self.limits is None:
+            return self.cfg.max_inflight_per_instance * max(1, self.core.routable_count())
+        routable = [st.name for st in self.core.table.routable()]
+        return self.limits.total(routable) if routable else self.cfg.max_inflight_per_instance
 
     def _on_agent_message(self, rec: Received) -> None:
         """Record how stale the stream is, then hand the frame to the core."""
@@ -129,6 +139,11 @@ class RouterServer:
         self.core.on_message(rec)
         if isinstance(rec.msg, LoadReport):
             self.dispatcher.on_load(rec.msg.instance, time.monotonic())
+            if self.limits is not None:
+                st = self.core.table.get(rec.msg.instance)
+                inflight = st.inflight if st is not None else 0
+                self.limits.on_report(rec.msg.instance, rec.msg.running, rec.msg.waiting, inflight)
+                self.admission.wake()  # the limit may have grown
 
     @property
     def url(self) -> str:
@@ -335,6 +350,7 @@ class RouterServer:
             "queued": adm.queued,
             "limit": adm.limit(),
             "rejected": dict(adm.rejected),
+            "instance_limits": None if self.limits is None else self.limits.snapshot(),
         }
         if self.extra_state is not None:
             state["ha"] = self.extra_state()
