@@ -386,6 +386,32 @@ async def test_burst_beyond_capacity_gets_fast_429s_with_retry_after() -> None:
         assert (await sse(c))[0] == 200  # capacity is back
 
 
+async def test_in_flight_limit_follows_the_engines_waiting_queue() -> None:
+    """router/model/concurrency.py wired to the agents' load reports: an engine that queues (waiting >
+    --engine-queue-allowance) caps its instance at what it runs + the allowance, the excess gets 429 at
+    once; once its queue is gone the limit grows again while the router keeps it full."""
+    slow = {"headers_timeout": 30.0, "idle_timeout": 30.0, "request_timeout": 60.0}
+    async with scripted(1, max_queue=0, engine_queue_allowance=2, **slow) as (c, (eng,)):
+        agent = c.agents[0]
+        agent.load = (3, 5, 0, 8)  # running 3, waiting 5: the limit drops to 3 + 2
+        await wait_until(lambda: c.router.admission.limit() == 5, "limit down to 5")
+        eng.mode = "gate"
+        held = [asyncio.create_task(sse(c)) for _ in range(5)]
+        await wait_until(lambda: c.router.admission.inflight == 5, "five in flight")
+        t0 = time.monotonic()
+        async with c.http.post(c.url("/generate"), json={"text": PROMPT}) as r:
+            assert r.status == 429
+        assert time.monotonic() - t0 < 0.2
+        agent.load = (5, 0, 0, 8)  # the queue is gone and the router keeps it full: +1 (then not full)
+        await wait_until(lambda: c.router.admission.limit() == 6, "limit grows back")
+        held.append(asyncio.create_task(sse(c)))  # admitted now
+        await wait_until(lambda: c.router.admission.limit() == 7, "full again: +1")
+        state = await (await c.http.get(c.url("/router/state"))).json()
+        assert state["admission"]["instance_limits"] == {"i0": 7}
+        eng.gate.set()
+        assert all(status == 200 for status, _ in await asyncio.gather(*held))
+
+
 async def test_413_for_a_body_over_the_limit_declared_or_chunked() -> None:
     async with scripted(1, max_body_size=1000) as (c, (eng,)):
         big = json.dumps({"text": "x" * 2000}).encode()
