@@ -12,7 +12,9 @@ Measured, per event, from the primary router's ``/router/state`` (admin port, po
 the cluster file:
 
 * **detect**: event -> the router stops routing to the instance (not routable, breaker open or stalled);
-  for a router, event -> the standby's record of the primary gone;
+  for a router, event -> the standby's record of the primary gone (for a stopped primary, read from the
+  standby while the primary is stopped; a stopped primary keeps its port, so the standby cannot take over
+  and the stop is survived, not failed over);
 * **heal**: event -> the instance routable again (after the restart or SIGCONT), or a standby running
   again after a router event;
 * **index exact**: heal -> the router's block count of the instance equal to its agent's mirror (a
@@ -107,10 +109,16 @@ async def watch_event(
         while time.time() < t_end and (ev.detect_s is None or ev.heal_s is None):
             procs = cluster_procs(cfile)
             if ev.detect_s is None:
-                state = await router_state(session, cfile)
+                # A killed primary's standby is the primary by now; a stopped one is still the primary
+                # (and answers nothing while stopped): the standby's record of the silence is asked.
+                role = "router-standby" if ev.action == "stop" else "router-primary"
+                state = await router_state(session, cfile, role)
                 ha = (state or {}).get("ha", {})
                 lost = ha.get("primary_lost_at")
-                if ev.role == "router-primary" and lost and lost >= ev.at - 1:
+                # Only a loss noticed while this event's process was hit (a later event's would qualify
+                # otherwise: a stop's resume is not a loss).
+                until = ev.resumed_at + 1.0 if ev.resumed_at is not None else float("inf")
+                if ev.role == "router-primary" and lost and ev.at - 1 <= lost <= until:
                     ev.detect_s = max(0.0, lost - ev.at)
                 elif (
                     ev.role == "router-standby"

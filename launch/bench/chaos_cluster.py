@@ -43,9 +43,9 @@ def cluster_procs(cfile: Path) -> list[ProcessEntry]:
     return list(read_cluster_file(cfile).processes)
 
 
-def _primary_admin(cfile: Path) -> str | None:
+def _primary_admin(cfile: Path, role: str = "router-primary") -> str | None:
     for p in cluster_procs(cfile):
-        if p.role == "router-primary" and p.status == "running" and "admin" in p.endpoints:
+        if p.role == role and p.status == "running" and "admin" in p.endpoints:
             return p.endpoints["admin"]
     return None
 
@@ -82,8 +82,12 @@ async def restart(entry: ProcessEntry, args: argparse.Namespace, workdir: Path) 
 # ------------------------------------------------------------------------------------------ probes
 
 
-async def router_state(session: aiohttp.ClientSession, cfile: Path) -> dict[str, Any] | None:
-    admin = _primary_admin(cfile)
+async def router_state(
+    session: aiohttp.ClientSession, cfile: Path, role: str = "router-primary"
+) -> dict[str, Any] | None:
+    """``GET /router/state`` of the running router of ``role`` (the primary by default), None if none
+    answers within 1 s."""
+    admin = _primary_admin(cfile, role)
     if admin is None:
         return None
     try:

@@ -55,9 +55,15 @@ def explained(d: Done, events: list[Event], grace: float) -> Event | None:
     """The event that explains failed request ``d``: its process was hit while ``d`` was in flight (plus
     ``grace`` s for the failure to surface) and ``d`` depended on it (any router; the engine or agent of
     the instance that served ``d``, or any engine/agent if the router could not say which). A standby
-    router serves nothing, so it explains nothing."""
+    router serves nothing, so it explains nothing. A 429 (the router refusing for want of capacity) is
+    explained by an engine or agent event from the hit until that instance was healed (routable again),
+    plus ``grace``: the cluster had one instance fewer."""
     for ev in events:
         hit_until = (ev.resumed_at or ev.at) + grace
+        if d.status.startswith("HTTP 429") and ev.role in ("engine", "agent") and ev.heal_s is not None:
+            # A refusal for want of capacity: the instance's outage (until it was routable again) is the
+            # capacity that was missing, whether or not the request would have gone there.
+            hit_until = ev.at + ev.heal_s + grace
         if not (d.start - grace <= hit_until and ev.at <= d.end):
             continue
         if ev.role == "router-primary" or d.instance is None or d.instance == ev.instance:
