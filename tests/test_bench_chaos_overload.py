@@ -25,9 +25,9 @@ def test_a_failure_is_explained_only_by_an_event_it_depended_on_while_in_flight(
     assert explained(Done(299.0, 301.0, False, "x", "1"), [standby], 2.0) is None
     # A 429 (no instance served it) is explained by an engine/agent outage until that instance healed.
     engine.heal_s = 7.0
-    assert explained(Done(106.0, 106.01, False, "HTTP 429: full", None), [engine], 2.0) is engine
-    assert explained(Done(106.0, 106.01, False, "HTTP 502: x", None), [engine], 2.0) is None
-    assert explained(Done(110.0, 110.01, False, "HTTP 429: full", None), [engine], 2.0) is None  # healed
+    assert explained(Done(106.5, 106.51, False, "HTTP 429: full", None), [engine], 2.0) is engine
+    assert explained(Done(106.5, 106.51, False, "HTTP 502: x", None), [engine], 2.0) is None
+    assert explained(Done(112.0, 112.01, False, "HTTP 429: full", None), [engine], 2.0) is None  # healed
 
 
 def test_chaos_analysis_counts_unexplained_failures() -> None:
