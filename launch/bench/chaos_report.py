@@ -85,6 +85,14 @@ def analyse(run: Run, args: argparse.Namespace) -> dict[str, Any]:
         "failed": len(failed),
         "failed_unexplained": len(unexplained),
         "unexplained_reasons": sorted({d.status[:160] for d in unexplained})[:8],
+        "unexplained": [
+            {
+                "t_s": round(d.start - run.requests[0].start, 2),
+                "s": round(d.end - d.start, 3),
+                "status": d.status[:160],
+            }
+            for d in unexplained[:50]
+        ],
         "events": [
             {
                 "t_s": round(ev.at - (run.requests[0].start if run.requests else ev.at), 1),
@@ -128,4 +136,6 @@ def format_report(fig: dict[str, Any]) -> str:
     lines.append(f"router RSS (KiB): start {f(r['start'])}, end {f(r['end'])}, max {f(r['max'])}")
     for reason in fig["unexplained_reasons"]:
         lines.append(f"  unexplained failure: {reason}")
+    if fig.get("unexplained"):
+        lines.append("  at t (s): " + ", ".join(str(u["t_s"]) for u in fig["unexplained"]))
     return "\n".join(lines)
