@@ -20,7 +20,14 @@ from router.model.policies import PUBLISHED
 
 __all__ = ["evaluate", "held_hook", "plot_curve"]
 
-INTELLIGENT = ("intelligent_router", "intelligent_router_oracle", "mixing_penalty")
+INTELLIGENT = (
+    "intelligent_router",
+    "intelligent_router_unguided",
+    "intelligent_router_oracle",
+    "mixing_penalty",
+)
+"""``_unguided``: the same network with guidance 0 (its Q-values alone); ``_oracle``: the true output
+bucket with the paper's predictor accuracy."""
 
 
 def evaluate(
@@ -41,7 +48,7 @@ def evaluate(
         for name in names:
             if name.startswith("intelligent_router"):
                 ir = IntelligentRouter(net, predictor)
-                ir.guidance = guidance
+                ir.guidance = 0.0 if name.endswith("unguided") else guidance
                 ir.allow_hold = allow_hold
                 hook = _oracle_hook(ir, ev, oracle_accuracy, seed) if name.endswith("oracle") else \
                     held_hook(ir)  # fmt: skip

@@ -16,7 +16,10 @@ response-length bucket. Here:
   order) and *hold*, minus ``guidance`` x the mixing penalty of each action (HuRL-style guidance; the
   trainer decays ``guidance`` over episodes). The network is a plain MLP (state -> 64 -> 64 -> actions,
   ReLU) evaluated with numpy from weight arrays (:class:`QNet`); training is in ``launch/rl`` (scikit-
-  learn), never here. Without weights it is :class:`MixingPenalty` with a hold action that is never
+  learn), never here. Two layouts: the paper's (the whole :func:`state_vector` in, one Q per action
+  out, for a fixed instance count) and ours, the one ``launch/rl`` trains (*shared*: one network scores
+  each action from its row of :func:`candidate_matrix`, so every instance is handled alike and the
+  network is the same size for 4 or 16 instances; a documented deviation). Without weights it is :class:`MixingPenalty` with a hold action that is never
   taken. *Hold* is a suggestion (``Decision.reason == "hold"``, ``instance`` = the best instance): the
   simulator holds the request 0.02 s and asks again; the live router routes it to that instance.
 
@@ -232,7 +235,8 @@ class IntelligentRouter(Policy):
         self, views: Sequence[InstanceView], prompt_tokens: int, cached: Mapping[str, int]
     ) -> npt.NDArray[np.float64]:
         """Q - guidance x penalty per action (instances in name order, then hold). Sets
-        :attr:`last_state`. Mutates only that."""
+        :attr:`last_state` (the state vector, or the candidate matrix for a shared network). Mutates
+        only that."""
         ordered = by_name(views)
         pens = [mixing_penalty(v, prompt_tokens, cached.get(v.name, 0)) for v in ordered]
         all_cap = all(v.at_max_running for v in ordered)
