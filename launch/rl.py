@@ -320,7 +320,8 @@ def run_train_rl(args: argparse.Namespace) -> int:
     if best[1] > 0 and args.pick == "best":
         final, guidance, _ = load_checkpoint(args.out / "best.npz")
     print(
-        f"trained {len(curve)} episodes in {train_s:.0f} s; final guidance {guidance:.3f}; scale {scale:.3g}"
+        f"trained {len(curve)} episodes in {train_s:.0f} s (scale {scale:.3g}); evaluating the {args.pick} "
+        f"weights (episode {best[1] if args.pick == 'best' and best[1] > 0 else len(curve)}, guidance {guidance:.3f})"
     )
     if args.no_eval:
         return 0
