@@ -4,6 +4,7 @@ hold, the simulator's hold, the length predictor and a tiny training run."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -134,10 +135,14 @@ def test_train_rl_runs_seeded_and_writes_checkpoints(tmp_path: Path) -> None:
         out = tmp_path / run
         args = ["train-rl", "--trace", str(trace), "--instances", "2", "--profile", PROFILE, "--episodes", "3",
                 "--episode-window", "10", "--train-until", "30", "--eval-from", "30", "--eval-window", "10",
-                "--updates", "2", "--checkpoint-every", "2", "--out", str(out)]  # fmt: skip
+                "--updates", "2", "--checkpoint-every", "2", "--val-every", "1", "--val-from", "0",
+                "--out", str(out)]  # fmt: skip
         assert main(args) == 0
         outs.append(out)
     assert (outs[0] / "checkpoint-0002.npz").is_file() and (outs[0] / "eval.json").is_file()
+    report = json.loads((outs[0] / "eval.json").read_text())
+    assert report["evaluated"] == "best" and 1 <= report["best_episode"] <= 3  # validated every episode
+    assert (outs[0] / "best.npz").is_file() and load_checkpoint(outs[0] / "best.npz")[0].shared
     a, b = (load_checkpoint(o / "final.npz")[0] for o in outs)
     assert all(np.array_equal(x, y) for x, y in zip(a.weights, b.weights, strict=True))  # seeded
 
