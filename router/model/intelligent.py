@@ -174,9 +174,9 @@ def candidate_matrix(
     per-instance running / cap, (waiting + unreported) / cap, log queued prefill tokens / 12 and KV used
     share, and the largest cached share. Per action (12): a hold flag; for an instance its running / cap,
     (waiting + unreported) / cap, log queued prefill / 12, KV used share, the request's cached share,
-    log uncached tokens / 12, the mixing penalty (capped at 2) / 2, and the first three minus their
-    cluster means; for hold the flag and zeros. Every entry roughly in [-1, 1]; permuting the instances
-    permutes the rows, so a network over rows treats the instances symmetrically."""
+    log uncached tokens / 12, the mixing penalty (capped at 2) / 2, and the first three and the cached
+    share minus their cluster means; for hold the flag and zeros. Every entry roughly in [-1, 1].
+    Permuting the instances permutes the rows, so a network over rows treats them symmetrically."""
     ordered = by_name(views)
     inst = np.empty((len(ordered), N_CANDIDATE), dtype=np.float64)
     for k, v in enumerate(ordered):
