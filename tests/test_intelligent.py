@@ -4,6 +4,7 @@ hold, the simulator's hold, the length predictor and a tiny training run."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -134,9 +135,58 @@ def test_train_rl_runs_seeded_and_writes_checkpoints(tmp_path: Path) -> None:
         out = tmp_path / run
         args = ["train-rl", "--trace", str(trace), "--instances", "2", "--profile", PROFILE, "--episodes", "3",
                 "--episode-window", "10", "--train-until", "30", "--eval-from", "30", "--eval-window", "10",
-                "--updates", "2", "--checkpoint-every", "2", "--out", str(out)]  # fmt: skip
+                "--updates", "2", "--checkpoint-every", "2", "--val-every", "1", "--val-from", "0",
+                "--out", str(out)]  # fmt: skip
         assert main(args) == 0
         outs.append(out)
     assert (outs[0] / "checkpoint-0002.npz").is_file() and (outs[0] / "eval.json").is_file()
+    report = json.loads((outs[0] / "eval.json").read_text())
+    assert report["evaluated"] == "best" and 1 <= report["best_episode"] <= 3  # validated every episode
+    assert (outs[0] / "best.npz").is_file() and load_checkpoint(outs[0] / "best.npz")[0].shared
     a, b = (load_checkpoint(o / "final.npz")[0] for o in outs)
     assert all(np.array_equal(x, y) for x, y in zip(a.weights, b.weights, strict=True))  # seeded
+
+
+def test_occupancy_integral_is_littles_law() -> None:
+    from launch.rl_targets import little_returns, occupancy
+
+    starts, ends = np.array([0.0, 1.0, 1.5]), np.array([2.0, 4.0, 1.5])
+    f = occupancy(starts, ends, np.array([0.0, 1.0, 2.0, 3.0, 10.0]))
+    assert f.tolist() == pytest.approx([0.0, 1.0, 3.0, 4.0, 5.0])  # total = sum of times in system
+    times = np.array([0.0, 0.5, 1.0, 3.0, 10.0])
+    # undiscounted, one-step lookahead: the rewards telescope to minus the total time in the system
+    ret = little_returns(times, starts, ends, gamma=1.0, horizon=0.0, scale=1.0)
+    assert ret.use.tolist() == [True, True, True, True, False]
+    assert ret.g[ret.use].sum() == pytest.approx(-5.0)
+    assert ret.nxt.tolist()[:4] == [1, 2, 3, 4] and ret.disc.tolist() == [1.0] * 5
+    # a longer lookahead sums the discounted costs up to the first decision past it
+    long = little_returns(times, starts, ends, gamma=0.5, horizon=1.0, scale=2.0)
+    assert long.nxt[0] == 2 and long.g[0] == pytest.approx(-(0.5 + 0.5**0.5 * 0.5) / 2)
+    assert long.disc[0] == pytest.approx(0.5)
+
+
+def test_own_returns_charge_holds_to_the_held_request() -> None:
+    from launch.rl_targets import own_returns
+
+    times = np.array([0.0, 0.02, 0.03, 0.04])
+    ret = own_returns(times, [7, 8, 7, 8], {7: 1.0, 8: None}, [False, False, True, True], 0.02, 1.0)
+    assert ret.g.tolist() == pytest.approx([-0.02, -0.02, -0.97, -1.0])
+    assert ret.nxt.tolist() == [2, 3, -1, -1] and ret.disc.tolist() == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_shared_network_scores_instances_symmetrically() -> None:
+    from router.model.intelligent import N_FEATURES, candidate_matrix
+
+    views = [v("a", running=5), v("b", waiting=3, kv_used_tokens=50_000), v("c")]
+    m = candidate_matrix(views, 1000, {"c": 512}, 2, 3)
+    assert m.shape == (4, N_FEATURES) and m[-1, 11] == 1.0 and m[:3, 11].sum() == 0.0
+    swapped = candidate_matrix([views[2], views[0], views[1]], 1000, {"c": 512}, 2, 3)
+    assert np.array_equal(m, swapped)  # rows follow the names, not the order given
+    rng = np.random.default_rng(0)
+    w = (rng.normal(size=(N_FEATURES, 8)), rng.normal(size=(8, 1)))
+    net = QNet(w, (np.zeros(8), np.zeros(1)), 3, shared=True)
+    pol = IntelligentRouter(net)
+    scores = pol.action_scores(views, 1000, {"c": 512})
+    assert scores.shape == (4,) and pol.last_state is not None and pol.last_state.shape == (4, N_FEATURES)
+    # the same weights serve another cluster size
+    assert IntelligentRouter(net).choose([*views, v("d")], 1000, {}).instance in {"a", "b", "c", "d"}

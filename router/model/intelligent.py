@@ -16,7 +16,10 @@ response-length bucket. Here:
   order) and *hold*, minus ``guidance`` x the mixing penalty of each action (HuRL-style guidance; the
   trainer decays ``guidance`` over episodes). The network is a plain MLP (state -> 64 -> 64 -> actions,
   ReLU) evaluated with numpy from weight arrays (:class:`QNet`); training is in ``launch/rl`` (scikit-
-  learn), never here. Without weights it is :class:`MixingPenalty` with a hold action that is never
+  learn), never here. Two layouts: the paper's (the whole :func:`state_vector` in, one Q per action
+  out, for a fixed instance count) and ours, the one ``launch/rl`` trains (*shared*: one network scores
+  each action from its row of :func:`candidate_matrix`, so every instance is handled alike and the
+  network is the same size for 4 or 16 instances; a documented deviation). Without weights it is :class:`MixingPenalty` with a hold action that is never
   taken. *Hold* is a suggestion (``Decision.reason == "hold"``, ``instance`` = the best instance): the
   simulator holds the request 0.02 s and asks again; the live router routes it to that instance.
 
@@ -46,6 +49,7 @@ __all__ = [
     "LengthPredictor",
     "MixingPenalty",
     "QNet",
+    "candidate_matrix",
     "mixing_penalty",
     "output_bucket",
     "state_vector",
@@ -98,11 +102,17 @@ class MixingPenalty(Policy):
 @dataclass(frozen=True)
 class QNet:
     """An MLP's weights: ``weights[k]`` (in x out) and ``biases[k]``; ReLU between layers, linear out.
-    ``n_instances``: the instances it was trained for (its actions: those and hold, in that order)."""
+
+    ``shared`` False (the paper's layout): input :func:`state_vector`, one output per action, trained
+    for ``n_instances`` instances (its actions: those and hold, in that order). ``shared`` True (our
+    layout, ``launch/rl``): one output, the Q-value of one action from that action's row of
+    :func:`candidate_matrix`; the same weights score every instance and hold, for any cluster size
+    (``n_instances`` is then informational)."""
 
     weights: tuple[npt.NDArray[np.float64], ...]
     biases: tuple[npt.NDArray[np.float64], ...]
     n_instances: int
+    shared: bool = False
 
     def q(self, x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         """Q-values of state(s) ``x`` (one row per state)."""
@@ -148,6 +158,53 @@ def state_vector(
     return np.asarray(g + per, dtype=np.float64)
 
 
+N_GLOBAL: Final = 11
+N_CANDIDATE: Final = 12
+N_FEATURES: Final = N_GLOBAL + N_CANDIDATE
+"""Columns of :func:`candidate_matrix`."""
+
+
+def candidate_matrix(
+    views: Sequence[InstanceView], prompt_tokens: int, cached: Mapping[str, int], bucket: int, held: int
+) -> npt.NDArray[np.float64]:
+    """The shared Q-network's input: one row per action (``views`` in name order, then hold), each the
+    request's and the cluster's features (the same in every row) followed by that action's own.
+
+    Global (11): held / 50, log prompt tokens / 12, output bucket one-hot (4), the cluster means of the
+    per-instance running / cap, (waiting + unreported) / cap, log queued prefill tokens / 12 and KV used
+    share, and the largest cached share. Per action (12): a hold flag; for an instance its running / cap,
+    (waiting + unreported) / cap, log queued prefill / 12, KV used share, the request's cached share,
+    log uncached tokens / 12, the mixing penalty (capped at 2) / 2, and the first three and the cached
+    share minus their cluster means; for hold the flag and zeros. Every entry roughly in [-1, 1].
+    Permuting the instances permutes the rows, so a network over rows treats them symmetrically."""
+    ordered = by_name(views)
+    inst = np.empty((len(ordered), N_CANDIDATE), dtype=np.float64)
+    for k, v in enumerate(ordered):
+        cap = v.max_running_requests or 128
+        used = v.kv_used_tokens / v.kv_capacity_tokens if v.kv_capacity_tokens else 0.0
+        c = min(cached.get(v.name, 0), prompt_tokens)
+        inst[k, :8] = (
+            0.0,
+            v.running / cap,
+            (v.waiting + v.unreported) / cap,
+            math.log1p(v.queued_prefill_tokens) / 12.0,
+            used,
+            c / prompt_tokens if prompt_tokens else 0.0,
+            math.log1p(prompt_tokens - c) / 12.0,
+            min(mixing_penalty(v, prompt_tokens, c), 2.0) / 2.0,
+        )
+    means = inst[:, 1:5].mean(axis=0)
+    inst[:, 8:11] = inst[:, 1:4] - means[:3]
+    inst[:, 11] = inst[:, 5] - inst[:, 5].mean()
+    g = [min(held, 50) / 50.0, math.log1p(prompt_tokens) / 12.0]
+    g += [1.0 if bucket == k else 0.0 for k in range(N_BUCKETS)]
+    g += [*means.tolist(), float(inst[:, 5].max())]
+    hold = np.zeros((1, N_CANDIDATE))
+    hold[0, 0] = 1.0
+    rows = np.vstack([inst, hold])
+    return np.hstack([np.broadcast_to(np.asarray(g), (len(rows), N_GLOBAL)), rows])
+
+
 class IntelligentRouter(Policy):
     """The Double-DQN router (module docstring). ``net`` None: mixing penalty only. ``predictor`` gives
     the output bucket from the prompt length; :attr:`next_bucket` (set by a simulator for the oracle
@@ -178,19 +235,23 @@ class IntelligentRouter(Policy):
         self, views: Sequence[InstanceView], prompt_tokens: int, cached: Mapping[str, int]
     ) -> npt.NDArray[np.float64]:
         """Q - guidance x penalty per action (instances in name order, then hold). Sets
-        :attr:`last_state`. Mutates only that."""
+        :attr:`last_state` (the state vector, or the candidate matrix for a shared network). Mutates
+        only that."""
         ordered = by_name(views)
         pens = [mixing_penalty(v, prompt_tokens, cached.get(v.name, 0)) for v in ordered]
         all_cap = all(v.at_max_running for v in ordered)
         pens.append(0.0 if all_cap else HOLD_PENALTY)
-        state = state_vector(ordered, prompt_tokens, cached, self.bucket(prompt_tokens), self.held)
-        self.last_state = state
-        if self.net is None or self.net.n_instances != len(ordered):
-            q = np.zeros(len(ordered) + 1)
-            g = 1.0
+        net, bucket = self.net, self.bucket(prompt_tokens)
+        if net is not None and net.shared:
+            state = candidate_matrix(ordered, prompt_tokens, cached, bucket, self.held)
+            q, g = net.q(state)[:, 0], self.guidance
         else:
-            q = self.net.q(state[None, :])[0]
-            g = self.guidance
+            state = state_vector(ordered, prompt_tokens, cached, bucket, self.held)
+            if net is None or net.n_instances != len(ordered):
+                q, g = np.zeros(len(ordered) + 1), 1.0
+            else:
+                q, g = net.q(state[None, :])[0], self.guidance
+        self.last_state = state
         return q - g * np.asarray(pens)
 
     def choose(
