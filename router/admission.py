@@ -3,8 +3,12 @@
 A request takes a slot with :meth:`Admission.acquire` before its body is read (so a queued request holds
 only its connection, never its body) and gives it back with :meth:`Admission.release`. While fewer than
 ``limit()`` requests are in flight it passes at once; otherwise it waits in a FIFO queue of at most
-``max_queue`` requests, at most ``queue_timeout`` seconds; past either bound it is refused at once
-(:class:`Rejected`, answered 429 with ``Retry-After``). Memory is bounded whatever the load: the queue
+``max_queue`` requests, at most ``queue_timeout`` seconds, and only if its predicted wait is at most
+``max_queue_wait`` seconds: (requests ahead + 1) / the rate slots were released over the last
+:data:`RATE_WINDOW` seconds. Past any bound it is refused at once (:class:`Rejected`, answered 429 with
+``Retry-After``). The predicted wait sizes the queue to the cluster's speed: engines that answer in
+milliseconds let a burst of thousands wait briefly, engines saturated at a few requests a second let a
+few wait, and the rest are refused at once instead of after ``queue_timeout``. Memory is bounded whatever the load: the queue
 holds at most ``max_queue`` futures, and the in-flight requests' bodies are bounded by the body limit.
 
 The limit is a function (the router passes ``max_inflight_per_instance x routable instances``), read at
@@ -21,9 +25,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+RATE_WINDOW = 2.0
+"""Seconds of slot releases the departure rate is measured over."""
+RATE_BUCKET = 0.1
+"""Seconds a release-count bucket spans (the rate's memory is RATE_WINDOW / RATE_BUCKET counters)."""
+
 
 class Rejected(Exception):
-    """The request was not admitted. ``reason``: ``queue_full`` or ``queue_timeout``."""
+    """The request was not admitted. ``reason``: ``queue_full``, ``queue_wait`` or ``queue_timeout``."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -39,13 +48,43 @@ class Admission:
         queue_timeout: seconds one may wait.
     """
 
-    def __init__(self, limit: Callable[[], int], max_queue: int, queue_timeout: float) -> None:
+    def __init__(
+        self, limit: Callable[[], int], max_queue: int, queue_timeout: float, max_queue_wait: float = 0.0
+    ) -> None:
         self._limit = limit
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
+        self.max_queue_wait = max_queue_wait
         self.inflight = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
-        self.rejected: dict[str, int] = {"queue_full": 0, "queue_timeout": 0, "overloaded": 0}
+        self.rejected: dict[str, int] = {
+            "queue_full": 0,
+            "queue_timeout": 0,
+            "queue_wait": 0,
+            "overloaded": 0,
+        }
+        # Slot releases per RATE_BUCKET-second bucket over the last RATE_WINDOW seconds: the rate at which
+        # the queue moves, from which a newcomer's wait is predicted.
+        self._buckets: deque[list[float]] = deque()  # [bucket start, releases]
+
+    def departure_rate(self, now: float | None = None) -> float | None:
+        """Slot releases per second over the last :data:`RATE_WINDOW` seconds; ``None`` before a window
+        has passed since the first release."""
+        now = time.monotonic() if now is None else now
+        b = self._buckets
+        while b and b[0][0] <= now - RATE_WINDOW:
+            b.popleft()
+        if not b:
+            return None
+        return sum(c for _, c in b) / RATE_WINDOW
+
+    def predicted_wait(self, now: float | None = None) -> float | None:
+        """Seconds a request queued now would wait: (waiters ahead + 1) / :meth:`departure_rate`; ``None``
+        when the rate is unknown, ``inf`` when nothing left a slot for a whole window."""
+        rate = self.departure_rate(now)
+        if rate is None:
+            return None
+        return (len(self._waiters) + 1) / rate if rate > 0 else float("inf")
 
     @property
     def queued(self) -> int:
@@ -68,6 +107,11 @@ class Admission:
         if len(self._waiters) >= self.max_queue:
             self.rejected["queue_full"] += 1
             raise Rejected("queue_full")
+        if self.max_queue_wait > 0:
+            wait = self.predicted_wait()
+            if wait is not None and wait > self.max_queue_wait:
+                self.rejected["queue_wait"] += 1
+                raise Rejected("queue_wait")
         start = time.monotonic()
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
@@ -95,6 +139,14 @@ class Admission:
     def release(self) -> None:
         """Give a slot back; the longest waiter (if any) takes it."""
         self.inflight -= 1
+        now = time.monotonic()
+        b = self._buckets
+        if b and now - b[-1][0] < RATE_BUCKET:
+            b[-1][1] += 1
+        else:
+            b.append([now, 1.0])
+            while b[0][0] <= now - RATE_WINDOW:
+                b.popleft()
         self.wake()
 
     def wake(self) -> None:

@@ -255,6 +255,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
             max_queued_prefill_tokens=ns.max_queued_prefill_tokens,
             max_queue=ns.max_queue,
             queue_timeout=ns.queue_timeout,
+            max_queue_wait=ns.max_queue_wait,
             max_body_size=ns.max_body_size,
             client_body_timeout=ns.client_body_timeout,
             client_idle_timeout=ns.client_idle_timeout,

@@ -262,6 +262,11 @@ def _add_robustness_flags(p: argparse.ArgumentParser, d: RouterConfig) -> None:
         help="requests waiting for a slot; beyond: 429 with Retry-After at once",
     )  # fmt: skip
     g.add_argument(
+        "--max-queue-wait", type=_non_negative_float, default=d.max_queue_wait, metavar="S",
+        help="a request that would wait longer than this for a slot (requests ahead / the rate slots were "
+        "freed over the last 2 s) gets 429 at once instead of queueing (0 = no such bound)",
+    )  # fmt: skip
+    g.add_argument(
         "--queue-timeout", type=_positive_float, default=d.queue_timeout, metavar="S",
         help="longest wait in the queue; then 429 with Retry-After",
     )  # fmt: skip

@@ -31,7 +31,8 @@ class RouterConfig:
     engine's load stream before it is ejected as stalled (0 = off); ``max_inflight_per_instance`` x
     routable instances requests in flight, or, with ``engine_queue_allowance`` >= 0, per instance a limit that
     follows the engine's own concurrency (:mod:`router.model.concurrency`: it drops to what the engine runs
-    when more than that many requests wait in it), ``max_queue`` waiting at most ``queue_timeout`` s, the rest 429
+    when more than that many requests wait in it), ``max_queue`` waiting (each only if its predicted wait
+    is at most ``max_queue_wait`` s, 0 = no such bound) at most ``queue_timeout`` s, the rest 429
     (:mod:`router.admission`); while every routable instance has at least ``max_queued_prefill_tokens``
     queued prefill tokens (0 = no such bound), new requests get 429 at once; ``max_body_size`` bytes per
     request body (413 above). Slow clients: ``client_body_timeout`` the longest gap between two reads of a
@@ -86,8 +87,9 @@ class RouterConfig:
     max_inflight_per_instance: int = 256
     engine_queue_allowance: int = 2
     max_queued_prefill_tokens: int = 0
-    max_queue: int = 8
+    max_queue: int = 1024
     queue_timeout: float = 10.0
+    max_queue_wait: float = 2.0
     max_body_size: int = 64 * 2**20
     client_body_timeout: float = 60.0
     client_idle_timeout: float = 75.0
@@ -153,8 +155,9 @@ class RouterConfig:
             or self.stall_after < 0
             or self.max_queue < 0
             or self.max_queued_prefill_tokens < 0
+            or self.max_queue_wait < 0
         ):
-            raise ValueError("retry_backoff, stall_after and max_queue must be >= 0")
+            raise ValueError("retry_backoff, stall_after, max_queue and max_queue_wait must be >= 0")
         if not 0 <= self.max_ejected <= 1:
             raise ValueError(f"max_ejected must be in [0, 1], got {self.max_ejected}")
         if self.warmup_timeout < 0:

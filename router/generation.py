@@ -144,6 +144,7 @@ class Generation:
             retry_after = max(1, math.ceil(self.cfg.queue_timeout))
             why = {
                 "queue_full": "its queue is full",
+                "queue_wait": f"a slot is more than {self.cfg.max_queue_wait:g} s away",
                 "queue_timeout": "no slot freed in time",
                 "overloaded": "every engine's prefill queue is full",
             }

@@ -112,12 +112,19 @@ class RouterMetrics:
         )
         self.rejected = Counter(
             "router_rejected_total",
-            "Requests refused before routing, by reason (queue_full, queue_timeout, overloaded: 429; "
+            "Requests refused before routing, by reason (queue_full, queue_wait, queue_timeout, overloaded: 429; "
             "body_too_large: 413; body_timeout: 408)",
             ["reason"],
             registry=r,
         )
-        for reason in ("queue_full", "queue_timeout", "overloaded", "body_too_large", "body_timeout"):
+        for reason in (
+            "queue_full",
+            "queue_wait",
+            "queue_timeout",
+            "overloaded",
+            "body_too_large",
+            "body_timeout",
+        ):
             self.rejected.labels(reason)
         self.queue_wait = Histogram(
             "router_queue_wait_seconds",

@@ -103,7 +103,7 @@ class RouterServer:
             else ConcurrencyLimits(cfg.max_inflight_per_instance, queue_allowance=cfg.engine_queue_allowance)
         )
         """Adaptive per-instance in-flight limits (``--engine-queue-allowance``), or ``None``: fixed."""
-        self.admission = Admission(self._inflight_limit, cfg.max_queue, cfg.queue_timeout)
+        self.admission = Admission(self._inflight_limit, cfg.max_queue, cfg.queue_timeout, cfg.max_queue_wait)
         self.metrics.watch(self.admission, self.dispatcher.breakers, self.core)
         self.generation = Generation(
             cfg, self.core, self.tokenizer, self.metrics, self.admission, self.dispatcher
