@@ -4,7 +4,7 @@ A request takes a slot with :meth:`Admission.acquire` before its body is read (s
 only its connection, never its body) and gives it back with :meth:`Admission.release`. While fewer than
 ``limit()`` requests are in flight it passes at once; otherwise it waits in a FIFO queue of at most
 ``max_queue`` requests, at most ``queue_timeout`` seconds, and only if its predicted wait is at most
-``max_queue_wait`` seconds: (requests ahead + 1) / the rate slots were released over the last
+``max_queue_wait`` seconds: (requests ahead + 1) / the rate slots were granted over the last
 :data:`RATE_WINDOW` seconds. Past any bound it is refused at once (:class:`Rejected`, answered 429 with
 ``Retry-After``). The predicted wait sizes the queue to the cluster's speed: engines that answer in
 milliseconds let a burst of thousands wait briefly, engines saturated at a few requests a second let a
@@ -63,13 +63,14 @@ class Admission:
             "queue_wait": 0,
             "overloaded": 0,
         }
-        # Slot releases per RATE_BUCKET-second bucket over the last RATE_WINDOW seconds: the rate at which
-        # the queue moves, from which a newcomer's wait is predicted.
+        # Admissions (slots granted) per RATE_BUCKET-second bucket over the last RATE_WINDOW seconds: the
+        # rate at which the gate lets requests through, from which a newcomer's wait is predicted. Not
+        # releases: while an in-flight limit drops below what is in flight, releases admit nobody.
         self._buckets: deque[list[float]] = deque()  # [bucket start, releases]
 
     def departure_rate(self, now: float | None = None) -> float | None:
-        """Slot releases per second over the last :data:`RATE_WINDOW` seconds; ``None`` before a window
-        has passed since the first release."""
+        """Admissions (slots granted) per second over the last :data:`RATE_WINDOW` seconds; ``None`` when
+        none was granted in that window."""
         now = time.monotonic() if now is None else now
         b = self._buckets
         while b and b[0][0] <= now - RATE_WINDOW:
@@ -79,12 +80,13 @@ class Admission:
         return sum(c for _, c in b) / RATE_WINDOW
 
     def predicted_wait(self, now: float | None = None) -> float | None:
-        """Seconds a request queued now would wait: (waiters ahead + 1) / :meth:`departure_rate`; ``None``
-        when the rate is unknown, ``inf`` when nothing left a slot for a whole window."""
+        """Seconds a request queued now would wait: (waiters ahead + 1) / :meth:`departure_rate`. When no
+        slot was granted for a whole window: ``inf`` if requests wait already (the gate is stuck),
+        ``None`` (unknown: the queue's own bound and timeout hold) if none does."""
         rate = self.departure_rate(now)
-        if rate is None:
-            return None
-        return (len(self._waiters) + 1) / rate if rate > 0 else float("inf")
+        if rate is None:  # nothing granted lately: unknown if nobody waits, else stuck
+            return float("inf") if self._waiters else None
+        return (len(self._waiters) + 1) / rate
 
     @property
     def queued(self) -> int:
@@ -103,6 +105,7 @@ class Admission:
         """
         if self.inflight < self.limit() and not self._waiters:
             self.inflight += 1
+            self._count_admission()
             return 0.0
         if len(self._waiters) >= self.max_queue:
             self.rejected["queue_full"] += 1
@@ -136,9 +139,7 @@ class Admission:
         with contextlib.suppress(ValueError):
             self._waiters.remove(fut)
 
-    def release(self) -> None:
-        """Give a slot back; the longest waiter (if any) takes it."""
-        self.inflight -= 1
+    def _count_admission(self) -> None:
         now = time.monotonic()
         b = self._buckets
         if b and now - b[-1][0] < RATE_BUCKET:
@@ -147,6 +148,10 @@ class Admission:
             b.append([now, 1.0])
             while b[0][0] <= now - RATE_WINDOW:
                 b.popleft()
+
+    def release(self) -> None:
+        """Give a slot back; the longest waiter (if any) takes it."""
+        self.inflight -= 1
         self.wake()
 
     def wake(self) -> None:
@@ -155,4 +160,5 @@ class Admission:
             fut = self._waiters.popleft()
             if not fut.done():
                 self.inflight += 1
+                self._count_admission()
                 fut.set_result(None)

@@ -13,14 +13,14 @@ async def test_predicted_wait_refuses_at_once_when_the_queue_moves_too_slowly() 
     adm = Admission(lambda: 1, max_queue=100, queue_timeout=5.0, max_queue_wait=0.5)
     assert adm.predicted_wait() is None  # no departure yet: the queue length alone bounds it
     await adm.acquire()
-    for _ in range(4):  # 4 releases in the window: 2 a second over RATE_WINDOW = 2 s
+    for _ in range(4):  # 5 admissions in the window: 2.5 a second over RATE_WINDOW = 2 s
         adm.release()
         await adm.acquire()
-    assert adm.departure_rate() == pytest.approx(4 / RATE_WINDOW)
-    first = asyncio.create_task(adm.acquire())  # (0 + 1) / 2 = 0.5 s: queued
+    assert adm.departure_rate() == pytest.approx(5 / RATE_WINDOW)
+    first = asyncio.create_task(adm.acquire())  # (0 + 1) / 2.5 = 0.4 s: queued
     await asyncio.sleep(0)
     assert adm.queued == 1
-    with pytest.raises(Rejected, match="queue_wait"):  # (1 + 1) / 2 = 1 s > 0.5 s: refused at once
+    with pytest.raises(Rejected, match="queue_wait"):  # (1 + 1) / 2.5 = 0.8 s > 0.5 s: refused at once
         await adm.acquire()
     assert adm.rejected["queue_wait"] == 1
     adm.release()  # the slot goes to the queued request

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import json
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvindex.protocol.ready import parse_ready
-from launch.compare_live import free_port, sglang_router_cmd, wait_routing
+from launch.compare_live import _http, free_port, sglang_router_cmd, wait_routing
 
 __all__ = ["Proc", "Rig", "cpu_seconds", "ready_endpoints", "rss_bytes", "spawn", "start_router"]
 
@@ -173,7 +174,30 @@ def start_router(args: argparse.Namespace, target: str, rig: Rig, tok_dir: Path)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_routing(url, args.ready_timeout, proc.popen)
+        if target == "ours":
+            wait_settled(url, args.ready_timeout)
     except RuntimeError:
         proc.stop()
         raise
     return proc, url
+
+
+def wait_settled(url: str, timeout: float, polls: int = 4) -> None:
+    """Until every instance is routable and the index's block count has not changed for ``polls``
+    polls 0.5 s apart: the agents' snapshots of engines whose caches earlier cells filled are ingested
+    before a cell is measured (the first cell's figures included seconds of snapshot ingest otherwise).
+    Gives up quietly after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last, same = None, 0
+    while time.monotonic() < deadline and same < polls:
+        status, text = _http("GET", url + "/router/state")
+        try:
+            state = json.loads(text) if status == 200 else {}
+        except ValueError:
+            state = {}
+        instances = state.get("instances", [])
+        blocks = state.get("index", {}).get("total_blocks")
+        ok = bool(instances) and all(i.get("routable") for i in instances)
+        same = same + 1 if ok and blocks == last else 0
+        last = blocks
+        time.sleep(0.5)
