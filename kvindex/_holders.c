@@ -379,14 +379,20 @@ fail:
     return NULL;
 }
 
-static PyObject *HT_walk(HolderTable *t, PyObject *const *args, Py_ssize_t nargs) {
+/* The (hashes, mask) arguments of a batch method: the hashes as a fast sequence (a new reference) and the
+ * mask in *mask; NULL with an error set if either is wrong. */
+static PyObject *seq_and_mask(PyObject *const *args, Py_ssize_t nargs, const char *usage, uint64_t *mask) {
     if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "walk(hashes, alive)");
+        PyErr_SetString(PyExc_TypeError, usage);
         return NULL;
     }
+    if (bit_arg(args[1], mask) < 0) return NULL;
+    return fast_seq(args[0]);
+}
+
+static PyObject *HT_walk(HolderTable *t, PyObject *const *args, Py_ssize_t nargs) {
     uint64_t alive;
-    if (bit_arg(args[1], &alive) < 0) return NULL;
-    PyObject *seq = fast_seq(args[0]);
+    PyObject *seq = seq_and_mask(args, nargs, "walk(hashes, alive)", &alive);
     if (!seq) return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), j;
     PyObject **items = PySequence_Fast_ITEMS(seq);
@@ -416,13 +422,8 @@ fail:
 }
 
 static PyObject *HT_prefix_with(HolderTable *t, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "prefix_with(hashes, bit)");
-        return NULL;
-    }
     uint64_t bit;
-    if (bit_arg(args[1], &bit) < 0) return NULL;
-    PyObject *seq = fast_seq(args[0]);
+    PyObject *seq = seq_and_mask(args, nargs, "prefix_with(hashes, bit)", &bit);
     if (!seq) return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), j;
     PyObject **items = PySequence_Fast_ITEMS(seq);
@@ -442,13 +443,8 @@ static PyObject *HT_prefix_with(HolderTable *t, PyObject *const *args, Py_ssize_
 /* set = 1: OR bit into each hash's mask (inserting missing keys); set = 0: clear it (deleting emptied
  * masks). Returns the list of the hashes whose bit changed, in order (a duplicate changes once). */
 static PyObject *change_bit(HolderTable *t, PyObject *const *args, Py_ssize_t nargs, int set) {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, set ? "or_bit(hashes, bit)" : "clear_bit(hashes, bit)");
-        return NULL;
-    }
     uint64_t bit;
-    if (bit_arg(args[1], &bit) < 0) return NULL;
-    PyObject *seq = fast_seq(args[0]);
+    PyObject *seq = seq_and_mask(args, nargs, set ? "or_bit(hashes, bit)" : "clear_bit(hashes, bit)", &bit);
     if (!seq) return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     PyObject **items = PySequence_Fast_ITEMS(seq);
