@@ -27,6 +27,8 @@ from collections.abc import Callable
 
 RATE_WINDOW = 2.0
 """Seconds of slot releases the departure rate is measured over."""
+RATE_MIN_SAMPLES = 8
+"""Admissions in the window below which the rate is not trusted (light traffic: the queue's own bounds)."""
 RATE_BUCKET = 0.1
 """Seconds a release-count bucket spans (the rate's memory is RATE_WINDOW / RATE_BUCKET counters)."""
 
@@ -68,25 +70,28 @@ class Admission:
         # releases: while an in-flight limit drops below what is in flight, releases admit nobody.
         self._buckets: deque[list[float]] = deque()  # [bucket start, releases]
 
-    def departure_rate(self, now: float | None = None) -> float | None:
-        """Admissions (slots granted) per second over the last :data:`RATE_WINDOW` seconds; ``None`` when
-        none was granted in that window."""
-        now = time.monotonic() if now is None else now
+    def _granted(self, now: float) -> float:
         b = self._buckets
         while b and b[0][0] <= now - RATE_WINDOW:
             b.popleft()
-        if not b:
-            return None
-        return sum(c for _, c in b) / RATE_WINDOW
+        return sum(c for _, c in b)
+
+    def departure_rate(self, now: float | None = None) -> float | None:
+        """Admissions (slots granted) per second over the last :data:`RATE_WINDOW` seconds; ``None`` when
+        fewer than :data:`RATE_MIN_SAMPLES` were granted in that window (too few to predict from)."""
+        granted = self._granted(time.monotonic() if now is None else now)
+        return granted / RATE_WINDOW if granted >= RATE_MIN_SAMPLES else None
 
     def predicted_wait(self, now: float | None = None) -> float | None:
-        """Seconds a request queued now would wait: (waiters ahead + 1) / :meth:`departure_rate`. When no
-        slot was granted for a whole window: ``inf`` if requests wait already (the gate is stuck),
-        ``None`` (unknown: the queue's own bound and timeout hold) if none does."""
+        """Seconds a request queued now would wait: (waiters ahead + 1) / :meth:`departure_rate`. When the
+        rate is unknown: ``inf`` if requests wait and no slot was granted for a whole window (the gate is
+        stuck), else ``None`` (unknown: the queue's own bound and timeout hold)."""
+        now = time.monotonic() if now is None else now
         rate = self.departure_rate(now)
-        if rate is None:  # nothing granted lately: unknown if nobody waits, else stuck
-            return float("inf") if self._waiters else None
-        return (len(self._waiters) + 1) / rate
+        if rate is not None:
+            return (len(self._waiters) + 1) / rate
+        # Too few grants to predict from: unknown, unless requests wait and none was granted at all.
+        return float("inf") if self._waiters and self._granted(now) == 0 else None
 
     @property
     def queued(self) -> int:
