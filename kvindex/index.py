@@ -107,15 +107,22 @@ class GlobalIndex(IndexCore):
         spec = self._spec[i]
         if isinstance(hashes, np.ndarray):
             held = np.frombuffer(self._holders.flags(hashes, bit), dtype=bool)
-            if spec:
-                try:
-                    pending = np.fromiter(spec, dtype=np.int64, count=len(spec))
-                except OverflowError:  # a speculative hash outside int64 (bad input): entry by entry
-                    return [
-                        bool(f) and h not in spec for h, f in zip(hashes.tolist(), held.tolist(), strict=True)
-                    ]
-                held = held & ~np.isin(hashes, pending)
-            return held
+            if not spec:
+                return held
+            if len(spec) > len(hashes):  # a big speculative set: look only the held entries up in it
+                live = held.copy()
+                idx = np.flatnonzero(held)
+                for j, h in zip(idx.tolist(), hashes[idx].tolist(), strict=True):
+                    if h in spec:
+                        live[j] = False
+                return live
+            try:
+                pending = np.fromiter(spec, dtype=np.int64, count=len(spec))
+            except OverflowError:  # a speculative hash outside int64 (bad input): entry by entry
+                return [
+                    bool(f) and h not in spec for h, f in zip(hashes.tolist(), held.tolist(), strict=True)
+                ]
+            return held & ~np.isin(hashes, pending)
         masks = self._holders.masks(hashes)
         if spec:
             return [m & bit and h not in spec for h, m in zip(hashes, masks, strict=True)]

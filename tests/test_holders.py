@@ -186,3 +186,22 @@ def test_vectorised_compaction_equals_entry_by_entry(
     a.check()
     assert list(a.entries()) == list(b.entries())
     assert list(a.hashes()) == list(b.hashes()) and a._log.parents == b._log.parents
+
+
+@pytest.mark.parametrize("spec_size", [3, 50])
+def test_live_flags_for_compaction_equal_the_list_path(spec_size: int) -> None:
+    """GlobalIndex._live on an int64 array (compaction) against its list path, with a speculative set
+    smaller and larger than the chunk (np.isin, or a look-up of the held entries only)."""
+    import numpy as np
+
+    from kvindex.index import GlobalIndex
+    from kvindex.protocol.sglang import BlockStored
+
+    idx = GlobalIndex(4, max_speculative_per_instance=1000)
+    idx.apply("a", BlockStored(tuple(range(100, 120)), None, (), 4))
+    idx.insert_speculative("a", list(range(120, 120 + spec_size)), 0.0)  # held by bit, not really
+    chunk = list(range(110, 130))  # 20 entries: fewer than 50 speculative ones, more than 3
+    i = idx._id_of["a"]
+    as_array = idx._live(i, np.array(chunk, dtype=np.int64))
+    assert [bool(x) for x in as_array] == [bool(x) for x in idx._live(i, chunk)]
+    assert sum(bool(x) for x in as_array) == 10  # 110..119 really held; 120.. speculative, 12x not held
