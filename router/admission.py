@@ -8,11 +8,12 @@ only its connection, never its body) and gives it back with :meth:`Admission.rel
 :data:`RATE_WINDOW` seconds. Past any bound it is refused at once (:class:`Rejected`, answered 429 with
 ``Retry-After``). The predicted wait sizes the queue to the cluster's speed: engines that answer in
 milliseconds let a burst of thousands wait briefly, engines saturated at a few requests a second let a
-few wait, and the rest are refused at once instead of after ``queue_timeout``. Memory is bounded whatever the load: the queue
-holds at most ``max_queue`` futures, and the in-flight requests' bodies are bounded by the body limit.
+few wait, and the rest are refused at once instead of after ``queue_timeout``. Memory is bounded
+whatever the load: the queue holds at most ``max_queue`` futures, and the in-flight requests' bodies are bounded by the body limit.
 
-The limit is a function (the router passes ``max_inflight_per_instance x routable instances``), read at
-every acquire and release, so the router admits less while instances are down.
+The limit is a function (the router passes the sum of the routable instances' adaptive limits,
+:mod:`router.model.concurrency`, or ``max_inflight_per_instance x routable instances``), read at every
+acquire and release, so the router admits less while instances are down or their engines queue.
 
 One owner: the event loop (no locks; asyncio only).
 """
@@ -26,11 +27,11 @@ from collections import deque
 from collections.abc import Callable
 
 RATE_WINDOW = 2.0
-"""Seconds of slot releases the departure rate is measured over."""
+"""Seconds of admissions (slots granted) the departure rate is measured over."""
 RATE_MIN_SAMPLES = 8
 """Admissions in the window below which the rate is not trusted (light traffic: the queue's own bounds)."""
 RATE_BUCKET = 0.1
-"""Seconds a release-count bucket spans (the rate's memory is RATE_WINDOW / RATE_BUCKET counters)."""
+"""Seconds an admission-count bucket spans (the rate's memory is RATE_WINDOW / RATE_BUCKET counters)."""
 
 
 class Rejected(Exception):
@@ -68,13 +69,16 @@ class Admission:
         # Admissions (slots granted) per RATE_BUCKET-second bucket over the last RATE_WINDOW seconds: the
         # rate at which the gate lets requests through, from which a newcomer's wait is predicted. Not
         # releases: while an in-flight limit drops below what is in flight, releases admit nobody.
-        self._buckets: deque[list[float]] = deque()  # [bucket start, releases]
+        self._buckets: deque[list[float]] = deque()  # [bucket start, admissions]
 
     def _granted(self, now: float) -> float:
+        self._forget_before(now - RATE_WINDOW)
+        return sum(c for _, c in self._buckets)
+
+    def _forget_before(self, cutoff: float) -> None:
         b = self._buckets
-        while b and b[0][0] <= now - RATE_WINDOW:
+        while b and b[0][0] <= cutoff:
             b.popleft()
-        return sum(c for _, c in b)
 
     def departure_rate(self, now: float | None = None) -> float | None:
         """Admissions (slots granted) per second over the last :data:`RATE_WINDOW` seconds; ``None`` when
@@ -151,8 +155,7 @@ class Admission:
             b[-1][1] += 1
         else:
             b.append([now, 1.0])
-            while b[0][0] <= now - RATE_WINDOW:
-                b.popleft()
+            self._forget_before(now - RATE_WINDOW)
 
     def release(self) -> None:
         """Give a slot back; the longest waiter (if any) takes it."""
