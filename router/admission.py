@@ -4,8 +4,13 @@ A request takes a slot with :meth:`Admission.acquire` before its body is read (s
 only its connection, never its body) and gives it back with :meth:`Admission.release`. While fewer than
 ``limit()`` requests are in flight it passes at once; otherwise it waits in a FIFO queue of at most
 ``max_queue`` requests, at most ``queue_timeout`` seconds, and only if its predicted wait is at most
-``max_queue_wait`` seconds: (requests ahead + 1) / the rate slots were granted over the last
-:data:`RATE_WINDOW` seconds. Past any bound it is refused at once (:class:`Rejected`, answered 429 with
+``max_queue_wait`` seconds: the longer of the head's wait so far and (requests ahead + 1) x the mean time
+between two departures from the queue (slots granted to waiters) while it was not empty, over the last
+:data:`RATE_WINDOW` seconds (up to :data:`RATE_MAX_WINDOW` while fewer than :data:`RATE_MIN_SAMPLES`
+departures were seen). Departures are timed only while requests wait: a grant at once measures the
+arrivals, not the speed of the queue. With no departure to time yet (the start of a burst), the head's
+wait alone decides (a queue whose head has waited ``max_queue_wait`` takes nobody more, as CoDel's
+sojourn time). Past any bound it is refused at once (:class:`Rejected`, answered 429 with
 ``Retry-After``). The predicted wait sizes the queue to the cluster's speed: engines that answer in
 milliseconds let a burst of thousands wait briefly, engines saturated at a few requests a second let a
 few wait, and the rest are refused at once instead of after ``queue_timeout``. Memory is bounded
@@ -27,11 +32,11 @@ from collections import deque
 from collections.abc import Callable
 
 RATE_WINDOW = 2.0
-"""Seconds of admissions (slots granted) the departure rate is measured over."""
+"""Seconds of departures the queue's speed is measured over, at least."""
+RATE_MAX_WINDOW = 10.0
+"""Seconds the window stretches to, at most, to hold :data:`RATE_MIN_SAMPLES` departures."""
 RATE_MIN_SAMPLES = 8
-"""Admissions in the window below which the rate is not trusted (light traffic: the queue's own bounds)."""
-RATE_BUCKET = 0.1
-"""Seconds an admission-count bucket spans (the rate's memory is RATE_WINDOW / RATE_BUCKET counters)."""
+"""Departures below which the queue's speed is not trusted (the head's wait decides alone)."""
 
 
 class Rejected(Exception):
@@ -66,36 +71,49 @@ class Admission:
             "queue_wait": 0,
             "overloaded": 0,
         }
-        # Admissions (slots granted) per RATE_BUCKET-second bucket over the last RATE_WINDOW seconds: the
-        # rate at which the gate lets requests through, from which a newcomer's wait is predicted. Not
-        # releases: while an in-flight limit drops below what is in flight, releases admit nobody.
-        self._buckets: deque[list[float]] = deque()  # [bucket start, admissions]
-
-    def _granted(self, now: float) -> float:
-        self._forget_before(now - RATE_WINDOW)
-        return sum(c for _, c in self._buckets)
-
-    def _forget_before(self, cutoff: float) -> None:
-        b = self._buckets
-        while b and b[0][0] <= cutoff:
-            b.popleft()
+        self._since: dict[asyncio.Future[None], float] = {}  # waiter -> when it started waiting
+        # Departures from the queue while it was not empty: (time, seconds since the previous one or since
+        # the queue became non-empty), the last RATE_MAX_WINDOW seconds of them.
+        self._departures: deque[tuple[float, float]] = deque()
+        self._last_departure = 0.0  # time of the last departure, or of the queue becoming non-empty
 
     def departure_rate(self, now: float | None = None) -> float | None:
-        """Admissions (slots granted) per second over the last :data:`RATE_WINDOW` seconds; ``None`` when
-        fewer than :data:`RATE_MIN_SAMPLES` were granted in that window (too few to predict from)."""
-        granted = self._granted(time.monotonic() if now is None else now)
-        return granted / RATE_WINDOW if granted >= RATE_MIN_SAMPLES else None
+        """Departures from the queue per second of it not being empty: over the last :data:`RATE_WINDOW`
+        seconds, or back to :data:`RATE_MAX_WINDOW` until :data:`RATE_MIN_SAMPLES` departures are in;
+        ``None`` when fewer were seen (too few to predict from)."""
+        now = time.monotonic() if now is None else now
+        self._forget_before(now - RATE_MAX_WINDOW)
+        count, busy = 0, 0.0
+        for t, gap in reversed(self._departures):
+            if now - t > RATE_WINDOW and count >= RATE_MIN_SAMPLES:
+                break
+            count += 1
+            busy += gap
+        if count < RATE_MIN_SAMPLES:
+            return None
+        return count / busy if busy > 0 else float("inf")
+
+    def head_wait(self, now: float | None = None) -> float:
+        """Seconds the request at the head of the queue has waited (0 when none waits)."""
+        if not self._waiters:
+            return 0.0
+        return (time.monotonic() if now is None else now) - self._since.get(self._waiters[0], 0.0)
 
     def predicted_wait(self, now: float | None = None) -> float | None:
-        """Seconds a request queued now would wait: (waiters ahead + 1) / :meth:`departure_rate`. When the
-        rate is unknown: ``inf`` if requests wait and no slot was granted for a whole window (the gate is
-        stuck), else ``None`` (unknown: the queue's own bound and timeout hold)."""
+        """Seconds a request queued now would wait: the longer of the head's wait so far and (waiters ahead
+        + 1) / :meth:`departure_rate`; the head's wait alone while the rate is unknown; ``None`` when nobody
+        waits and the rate is unknown (the queue's own bound and timeout hold)."""
         now = time.monotonic() if now is None else now
         rate = self.departure_rate(now)
+        head = self.head_wait(now)
         if rate is not None:
-            return (len(self._waiters) + 1) / rate
-        # Too few grants to predict from: unknown, unless requests wait and none was granted at all.
-        return float("inf") if self._waiters and self._granted(now) == 0 else None
+            return max(head, (len(self._waiters) + 1) / rate)
+        return head if self._waiters else None
+
+    def _forget_before(self, cutoff: float) -> None:
+        d = self._departures
+        while d and d[0][0] <= cutoff:
+            d.popleft()
 
     @property
     def queued(self) -> int:
@@ -114,7 +132,6 @@ class Admission:
         """
         if self.inflight < self.limit() and not self._waiters:
             self.inflight += 1
-            self._count_admission()
             return 0.0
         if len(self._waiters) >= self.max_queue:
             self.rejected["queue_full"] += 1
@@ -126,7 +143,10 @@ class Admission:
                 raise Rejected("queue_wait")
         start = time.monotonic()
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if not self._waiters:
+            self._last_departure = start  # the queue's busy period starts
         self._waiters.append(fut)
+        self._since[fut] = start
         try:
             await asyncio.wait_for(asyncio.shield(fut), self.queue_timeout)
         except asyncio.TimeoutError:
@@ -145,17 +165,9 @@ class Admission:
 
     def _drop(self, fut: asyncio.Future[None]) -> None:
         fut.cancel()
+        self._since.pop(fut, None)
         with contextlib.suppress(ValueError):
             self._waiters.remove(fut)
-
-    def _count_admission(self) -> None:
-        now = time.monotonic()
-        b = self._buckets
-        if b and now - b[-1][0] < RATE_BUCKET:
-            b[-1][1] += 1
-        else:
-            b.append([now, 1.0])
-            self._forget_before(now - RATE_WINDOW)
 
     def release(self) -> None:
         """Give a slot back; the longest waiter (if any) takes it."""
@@ -166,7 +178,11 @@ class Admission:
         """Hand free slots to waiters (also after the limit grew)."""
         while self._waiters and self.inflight < self.limit():
             fut = self._waiters.popleft()
+            self._since.pop(fut, None)
             if not fut.done():
                 self.inflight += 1
-                self._count_admission()
+                now = time.monotonic()
+                self._departures.append((now, now - self._last_departure))
+                self._last_departure = now
+                self._forget_before(now - RATE_MAX_WINDOW)
                 fut.set_result(None)

@@ -252,6 +252,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
             stall_after=ns.stall_after,
             max_inflight_per_instance=ns.max_inflight_per_instance,
             engine_queue_allowance=ns.engine_queue_allowance,
+            engine_queue_seconds=ns.engine_queue_seconds,
             max_queued_prefill_tokens=ns.max_queued_prefill_tokens,
             max_queue=ns.max_queue,
             queue_timeout=ns.queue_timeout,

@@ -252,6 +252,13 @@ def _add_robustness_flags(p: argparse.ArgumentParser, d: RouterConfig) -> None:
         "--max-inflight-per-instance",
     )  # fmt: skip
     g.add_argument(
+        "--engine-queue-seconds", type=_non_negative_float, default=d.engine_queue_seconds, metavar="S",
+        help="adaptive in-flight limits: an instance's limit also drops while the prompts waiting in its engine "
+        "(plus the router's dispatches it has not reported yet) are more than S seconds of its prefill, "
+        "measured from its own load reports (SGLang's total_prefill_busy_us over total_prefill_uncached_tokens); "
+        "0 = count requests only",
+    )  # fmt: skip
+    g.add_argument(
         "--max-queued-prefill-tokens", type=_non_negative_int, default=d.max_queued_prefill_tokens, metavar="N",
         help="while every routable instance has at least N prefill tokens queued (its last load report plus "
         "the router's own dispatches), new requests get 429 at once: the engines' queues are the queue "

@@ -31,7 +31,8 @@ class RouterConfig:
     engine's load stream before it is ejected as stalled (0 = off); ``max_inflight_per_instance`` x
     routable instances requests in flight, or, with ``engine_queue_allowance`` >= 0, per instance a limit that
     follows the engine's own concurrency (:mod:`router.model.concurrency`: it drops to what the engine runs
-    when more than that many requests wait in it), ``max_queue`` waiting (each only if its predicted wait
+    when more than that many requests wait in it, or more than ``engine_queue_seconds`` of its prefill work,
+    0 = no bound in time), ``max_queue`` waiting (each only if its predicted wait
     is at most ``max_queue_wait`` s, 0 = no such bound) at most ``queue_timeout`` s, the rest 429
     (:mod:`router.admission`); while every routable instance has at least ``max_queued_prefill_tokens``
     queued prefill tokens (0 = no such bound), new requests get 429 at once; ``max_body_size`` bytes per
@@ -86,6 +87,7 @@ class RouterConfig:
     stall_after: float = 3.0
     max_inflight_per_instance: int = 256
     engine_queue_allowance: int = 2
+    engine_queue_seconds: float = 1.0
     max_queued_prefill_tokens: int = 0
     max_queue: int = 1024
     queue_timeout: float = 10.0
@@ -156,8 +158,12 @@ class RouterConfig:
             or self.max_queue < 0
             or self.max_queued_prefill_tokens < 0
             or self.max_queue_wait < 0
+            or self.engine_queue_seconds < 0
         ):
-            raise ValueError("retry_backoff, stall_after, max_queue and max_queue_wait must be >= 0")
+            raise ValueError(
+                "retry_backoff, stall_after, max_queue, max_queued_prefill_tokens, max_queue_wait and "
+                "engine_queue_seconds must be >= 0"
+            )
         if not 0 <= self.max_ejected <= 1:
             raise ValueError(f"max_ejected must be in [0, 1], got {self.max_ejected}")
         if self.warmup_timeout < 0:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -39,7 +38,7 @@ from tenacity.wait import wait_random_exponential
 from kvindex.protocol.http import error_body
 from router.breaker import Breakers
 from router.config import RouterConfig
-from router.forward import INSTANCE_HEADER, Attempt, AttemptFailed, Outcome, Timeouts, forward, with_rid
+from router.forward import INSTANCE_HEADER, Attempt, AttemptFailed, Outcome, Timeouts, forward
 from router.metrics import RouterMetrics
 from router.model.model import NoLiveInstance, RoutingModel
 from router.model.slots import DecisionSlots
@@ -88,23 +87,21 @@ class Dispatcher:
         self,
         request: web.Request,
         raw: bytes,
-        rid: str | None,
+        rid: str,
         stream: bool,
         prompt_tokens: int,
         hashes: Sequence[int],
         model: str | None,
         arrived: float,
     ) -> Outcome:
-        """Answer ``request`` (body ``raw``; its prompt ``prompt_tokens`` long, whose full blocks hash to
-        ``hashes``) from the best instance, retrying on others while nothing was sent. Only the hashes
-        are kept for the retries, not the token ids: a long prompt's ids are megabytes of Python ints.
+        """Answer ``request`` (body ``raw``, which carries ``rid``; its prompt ``prompt_tokens`` long, whose
+        full blocks hash to ``hashes``) from the best instance, retrying on others while nothing was sent.
+        Only the hashes are kept for the retries, not the token ids: a long prompt's ids are megabytes of
+        Python ints.
 
         Raises:
             asyncio.CancelledError: the client went away (the engine was asked to abort).
         """
-        if rid is None:
-            rid = f"lmr-{os.urandom(16).hex()}"  # as unguessable as uuid4, a quarter of its cost
-            raw = with_rid(raw, rid)
         tried: list[str] = []
         failed: list[AttemptFailed] = []
         # The first attempt runs without tenacity (building its retry state costs ~3 % of a short request's

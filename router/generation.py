@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import time
 
 from aiohttp import web
@@ -24,7 +25,7 @@ from kvindex.protocol.tokenizer import Tokenizer
 from router.admission import Admission, Rejected
 from router.config import RouterConfig
 from router.dispatch import Dispatcher
-from router.forward import Outcome
+from router.forward import Outcome, with_rid
 from router.metrics import RouterMetrics
 from router.model.model import RoutingModel
 
@@ -185,6 +186,9 @@ class Generation:
             return Outcome(error_response(exc.status, exc.message, exc.param, exc.type), str(exc.status))
         rid, stream = req.rid, req.stream
         del req  # the token ids are no longer needed: only the hashes are kept while the request runs
+        if rid is None:  # one body for every attempt: the caller's copy is this one, not a second
+            rid = f"lmr-{os.urandom(16).hex()}"  # as unguessable as uuid4, a quarter of its cost
+            raw = with_rid(raw, rid)
         return await self.dispatcher.dispatch(request, raw, rid, stream, n_tokens, hashes, model, arrived)
 
     async def _tokenize(self, req: GenerationRequest) -> tuple[int, list[BlockHash]]:

@@ -100,7 +100,11 @@ class RouterServer:
         self.limits: ConcurrencyLimits | None = (
             None
             if cfg.engine_queue_allowance < 0
-            else ConcurrencyLimits(cfg.max_inflight_per_instance, queue_allowance=cfg.engine_queue_allowance)
+            else ConcurrencyLimits(
+                cfg.max_inflight_per_instance,
+                queue_allowance=cfg.engine_queue_allowance,
+                queue_seconds=cfg.engine_queue_seconds,
+            )
         )
         """Adaptive per-instance in-flight limits (``--engine-queue-allowance``), or ``None``: fixed."""
         self.admission = Admission(self._inflight_limit, cfg.max_queue, cfg.queue_timeout, cfg.max_queue_wait)
@@ -141,8 +145,14 @@ class RouterServer:
             self.dispatcher.on_load(rec.msg.instance, time.monotonic())
             if self.limits is not None:
                 st = self.core.table.get(rec.msg.instance)
-                inflight = st.inflight if st is not None else 0
-                self.limits.on_report(rec.msg.instance, rec.msg.running, rec.msg.waiting, inflight)
+                inflight, queued_s = 0, None
+                if st is not None:
+                    inflight = st.inflight
+                    per_token = rec.msg.prefill_seconds_per_token
+                    if per_token is not None:  # the report's queue plus the router's unreported dispatches
+                        queued_s = st.view().queued_prefill_tokens * per_token
+                msg = rec.msg
+                self.limits.on_report(msg.instance, msg.running, msg.waiting, inflight, queued_s)
                 self.admission.wake()  # the limit may have grown
 
     @property

@@ -956,4 +956,6 @@ async def test_sglang_load_publisher_feeds_load_reports(sgl: SGLang) -> None:
             50_000,
             64,
         )
+        # the cumulative prefill counters the router's admission reads (busy time over tokens)
+        assert report.total_prefill_uncached_tokens == 9000 and 0 <= report.total_prefill_busy_us < 100
         assert h.counters.total_malformed() == 0

@@ -43,7 +43,10 @@ class LoadReport:
     """An instance's load (topic ``load``), from the engine's LoadStat; ``ts`` is when the agent received it.
 
     ``running``/``waiting`` in requests; ``queued_prefill_tokens`` is uncached prompt tokens not yet
-    prefilled; ``kv_used_tokens``/``kv_capacity_tokens`` in tokens.
+    prefilled; ``kv_used_tokens``/``kv_capacity_tokens`` in tokens. ``total_prefill_uncached_tokens`` and
+    ``total_prefill_busy_us`` are the engine's cumulative prefilled tokens and prefill step time
+    (microseconds) since it started (SGLang 0.5.23's LoadStat, ``load_publisher.py``; 0 from older
+    engines and agents: optional on the wire): their ratio is its prefill speed.
     """
 
     instance: str
@@ -55,11 +58,21 @@ class LoadReport:
     kv_used_tokens: int
     kv_capacity_tokens: int
     max_running_requests: int
+    total_prefill_uncached_tokens: int = 0
+    total_prefill_busy_us: int = 0
 
     @property
     def batch_size(self) -> int:
         """Running plus waiting requests (LMetric's ``bs``)."""
         return self.running + self.waiting
+
+    @property
+    def prefill_seconds_per_token(self) -> float | None:
+        """The engine's prefill time per token (seconds; cumulative busy time over cumulative tokens), or
+        ``None`` before it prefilled anything or when its engine does not report it."""
+        if self.total_prefill_uncached_tokens <= 0 or self.total_prefill_busy_us <= 0:
+            return None
+        return self.total_prefill_busy_us / 1e6 / self.total_prefill_uncached_tokens
 
     @classmethod
     def of_stat(cls, stat: LoadStat, instance: str, agent_epoch: int, ts: float) -> LoadReport:
@@ -76,6 +89,8 @@ class LoadReport:
             kv_used_tokens=stat.num_tokens,
             kv_capacity_tokens=stat.max_total_num_tokens,
             max_running_requests=stat.max_running_requests,
+            total_prefill_uncached_tokens=stat.total_prefill_uncached_tokens,
+            total_prefill_busy_us=stat.total_prefill_busy_us,
         )
 
 

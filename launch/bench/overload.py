@@ -77,19 +77,23 @@ class Answer:
     status: int  # HTTP status, 0 for a transport failure
     latency: float  # to the response headers (the whole answer for a non-200)
     ttft: float | None = None
+    prompt_tokens: int = 0
 
 
 @dataclass
 class Phase:
     answers: list[Answer] = field(default_factory=list)
     rss: list[tuple[float, int]] = field(default_factory=list)
+    load: list[dict[str, Any]] = field(default_factory=list)
+    """Per second: the router's admission (in flight, queued, limit) and the engines' summed load."""
 
 
-def _bodies(trace: Path, n: int, cap: int) -> list[bytes]:
+def _bodies(trace: Path, n: int, cap: int) -> list[tuple[bytes, int]]:
+    """The first ``n`` trace requests as ``/generate`` bodies, each with its prompt length in tokens."""
     out = []
     for req in load_trace(trace)[:n]:
         tokens = prompt_tokens(req, DEFAULT_VOCAB_SIZE)
-        out.append(_body(tokens, req, cap))
+        out.append((_body(tokens, req, cap), len(tokens)))
     return out
 
 
@@ -116,7 +120,7 @@ async def send(session: aiohttp.ClientSession, url: str, body: bytes) -> Answer:
         return Answer(sent, 0, time.perf_counter() - t0)
 
 
-async def closed_loop(url: str, bodies: list[bytes], clients: int, seconds: float) -> float:
+async def closed_loop(url: str, bodies: list[tuple[bytes, int]], clients: int, seconds: float) -> float:
     """Requests completed per second by ``clients`` back-to-back senders."""
     done = 0
     end = time.monotonic() + seconds
@@ -126,7 +130,7 @@ async def closed_loop(url: str, bodies: list[bytes], clients: int, seconds: floa
             nonlocal done
             i = k
             while time.monotonic() < end:
-                if (await send(session, url, bodies[i % len(bodies)])).status == 200:
+                if (await send(session, url, bodies[i % len(bodies)][0])).status == 200:
                     done += 1
                 i += clients
 
@@ -135,26 +139,34 @@ async def closed_loop(url: str, bodies: list[bytes], clients: int, seconds: floa
         return done / (time.monotonic() - t0)
 
 
-async def open_loop(url: str, bodies: list[bytes], rate: float, seconds: float, pid: int, seed: int) -> Phase:
-    """Poisson arrivals at ``rate`` for ``seconds``; samples the router's RSS every second."""
+async def open_loop(
+    url: str, bodies: list[tuple[bytes, int]], rate: float, seconds: float, pid: int, seed: int
+) -> Phase:
+    """Poisson arrivals at ``rate`` for ``seconds``; samples the router's RSS and load every second."""
     phase = Phase()
     rng = random.Random(seed)
     stop = asyncio.Event()
 
-    async def sample() -> None:
+    async def sample(session: aiohttp.ClientSession) -> None:
+        t0 = time.time()
         while not stop.is_set():
             kib = rss_kib(pid)
             if kib is not None:
                 phase.rss.append((time.time(), kib))
+            load = await router_load(session, url)
+            if load is not None:
+                phase.load.append({"t": round(time.time() - t0, 1), **load})
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
 
-    sampler = asyncio.create_task(sample())
     tasks: set[asyncio.Task[None]] = set()
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        sampler = asyncio.create_task(sample(session))
 
-        async def one(body: bytes) -> None:
-            phase.answers.append(await send(session, url, body))
+        async def one(body: bytes, n_tokens: int) -> None:
+            answer = await send(session, url, body)
+            answer.prompt_tokens = n_tokens
+            phase.answers.append(answer)
 
         start = time.perf_counter()
         t, i = 0.0, 0
@@ -162,15 +174,36 @@ async def open_loop(url: str, bodies: list[bytes], rate: float, seconds: float, 
             delay = start + t - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            task = asyncio.create_task(one(bodies[i % len(bodies)]))
+            task = asyncio.create_task(one(*bodies[i % len(bodies)]))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
             i += 1
             t += rng.expovariate(rate)
         await asyncio.gather(*tasks)
-    stop.set()
-    await sampler
+        stop.set()
+        await sampler
     return phase
+
+
+async def router_load(session: aiohttp.ClientSession, url: str) -> dict[str, Any] | None:
+    """The router's admission (requests in flight, queued, the in-flight limit) and its instances'
+    summed engine load (running and waiting requests, queued prefill tokens), from ``/router/state``;
+    ``None`` if the router did not answer within 1 s."""
+    with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError):
+        async with session.get(
+            url.replace("/generate", "/router/state"), timeout=aiohttp.ClientTimeout(total=1.0)
+        ) as r:
+            state = await r.json()
+        adm, insts = state["admission"], state["instances"]
+        return {
+            "inflight": adm["inflight"],
+            "queued": adm["queued"],
+            "limit": adm["limit"],
+            "running": sum(i["running"] for i in insts),
+            "waiting": sum(i["waiting"] for i in insts),
+            "queued_prefill_tokens": sum(i["queued_prefill_tokens"] for i in insts),
+        }
+    return None
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -196,7 +229,37 @@ def figures(phase: Phase) -> dict[str, Any]:
         "rss_end_kib": rss[-1][1] if rss else None,
         "rss_max_kib": max(k for _, k in rss) if rss else None,
         "rss_series_kib": [(round(t - rss[0][0], 1), k) for t, k in rss],
+        "ttft_by_prompt": ttft_by_prompt(a),
+        "load_mean": {
+            k: float(np.mean([s[k] for s in phase.load])) if phase.load else None
+            for k in ("inflight", "queued", "limit", "running", "waiting", "queued_prefill_tokens")
+        },
+        "load_series": phase.load,
     }
+
+
+PROMPT_BUCKETS = (2048, 8192, 32768)
+"""Upper edges (tokens) of the prompt-length buckets the admitted TTFTs are split by."""
+
+
+def ttft_by_prompt(answers: list[Answer]) -> list[dict[str, Any]]:
+    """Admitted TTFT p50/p99 per prompt-length bucket: where a phase's tail comes from."""
+    out = []
+    lo = 0
+    for hi in (*PROMPT_BUCKETS, None):
+        ttft = [
+            x.ttft
+            for x in answers
+            if x.status == 200
+            and x.ttft is not None
+            and x.prompt_tokens > lo
+            and (hi is None or x.prompt_tokens <= hi)
+        ]
+        out.append(
+            {"tokens": f"{lo + 1}-{hi or ''}", "n": len(ttft), "p50_s": pct(ttft, 50), "p99_s": pct(ttft, 99)}
+        )
+        lo = hi or 0
+    return out
 
 
 async def start_router(
@@ -298,6 +361,13 @@ def format_report(fig: dict[str, Any]) -> str:
         f"admitted TTFT p99 / at capacity: {f(fig['ttft_p99_ratio'], '.2f')}; "
         f"router RSS growth during overload: {f(None if fig['rss_growth'] is None else 100 * fig['rss_growth'], '.1f')} %"
     )
+    for phase in ("at_capacity", "overload"):
+        buckets = ", ".join(
+            f"{b['tokens']}: {b['n']} {f(b['p50_s'], '.2f')}/{f(b['p99_s'], '.2f')}"
+            for b in fig[phase]["ttft_by_prompt"]
+        )
+        load = ", ".join(f"{k} {f(v, '.1f')}" for k, v in fig[phase]["load_mean"].items())
+        lines.append(f"{phase}: TTFT p50/p99 (s) by prompt tokens: {buckets}; mean load: {load}")
     return "\n".join(lines)
 
 
