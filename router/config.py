@@ -87,11 +87,11 @@ class RouterConfig:
     stall_after: float = 3.0
     max_inflight_per_instance: int = 256
     engine_queue_allowance: int = 2
-    engine_queue_seconds: float = 1.0
+    engine_queue_seconds: float = 0.5
     max_queued_prefill_tokens: int = 0
     max_queue: int = 1024
     queue_timeout: float = 10.0
-    max_queue_wait: float = 2.0
+    max_queue_wait: float = 1.0
     max_body_size: int = 64 * 2**20
     client_body_timeout: float = 60.0
     client_idle_timeout: float = 75.0
