@@ -238,16 +238,21 @@ def run_compare(args: argparse.Namespace) -> int:
                 print(f"floor: {REFERENCE} mean TTFT at rate scale {FLOOR_RATE} = {floor:.3f} s", flush=True)
             report["floor"] = {"rate_scale": FLOOR_RATE, "mean_ttft": None if math.isnan(floor) else floor}
             scales: dict[str, Bisection | float] = {}
-            lo = FLOOR_RATE
+            lo, lo_ttft = FLOOR_RATE, floor
             for lv in levels:
                 target = LEVELS[lv](floor)
                 if lv in fixed:
                     scales[lv] = round_scale(fixed[lv])
                     print(f"{lv}: rate scale {scales[lv]} (given)", flush=True)
                     continue
+                if lo_ttft >= target:  # a target below the last bracket (Azure: saturated < medium)
+                    below = [(s.rate_scale, s.mean_ttft) for s in scales.values()
+                             if isinstance(s, Bisection) and s.mean_ttft < target]  # fmt: skip
+                    lo, lo_ttft = max(below, default=(FLOOR_RATE, floor))
                 bis = bisect_rate(b, REFERENCE, target, lo)
                 scales[lv] = bis
-                lo = bis.rate_scale if bis.mean_ttft < target else lo
+                if bis.mean_ttft < target:
+                    lo, lo_ttft = bis.rate_scale, bis.mean_ttft
                 print(
                     f"{lv}: target {target:.3f} s -> rate scale {bis.rate_scale:g} ({REFERENCE} mean TTFT "
                     f"{bis.mean_ttft:.3f} s; probes {', '.join(f'{s:g}:{t:.2f}' for s, t in bis.probes)})",

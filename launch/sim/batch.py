@@ -276,6 +276,10 @@ def bisect_rate(
 
     lo = round_scale(lo)
     probe([lo])
+    if probes[lo] >= target:  # the search only moves up from lo: it would return lo itself
+        raise ValueError(
+            f"mean TTFT at rate scale {lo} is {probes[lo]:.3f} s, not below the target {target:.3f} s"
+        )
     hi = round_scale(max(1.0, 2 * lo))
     while True:
         probe([hi])
