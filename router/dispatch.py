@@ -38,7 +38,7 @@ from tenacity.wait import wait_random_exponential
 from kvindex.protocol.http import error_body
 from router.breaker import Breakers
 from router.config import RouterConfig
-from router.forward import INSTANCE_HEADER, Attempt, AttemptFailed, Outcome, Timeouts, forward
+from router.forward import INSTANCE_HEADER, Attempt, AttemptFailed, Outcome, RequestBody, Timeouts, forward
 from router.metrics import RouterMetrics
 from router.model.model import NoLiveInstance, RoutingModel
 from router.model.slots import DecisionSlots
@@ -86,7 +86,7 @@ class Dispatcher:
     async def dispatch(
         self,
         request: web.Request,
-        raw: bytes,
+        body: RequestBody,
         rid: str,
         stream: bool,
         prompt_tokens: int,
@@ -94,8 +94,9 @@ class Dispatcher:
         model: str | None,
         arrived: float,
     ) -> Outcome:
-        """Answer ``request`` (body ``raw``, which carries ``rid``; its prompt ``prompt_tokens`` long, whose
-        full blocks hash to ``hashes``) from the best instance, retrying on others while nothing was sent.
+        """Answer ``request`` (its ``body`` carries ``rid`` and is dropped once a stream started; its
+        prompt ``prompt_tokens`` long, whose full blocks hash to ``hashes``) from the best instance,
+        retrying on others while nothing was sent.
         Only the hashes are kept for the retries, not the token ids: a long prompt's ids are megabytes of
         Python ints.
 
@@ -109,7 +110,7 @@ class Dispatcher:
         # (jittered exponential) before each of them.
         try:
             return await self._attempt(
-                request, raw, rid, stream, prompt_tokens, hashes, model, arrived, tried
+                request, body, rid, stream, prompt_tokens, hashes, model, arrived, tried
             )
         except AttemptFailed as exc:
             if not exc.retriable or self.cfg.max_retries <= 0:
@@ -131,7 +132,7 @@ class Dispatcher:
                 with attempt:
                     try:
                         return await self._attempt(
-                            request, raw, rid, stream, prompt_tokens, hashes, model, arrived, tried
+                            request, body, rid, stream, prompt_tokens, hashes, model, arrived, tried
                         )
                     except AttemptFailed as exc:
                         failed.append(exc)
@@ -154,7 +155,7 @@ class Dispatcher:
     async def _attempt(
         self,
         request: web.Request,
-        raw: bytes,
+        body: RequestBody,
         rid: str,
         stream: bool,
         prompt_tokens: int,
@@ -181,7 +182,7 @@ class Dispatcher:
         url = routed.engine_url
         try:
             out = await forward(
-                self.session, request, url + request.path_qs, raw, stream, arrived, self.timeouts, att
+                self.session, request, url + request.path_qs, body, stream, arrived, self.timeouts, att
             )
             status = out.label
             if out.failure is not None:  # broke mid-stream: final, but the engine's fault

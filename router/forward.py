@@ -157,6 +157,21 @@ def with_rid(raw: bytes, rid: str) -> bytes:
     return raw[:i] + field + (b"" if empty else b",") + raw[i:]
 
 
+class RequestBody:
+    """A request body's bytes, shared by its attempts and dropped once a stream has started.
+
+    A stream's first chunk commits the request to its instance (nothing after it is retried), so from
+    then on the body (a long prompt's token ids are hundreds of KB of JSON) is dead weight held for the
+    whole decode: :func:`forward` sets :attr:`data` to None at that point, and the caller keeps no other
+    reference. Under overload that is most of the requests in flight.
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data: bytes | None = data
+
+
 def _fail(kind: str, status: int, message: str, **kw: bool) -> AttemptFailed:
     label = "504" if status == 504 else "502"
     return AttemptFailed(kind, Outcome(_json_error(status, message), label), **kw)
@@ -166,14 +181,15 @@ async def forward(
     session: aiohttp.ClientSession,
     request: web.Request,
     url: str,
-    raw_body: bytes,
+    body: RequestBody,
     stream: bool,
     arrived: float,
     timeouts: Timeouts,
     attempt: Attempt,
     headers: Mapping[str, str] | None = None,
 ) -> Outcome:
-    """POST ``raw_body`` to ``url`` and answer ``request`` with the engine's response (module doc).
+    """POST ``body`` to ``url`` and answer ``request`` with the engine's response (module doc); a stream
+    that reached the client drops ``body.data`` (:class:`RequestBody`).
 
     ``arrived`` is the request's arrival time (``time.monotonic()``), for the latencies and the total
     timeout.
@@ -196,8 +212,9 @@ async def forward(
     per_request = aiohttp.ClientTimeout(
         total=left, sock_connect=timeouts.connect, sock_read=timeouts.idle if stream else None
     )
+    assert body.data is not None, "a request whose stream started is never forwarded again"
     try:
-        post = session.post(url, data=raw_body, headers=out_headers, timeout=per_request)
+        post = session.post(url, data=body.data, headers=out_headers, timeout=per_request)
         if stream and timeouts.headers < left:
             upstream = await asyncio.wait_for(post, timeouts.headers)
         else:
@@ -225,7 +242,7 @@ async def forward(
             raise AttemptFailed(kind, out)
         ctype = upstream.headers.get("Content-Type", "")
         if stream and upstream.status == 200 and not ctype.startswith("application/json"):
-            out = await _pass_stream(upstream, request, arrived, attempt, timeouts)
+            out = await _pass_stream(upstream, request, arrived, attempt, timeouts, body)
         else:
             out = await _pass_whole(upstream, url, arrived, attempt)
         clean = out.label not in ("client_closed", "stream_error", "502", "504")
@@ -275,6 +292,7 @@ async def _pass_stream(
     arrived: float,
     attempt: Attempt,
     timeouts: Timeouts,
+    body: RequestBody,
 ) -> Outcome:
     # The first chunk before anything goes to the client: until then the attempt can be retried.
     try:
@@ -293,6 +311,7 @@ async def _pass_stream(
     if not first:
         raise _fail("broken", 502, "engine ended the stream before its first chunk")
     resp = web.StreamResponse(status=200, headers={**SSE_HEADERS, INSTANCE_HEADER: attempt.instance})
+    body.data = None  # committed to this instance: no retry will need the body
     try:
         await resp.prepare(request)
     except ConnectionResetError:

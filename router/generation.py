@@ -25,7 +25,7 @@ from kvindex.protocol.tokenizer import Tokenizer
 from router.admission import Admission, Rejected
 from router.config import RouterConfig
 from router.dispatch import Dispatcher
-from router.forward import Outcome, with_rid
+from router.forward import Outcome, RequestBody, with_rid
 from router.metrics import RouterMetrics
 from router.model.model import RoutingModel
 
@@ -189,7 +189,9 @@ class Generation:
         if rid is None:  # one body for every attempt: the caller's copy is this one, not a second
             rid = f"lmr-{os.urandom(16).hex()}"  # as unguessable as uuid4, a quarter of its cost
             raw = with_rid(raw, rid)
-        return await self.dispatcher.dispatch(request, raw, rid, stream, n_tokens, hashes, model, arrived)
+        body = RequestBody(raw)
+        del raw  # the holder's reference is the only one: a started stream drops it (RequestBody)
+        return await self.dispatcher.dispatch(request, body, rid, stream, n_tokens, hashes, model, arrived)
 
     async def _tokenize(self, req: GenerationRequest) -> tuple[int, list[BlockHash]]:
         """The prompt's length in tokens and its full blocks' hashes, reusing the digests of a prefix an
