@@ -255,8 +255,8 @@ def test_cli_rejects_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 
 def test_gap_join_joins_both_runs_request_by_request(tmp_path: Path) -> None:
-    """``launch.sim.gap_join`` on a short window: both runs complete every request, and the
-    counterfactual rule is asked at each of the policy's decisions."""
+    """``launch.sim.gap_join`` on a short window: both runs are joined over every request, and the
+    prompt buckets' shares of the mean-TTFT gap add up to the gap."""
     from launch.sim import gap_join
 
     out = tmp_path / "gap.json"
