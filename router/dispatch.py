@@ -39,6 +39,7 @@ from kvindex.protocol.http import error_body
 from router.breaker import Breakers
 from router.config import RouterConfig
 from router.forward import INSTANCE_HEADER, Attempt, AttemptFailed, Outcome, RequestBody, Timeouts, forward
+from router.looplag import EXCUSE_SHARE, LoopLag
 from router.metrics import RouterMetrics
 from router.model.model import NoLiveInstance, RoutingModel
 from router.model.slots import DecisionSlots
@@ -63,7 +64,10 @@ def _retriable(exc: BaseException) -> bool:
 class Dispatcher:
     """Route + forward + retry for the live router (see the module docstring). One per router."""
 
-    def __init__(self, cfg: RouterConfig, core: RoutingModel, metrics: RouterMetrics) -> None:
+    def __init__(
+        self, cfg: RouterConfig, core: RoutingModel, metrics: RouterMetrics, tick_period: float = 0.1
+    ) -> None:
+        """``tick_period``: seconds between the caller's calls of :meth:`tick` (the loop-lag clock)."""
         self.cfg = cfg
         self.core = core
         self.metrics = metrics
@@ -78,6 +82,8 @@ class Dispatcher:
         """Active routers taking turns (:mod:`router.model.slots`): wait for this router's slot."""
         self._attempts: dict[str, set[Attempt]] = {}
         self._aborts: set[asyncio.Task[None]] = set()
+        self.lag = LoopLag(tick_period)
+        """How late the router's own loop runs: a timeout while it was mostly late is not the engine's."""
         self._last_load: dict[str, float] = {}
         self._load_interval: dict[str, float] = {}
 
@@ -180,13 +186,14 @@ class Dispatcher:
         self._attempts.setdefault(inst, set()).add(att)
         status = "client_closed"  # unless forward returns or raises something else
         url = routed.engine_url
+        started = time.monotonic()
         try:
             out = await forward(
                 self.session, request, url + request.path_qs, body, stream, arrived, self.timeouts, att
             )
             status = out.label
             if out.failure is not None:  # broke mid-stream: final, but the engine's fault
-                self._failed(inst, out.failure, url, rid, accepted=True)
+                self._failed(inst, out.failure, url, rid, accepted=True, started=started)
             elif out.label == "client_closed":
                 self._abort(url, rid, "client_closed")
             else:
@@ -195,7 +202,7 @@ class Dispatcher:
         except AttemptFailed as exc:
             status = exc.kind
             exc.fallback.response.headers.setdefault(INSTANCE_HEADER, inst)
-            self._failed(inst, exc.kind, url, rid, accepted=exc.accepted)
+            self._failed(inst, exc.kind, url, rid, accepted=exc.accepted, started=started)
             raise
         except asyncio.CancelledError:
             self._abort(url, rid, "client_closed")
@@ -206,10 +213,24 @@ class Dispatcher:
             if self.decisions is not None:
                 self.decisions.finished(routed, status)
 
-    def _failed(self, inst: str, kind: str, url: str, rid: str, *, accepted: bool) -> None:
+    def _failed(self, inst: str, kind: str, url: str, rid: str, *, accepted: bool, started: float) -> None:
+        """Account a failed attempt that began at ``started`` (monotonic s). A timeout while the router's
+        own loop was late for at least :data:`router.looplag.EXCUSE_SHARE` of the attempt is counted
+        (``router_timeouts_excused_total``) but neither marks the instance suspect nor counts towards its
+        breaker: the router, not the engine, was slow."""
         self.metrics.attempt_failures.labels(kind).inc()
         if kind.startswith("timeout_"):
             self.metrics.timeouts.labels(kind.removeprefix("timeout_")).inc()
+            share = self.lag.share(started, time.monotonic())
+            if share >= EXCUSE_SHARE:
+                self.metrics.timeouts_excused.inc()
+                log.warning(
+                    "attempt on instance %s: %s while the router's event loop was late for %.0f %% of it: "
+                    "not charged to the instance", inst, kind, 100 * share,
+                )  # fmt: skip
+                if accepted:
+                    self._abort(url, rid, "attempt_failed")
+                return
         if kind in ("connect", "timeout_connect"):
             self.core.mark_suspect(inst)
         if kind != "instance_down" and self.breakers.failure(inst, len(self.core.table)):
@@ -255,7 +276,9 @@ class Dispatcher:
             log.warning("instance %s: engine load stream resumed", instance)
 
     def tick(self, now: float) -> None:
-        """End attempts on instances that went down; eject up instances whose load stream went silent."""
+        """End attempts on instances that went down; eject up instances whose load stream went silent.
+        Called every ``tick_period`` s: its lateness is the loop's (:attr:`lag`)."""
+        self.lag.tick(now)
         table = self.core.table
         for inst, atts in self._attempts.items():
             st = table.get(inst)

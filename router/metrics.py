@@ -102,6 +102,12 @@ class RouterMetrics:
             ["kind"],
             registry=r,
         )
+        self.timeouts_excused = Counter(
+            "router_timeouts_excused_total",
+            "Engine timeouts not charged to the instance: the router's own event loop was late for at "
+            "least half of the attempt (router.looplag)",
+            registry=r,
+        )
         for kind in ("connect", "headers", "idle", "total"):
             self.timeouts.labels(kind)
         self.aborts = Counter(

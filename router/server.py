@@ -54,6 +54,12 @@ UPSTREAM_KEEPALIVE = 4.0
 engine is closing."""
 
 
+def tick_period(cfg: RouterConfig) -> float:
+    """Seconds between the router's ticks (heartbeat checks, failing attempts on dead instances, stall
+    ejection, the loop-lag clock): 0.1, or a quarter of the heartbeat timeout if that is shorter."""
+    return min(0.1, cfg.heartbeat_timeout / 4)
+
+
 @web.middleware
 async def json_http_errors(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -96,7 +102,7 @@ class RouterServer:
         self.ssl = auth.server_ssl(cfg)
         self.middlewares: list[Any] = []
         """Extra aiohttp middlewares, inside the key check (the HA node's fence gate)."""
-        self.dispatcher = Dispatcher(cfg, self.core, self.metrics)
+        self.dispatcher = Dispatcher(cfg, self.core, self.metrics, tick_period(cfg))
         self.limits: ConcurrencyLimits | None = (
             None
             if cfg.engine_queue_allowance < 0
@@ -291,7 +297,7 @@ class RouterServer:
         await self.subscriber.close()
 
     async def _tick_loop(self) -> None:
-        period = min(0.1, self.cfg.heartbeat_timeout / 4)
+        period = tick_period(self.cfg)
         while True:
             try:
                 self.core.tick()
