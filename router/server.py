@@ -147,17 +147,17 @@ class RouterServer:
         """Record how stale the stream is, then hand the frame to the core."""
         self.metrics.observe_stream_age(rec.msg, time.time())
         self.core.on_message(rec)
-        if isinstance(rec.msg, LoadReport):
-            self.dispatcher.on_load(rec.msg.instance, time.monotonic())
+        msg = rec.msg
+        if isinstance(msg, LoadReport):
+            self.dispatcher.on_load(msg.instance, time.monotonic())
             if self.limits is not None:
-                st = self.core.table.get(rec.msg.instance)
+                st = self.core.table.get(msg.instance)
                 inflight, queued_s = 0, None
                 if st is not None:
                     inflight = st.inflight
-                    per_token = rec.msg.prefill_seconds_per_token
+                    per_token = msg.prefill_seconds_per_token
                     if per_token is not None:  # the report's queue plus the router's unreported dispatches
                         queued_s = st.view().queued_prefill_tokens * per_token
-                msg = rec.msg
                 self.limits.on_report(msg.instance, msg.running, msg.waiting, inflight, queued_s)
                 self.admission.wake()  # the limit may have grown
 
