@@ -221,23 +221,27 @@ class Dispatcher:
         self.metrics.attempt_failures.labels(kind).inc()
         if kind.startswith("timeout_"):
             self.metrics.timeouts.labels(kind.removeprefix("timeout_")).inc()
-            share = self.lag.share(started, time.monotonic())
-            if share >= EXCUSE_SHARE:
-                self.metrics.timeouts_excused.inc()
-                log.warning(
-                    "attempt on instance %s: %s while the router's event loop was late for %.0f %% of it: "
-                    "not charged to the instance", inst, kind, 100 * share,
-                )  # fmt: skip
-                if accepted:
-                    self._abort(url, rid, "attempt_failed")
-                return
-        if kind in ("connect", "timeout_connect"):
-            self.core.mark_suspect(inst)
-        if kind != "instance_down" and self.breakers.failure(inst, len(self.core.table)):
-            log.warning("circuit breaker of instance %s opened (%s)", inst, kind)
+        if not (kind.startswith("timeout_") and self._router_was_late(inst, kind, started)):
+            if kind in ("connect", "timeout_connect"):
+                self.core.mark_suspect(inst)
+            if kind != "instance_down" and self.breakers.failure(inst, len(self.core.table)):
+                log.warning("circuit breaker of instance %s opened (%s)", inst, kind)
         if accepted and kind != "instance_down":
             self._abort(url, rid, "attempt_failed")
         log.info("attempt on instance %s failed: %s", inst, kind)
+
+    def _router_was_late(self, inst: str, kind: str, started: float) -> bool:
+        """Whether the router's loop was late for at least :data:`EXCUSE_SHARE` of an attempt begun at
+        ``started`` (monotonic s); counted and logged when it was."""
+        share = self.lag.share(started, time.monotonic())
+        if share < EXCUSE_SHARE:
+            return False
+        self.metrics.timeouts_excused.inc()
+        log.warning(
+            "attempt on instance %s: %s while the router's event loop was late for %.0f %% of it: "
+            "not charged to the instance", inst, kind, 100 * share,
+        )  # fmt: skip
+        return True
 
     def _abort(self, engine_url: str, rid: str, reason: str) -> None:
         """Ask the engine to stop ``rid`` (fire and forget; tracked so that :meth:`close` can wait)."""
