@@ -270,8 +270,9 @@ def _add_robustness_flags(p: argparse.ArgumentParser, d: RouterConfig) -> None:
     )  # fmt: skip
     g.add_argument(
         "--max-queue-wait", type=_non_negative_float, default=d.max_queue_wait, metavar="S",
-        help="a request that would wait longer than this for a slot (requests ahead / the rate slots were "
-        "freed over the last 2 s) gets 429 at once instead of queueing (0 = no such bound)",
+        help="a request that would wait longer than this for a slot gets 429 at once instead of queueing: the "
+        "longer of the head of the queue's wait so far and (requests ahead + 1) / the rate requests left the "
+        "queue while it was not empty, over the last 2 s (0 = no such bound)",
     )  # fmt: skip
     g.add_argument(
         "--queue-timeout", type=_positive_float, default=d.queue_timeout, metavar="S",
