@@ -27,13 +27,10 @@ from typing import Any
 import numpy as np
 
 from agents.engine.profiles import get_profile
-from launch.sim.cluster import SimConfig, simulate
-from launch.sim.ingest import ingest_times
-from launch.sim.prompts import PromptFactory
+from launch.sim.cluster import SimConfig
 from launch.sim.run import seeded_policy
-from launch.sim.tpot_join import RecordingPolicy
+from launch.sim.tpot_join import recorded_run
 from launch.summary import summarize
-from launch.trace import load_trace, window
 from router.model.lmetric import Linear
 from router.model.policies import InstanceView, Policy
 from router.model.policy_base import new_tokens
@@ -80,19 +77,10 @@ def run_rows(
 ) -> tuple[list[Row], dict[str, Any]]:
     """Simulate ``policy`` and return one :class:`Row` per successful request (``alt`` asked on the same
     views at every decision; ``policy`` itself when None) and the run's counters."""
-    reqs = [r for r in load_trace(trace) if r.arrival < window_s]
-    plan = window(reqs, rate_scale, None)
-    rec = RecordingPolicy(policy)
-    res = simulate(plan, rec, cfg, prompts=PromptFactory(cfg.page_size, cfg.vocab_size))
-    routed = ingest_times(
-        [t for t, _ in plan], [r.input_length for _, r in plan], cfg.ingest_overhead, cfg.ingest_per_token
-    )
-    order = [r.index for _, r in sorted(zip(routed, (r for _, r in plan), strict=True),
-                                         key=lambda p: (p[0], p[1].index))]  # fmt: skip
-    by_index = {r.index: r for r in res.records}
+    res, pairs = recorded_run(trace, window_s, rate_scale, policy, cfg)
     rows: list[Row] = []
-    for idx, (views, prompt, cached, d) in zip(order, rec.calls, strict=True):
-        r = by_index[idx]
+    for r, (views, prompt, cached, d) in pairs:
+        idx = r.index
         a = alt.choose(views, prompt, cached) if alt is not None else d
         if r.status != "ok" or r.ttft is None:
             continue

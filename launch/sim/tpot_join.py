@@ -31,14 +31,15 @@ from pathlib import Path
 from typing import Any
 
 from agents.engine.profiles import get_profile
-from launch.sim.cluster import SimConfig, simulate
+from launch.sim.cluster import SimConfig, SimResult, simulate
 from launch.sim.ingest import ingest_times
 from launch.sim.prompts import PromptFactory
 from launch.sim.run import seeded_policy
+from launch.summary import RequestRecord
 from launch.trace import load_trace, window
 from router.model.policies import Decision, InstanceView, Policy
 
-__all__ = ["Joined", "RecordingPolicy", "join_run"]
+__all__ = ["Call", "Joined", "RecordingPolicy", "join_run", "recorded_run"]
 
 
 class RecordingPolicy(Policy):
@@ -47,7 +48,7 @@ class RecordingPolicy(Policy):
     def __init__(self, inner: Policy) -> None:
         self.inner = inner
         self.name = inner.name
-        self.calls: list[tuple[tuple[InstanceView, ...], int, dict[str, int], Decision]] = []
+        self.calls: list[Call] = []
 
     def choose(
         self, views: Sequence[InstanceView], prompt_tokens: int, cached: Mapping[str, int]
@@ -91,11 +92,20 @@ def _prefill_seconds(profile_name: str, prompt: int, new: int, chunk: int) -> fl
     return t
 
 
-def join_run(trace: Path, window_s: float, rate_scale: float, policy: str, cfg: SimConfig) -> list[Joined]:
-    """Simulate ``policy`` and return every successful request's :class:`Joined`, with ``inflicted``."""
+Call = tuple[tuple[InstanceView, ...], int, dict[str, int], Decision]
+"""One decision as :class:`RecordingPolicy` keeps it: the views, the prompt (tokens), the cached tokens
+per instance, the decision."""
+
+
+def recorded_run(
+    trace: Path, window_s: float, rate_scale: float, policy: Policy, cfg: SimConfig
+) -> tuple[SimResult, list[tuple[RequestRecord, Call]]]:
+    """Simulate the trace's first ``window_s`` seconds at ``rate_scale`` with ``policy`` recorded; return the
+    run and each request's record beside its decision (matched through the router's ingest order,
+    :func:`launch.sim.ingest.ingest_times`: the order the policy was asked in)."""
     reqs = [r for r in load_trace(trace) if r.arrival < window_s]
     plan = window(reqs, rate_scale, None)
-    rec = RecordingPolicy(seeded_policy(policy, cfg))
+    rec = RecordingPolicy(policy)
     res = simulate(plan, rec, cfg, prompts=PromptFactory(cfg.page_size, cfg.vocab_size))
     routed = ingest_times(
         [t for t, _ in plan], [r.input_length for _, r in plan], cfg.ingest_overhead, cfg.ingest_per_token
@@ -103,9 +113,15 @@ def join_run(trace: Path, window_s: float, rate_scale: float, policy: str, cfg: 
     order = [r.index for _, r in sorted(zip(routed, (r for _, r in plan), strict=True),
                                          key=lambda p: (p[0], p[1].index))]  # fmt: skip
     by_index = {r.index: r for r in res.records}
+    return res, [(by_index[idx], call) for idx, call in zip(order, rec.calls, strict=True)]
+
+
+def join_run(trace: Path, window_s: float, rate_scale: float, policy: str, cfg: SimConfig) -> list[Joined]:
+    """Simulate ``policy`` and return every successful request's :class:`Joined`, with ``inflicted``."""
+    _, pairs = recorded_run(trace, window_s, rate_scale, seeded_policy(policy, cfg), cfg)
     out: list[Joined] = []
-    for idx, (views, prompt, cached, d) in zip(order, rec.calls, strict=True):
-        r = by_index[idx]
+    for r, (views, prompt, cached, d) in pairs:
+        idx = r.index
         if r.status != "ok" or r.ttft is None or r.e2e is None:
             continue
         ch = next(v for v in views if v.name == d.instance)
