@@ -303,7 +303,13 @@ class Dispatcher:
             if last is None or interval is None or self.breakers.is_stalled(st.name):
                 continue
             limit = max(STALL_FLOOR, min(self.cfg.stall_after, 5 * interval))
-            if now - last > limit and self.breakers.set_stalled(st.name, True, known):
+            # A silence the router's own late loop explains (its reports may be waiting in the socket) is
+            # not the engine's: the same rule as for timeouts (router.looplag).
+            if (
+                now - last > limit
+                and self.lag.share(last, now) < EXCUSE_SHARE
+                and self.breakers.set_stalled(st.name, True, known)
+            ):
                 log.warning("instance %s: engine load stream silent for %.2f s: ejected", st.name, now - last)
 
     def state_json(self) -> dict[str, Any]:

@@ -5,7 +5,8 @@ an upstream connect or read then "times out" while the engine answered in time, 
 engine opens healthy instances' circuit breakers and marks them suspect, which moves load onto fewer
 instances and starves the router further. :class:`LoopLag` measures the lateness of a periodic task (the
 router's tick) and answers what share of an interval the loop spent late; the dispatcher excuses a
-timeout when that share is at least :data:`EXCUSE_SHARE` (:meth:`router.dispatch.Dispatcher._failed`).
+timeout when that share is at least :data:`EXCUSE_SHARE` (:meth:`router.dispatch.Dispatcher._failed`),
+and likewise a silence of an engine's load stream (:meth:`router.dispatch.Dispatcher.tick`).
 
 Pure: the caller passes monotonic times in seconds.
 """

@@ -74,3 +74,24 @@ def test_a_timeout_on_a_punctual_loop_is_charged() -> None:
     _fail_timeouts(d, 3, started=now - 3.0)
     assert d.metrics.timeouts_excused._value.get() == 0
     assert "i0" in d.breakers.blocked()
+
+
+def _with_static_instance(d: Dispatcher) -> None:
+    d.core.add_static("i0", 16, "http://127.0.0.1:9")
+
+
+def test_a_silent_load_stream_is_ejected_on_a_punctual_loop_not_on_a_late_one() -> None:
+    for late in (False, True):
+        d = _dispatcher()
+        _with_static_instance(d)
+        t = 100.0
+        for _ in range(5):  # a load report every 0.1 s: usual interval 0.1 s, so silent after 0.5 s
+            d.on_load("i0", t)
+            d.tick(t)
+            t += 0.1
+        last = t - 0.1
+        step = 0.5 if late else 0.1  # a late loop wakes every 0.5 s instead of every 0.1 s
+        while t < last + 2.0:
+            d.tick(t)
+            t += step
+        assert d.breakers.is_stalled("i0") is not late, late
