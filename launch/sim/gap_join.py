@@ -238,14 +238,20 @@ def report(
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m launch.sim.gap_join", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--trace", type=Path, default=DEFAULT_TRACE)
-    p.add_argument("--profile", default="h20-qwen3-30b-a3b")
-    p.add_argument("--instances", type=int, default=16)
-    p.add_argument("--window", type=float, default=1200.0)
-    p.add_argument("--rate-scale", type=float, required=True)
-    p.add_argument("--policy", default="lmetric")
+    p.add_argument(
+        "--trace", type=Path, default=DEFAULT_TRACE, help="Mooncake .jsonl trace (default: in-repo)"
+    )
+    p.add_argument(
+        "--profile", default="h20-qwen3-30b-a3b", help="engine profile (agents/engine/profiles.py)"
+    )
+    p.add_argument("--instances", type=int, default=16, help="engine instances (default 16)")
+    p.add_argument(
+        "--window", type=float, default=1200.0, help="seconds of the trace replayed (default 1200)"
+    )
+    p.add_argument("--rate-scale", type=float, required=True, help="arrival times divided by this")
+    p.add_argument("--policy", default="lmetric", help="the policy whose gap is analysed (default lmetric)")
     p.add_argument("--against-b", type=float, default=1.0, help="linear's b (a = 1) to compare with")
-    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--json", type=Path, default=None, help="also write the report here")
     a = p.parse_args(argv)
     cfg = SimConfig(instances=a.instances, profile=a.profile)
     prof = get_profile(a.profile)
