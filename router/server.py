@@ -157,7 +157,7 @@ class RouterServer:
                     inflight = st.inflight
                     per_token = msg.prefill_seconds_per_token
                     if per_token is not None:  # the report's queue plus the router's unreported dispatches
-                        queued_s = st.view().queued_prefill_tokens * per_token
+                        queued_s = st.queued_prefill_tokens * per_token
                 self.limits.on_report(msg.instance, msg.running, msg.waiting, inflight, queued_s)
                 self.admission.wake()  # the limit may have grown
 

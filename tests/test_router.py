@@ -279,6 +279,7 @@ def test_core_pending_dispatches_count_until_a_later_load_report() -> None:
     assert s1 is not None
     v = s1.view()
     assert (v.batch_size, v.queued_prefill_tokens, v.inflight) == (1, r1.decision.new_tokens, 1)
+    assert s1.queued_prefill_tokens == v.queued_prefill_tokens  # what the in-flight limits read
     feed1 = a if r1.instance == "a" else b
     feed1.load(ts=rig.clock.wall())  # not later than dispatch + margin: still pending
     assert s1.view().batch_size == 1

@@ -108,6 +108,13 @@ class InstanceState:
         """Engine base URL as last heartbeated ('' if unknown), without a trailing slash."""
         return self.heartbeat.engine_url.rstrip("/") if self.heartbeat is not None else self.static_url
 
+    @property
+    def queued_prefill_tokens(self) -> int:
+        """Prefill tokens queued on the instance (tokens): its last report's plus the router's pending
+        dispatches' (only the latter before the first report)."""
+        pend_tokens = sum(p.new_tokens for p in self.pending.values())
+        return pend_tokens if self.load is None else self.load.queued_prefill_tokens + pend_tokens
+
     def view(self) -> InstanceView:
         """The policy's view: last report plus pending dispatches (zeros before the first report).
 
@@ -116,12 +123,11 @@ class InstanceState:
         ``queued_prefill_tokens`` add the pending dispatches.
         """
         rep = self.load
-        pend_tokens = sum(p.new_tokens for p in self.pending.values())
         if rep is None:
             return InstanceView(
                 name=self.name,
                 batch_size=len(self.pending),
-                queued_prefill_tokens=pend_tokens,
+                queued_prefill_tokens=self.queued_prefill_tokens,
                 inflight=self.inflight,
                 block_size=self.block_size,
                 routed_tokens=self.routed_tokens,
@@ -129,7 +135,7 @@ class InstanceState:
         return InstanceView(
             name=self.name,
             batch_size=rep.running + rep.waiting + len(self.pending),
-            queued_prefill_tokens=rep.queued_prefill_tokens + pend_tokens,
+            queued_prefill_tokens=self.queued_prefill_tokens,
             inflight=self.inflight,
             block_size=self.block_size,
             routed_tokens=self.routed_tokens,
